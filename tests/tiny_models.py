@@ -1,0 +1,107 @@
+"""Tiny random Mixture-of-Experts checkpoints built offline with transformers.
+
+`make_tiny_checkpoint(arch, dir)` writes config.json, safetensors (hub tensor names, as
+save_pretrained writes them) and, when tests/tiny_tokenizers.py provides one, a tokenizer whose
+size equals the model's vocabulary. Converter tests and runtime parity tests share these models.
+Weights are drawn with a wider spread than transformers' default (initializer_range 0.02) so
+that logits are far from ties and greedy continuations are a meaningful comparison.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+try:  # engineer B's tokenizer builders; until they land the checkpoints carry no tokenizer
+    from tiny_tokenizers import make_bpe_tokenizer, make_spm_tokenizer
+except ImportError:  # pragma: no cover - depends on repository state
+    make_bpe_tokenizer = make_spm_tokenizer = None
+
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+VOCAB_SIZE = 384  # used when no tokenizer builder is available
+
+# Shared shape of every tiny model: hidden 64, 2 layers, 4 experts, top-2, 4 heads of 16.
+_COMMON = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    initializer_range=0.1,
+    tie_word_embeddings=False,
+)
+
+_PER_ARCH = {
+    "mixtral": dict(intermediate_size=128, num_local_experts=4, num_experts_per_tok=2,
+                    rope_theta=10000.0),
+    "qwen2_moe": dict(intermediate_size=128, moe_intermediate_size=64,
+                      shared_expert_intermediate_size=96, num_experts=4, num_experts_per_tok=2,
+                      norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+                      use_sliding_window=False, rope_theta=10000.0),
+    "qwen3_moe": dict(intermediate_size=128, moe_intermediate_size=64, num_experts=4,
+                      num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+                      mlp_only_layers=[], head_dim=16, use_sliding_window=False,
+                      rope_theta=10000.0),
+    # llama.cpp's olmoe graph normalises K over the whole n_embd, so no grouped-query attention;
+    # the hub config's eos id (50279) lies outside a tiny vocabulary.
+    "olmoe": dict(intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                  num_key_value_heads=4, norm_topk_prob=False, rope_theta=10000.0,
+                  pad_token_id=1, eos_token_id=2),
+}
+
+
+def _config(arch: str, vocab_size: int, overrides: dict):
+    import transformers
+
+    classes = {"mixtral": transformers.MixtralConfig, "qwen2_moe": transformers.Qwen2MoeConfig,
+               "qwen3_moe": transformers.Qwen3MoeConfig, "olmoe": transformers.OlmoeConfig}
+    kwargs = {**_COMMON, **_PER_ARCH[arch], "vocab_size": vocab_size, **overrides}
+    return classes[arch](**kwargs)
+
+
+def _tokenizer(kind: str | None, out: Path) -> int | None:
+    """Save the tokenizer into `out`; returns its vocabulary size (None without a tokenizer)."""
+    builder = {"bpe": make_bpe_tokenizer, "spm": make_spm_tokenizer, None: None}[kind]
+    if builder is None:
+        return None
+    builder(out)
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(out))
+
+
+def make_tiny_checkpoint(arch: str, out: str | Path, seed: int = 0, dtype: str = "float32",
+                         tokenizer: str | None = "bpe", max_shard_size: str | None = None,
+                         **config_overrides) -> Path:
+    """A random `arch` checkpoint in `out` (created). `dtype` is float32, bfloat16 or float16;
+    `max_shard_size` (e.g. "200KB") splits the weights over several files with an index;
+    `config_overrides` replace config fields (e.g. hidden_size=256 to exercise K-quants)."""
+    import torch
+    import transformers
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown tiny arch {arch!r}; known: {ARCHS}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_vocab = _tokenizer(tokenizer, out) or VOCAB_SIZE
+    config = _config(arch, n_vocab, config_overrides)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = model.to(getattr(torch, dtype)).eval()
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **kwargs)
+    return out
+
+
+def load_reference(checkpoint: str | Path):
+    """The float32 transformers model of a checkpoint, for parity tests."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    return model.eval()
+
+
+def config_of(checkpoint: str | Path) -> dict:
+    return json.loads((Path(checkpoint) / "config.json").read_text())
