@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -174,7 +174,9 @@ class Generation:
 class Generator:
     """Generation over one Engine and one Vocab. Not thread-safe: the API wraps it in a lock."""
 
-    def __init__(self, engine, vocab) -> None:
+    def __init__(self, engine, vocab, on_eval: Callable[[int], None] | None = None) -> None:
+        """`on_eval(n_tokens)` is called after every engine step (e.g. to count expert hits
+        from the engine's router logits before the next step replaces them)."""
         if engine.n_vocab != vocab.n_vocab:
             # Sampling an id the tokenizer does not know would fail deep inside detokenization.
             raise ShardSetError(
@@ -183,6 +185,7 @@ class Generator:
             )
         self.engine = engine
         self.vocab = vocab
+        self.on_eval = on_eval
         # Tokens whose K/V are in the engine's cache, in order (len == engine.n_past).
         self._cached: list[int] = []
 
@@ -218,6 +221,8 @@ class Generator:
             chunk = list(tokens[start : start + batch])
             out = self.engine.eval(chunk)  # (len(chunk), n_vocab)
             self._cached.extend(chunk)
+            if self.on_eval is not None:
+                self.on_eval(len(chunk))
             logits = out[-1]
         assert logits is not None
         return logits
