@@ -1,0 +1,114 @@
+"""Per-layer LRU bookkeeping of expert slots, shared by the ondemand policy (which adds real reads
+and a loader thread) and by the trace simulation the planner and the slot DP use, so that what the
+planner predicts is what the policy does.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+
+class LayerCache:
+    """Which expert holds which slot in one layer, least recently used first."""
+
+    def __init__(self, n_slots: int):
+        self.n_slots = n_slots
+        self.resident: OrderedDict[int, int] = OrderedDict()   # expert -> slot, LRU first
+        self.free: list[int] = list(range(n_slots - 1, -1, -1))  # pop() hands out slot 0 first
+
+    def __contains__(self, expert: int) -> bool:
+        return expert in self.resident
+
+    def touch(self, expert: int) -> None:
+        self.resident.move_to_end(expert)
+
+    def reserve(self, expert: int, protect: Iterable[int] = ()) -> tuple[int, int | None] | None:
+        """A slot for `expert`: a free one, or the least recently used resident's not in protect.
+        The victim stops being resident here. None when every slot is protected."""
+        if self.free:
+            return self.free.pop(), None
+        protect = set(protect)
+        for victim, slot in self.resident.items():
+            if victim not in protect:
+                del self.resident[victim]
+                return slot, victim
+        return None
+
+    def commit(self, expert: int, slot: int) -> None:
+        """The read into `slot` completed: `expert` is resident, most recently used."""
+        self.resident[expert] = slot
+
+    def release(self, slot: int) -> None:
+        """A reserved slot whose read failed goes back to the free list."""
+        self.free.append(slot)
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    tokens: int
+    wanted: int            # experts the router selected, summed over tokens
+    hits: int
+    misses: int            # demand loads
+    prefetch_issued: int
+    prefetch_used: int
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.wanted if self.wanted else 1.0
+
+    @property
+    def misses_per_token(self) -> float:
+        return self.misses / self.tokens if self.tokens else 0.0
+
+    @property
+    def prefetch_accuracy(self) -> float | None:
+        return self.prefetch_used / self.prefetch_issued if self.prefetch_issued else None
+
+
+def prefetch_candidates(cache: LayerCache, predicted: Sequence[int], n_prefetch: int) -> list[int]:
+    """The first n_prefetch predicted experts (best first) that are not resident."""
+    return [e for e in predicted if e not in cache][:n_prefetch]
+
+
+def simulate_layer(wanted: Sequence[np.ndarray], n_slots: int,
+                   predicted: Sequence[np.ndarray] | None = None,
+                   n_prefetch: int = 1) -> CacheStats:
+    """Replay one layer's decode routing through an LRU cache of n_slots, as OnDemandPolicy does.
+
+    wanted[t]: experts token t runs in this layer (ids >= 0; -1 entries, dropped by adaptive
+    gating, are ignored). predicted[t]: the next-layer predictor's experts for token t, best
+    first, prefetched before wanted[t] is served."""
+    cache = LayerCache(n_slots)
+    hits = misses = issued = used = n_wanted = 0
+    prefetched: set[int] = set()
+    for t, row in enumerate(wanted):
+        if predicted is not None:
+            guess = [int(e) for e in predicted[t]]
+            for e in prefetch_candidates(cache, guess, n_prefetch):
+                got = cache.reserve(e, protect=guess)
+                if got is None:
+                    break
+                cache.commit(e, got[0])
+                prefetched.discard(got[1])
+                prefetched.add(e)
+                issued += 1
+        need = sorted({int(e) for e in row if e >= 0})
+        n_wanted += len(need)
+        for e in need:
+            if e in prefetched:
+                used += 1
+            if e in cache:
+                hits += 1
+                cache.touch(e)
+        for e in need:
+            if e not in cache:
+                misses += 1
+                slot, victim = cache.reserve(e, protect=need)
+                prefetched.discard(victim)
+                cache.commit(e, slot)
+        prefetched.difference_update(need)
+    return CacheStats(tokens=len(wanted), wanted=n_wanted, hits=hits, misses=misses,
+                      prefetch_issued=issued, prefetch_used=used)

@@ -1,0 +1,384 @@
+"""The four residency policies over one expert slot pool.
+
+What the engine calls, per generated step (one forward pass over n_tokens tokens):
+  masked policies (full, static, swap) -- routing restricted to resident experts:
+    slot_of(layer)              (n_expert,) int32 slot per routable expert, -1 if not routable;
+                                read at the start of the step, never kept across end_step()
+    observe(layer, probs, norms) the unmasked router probabilities (n_tokens, n_expert) and the
+                                hidden-state norms (n_tokens,) feeding the layer's experts
+  exact policy (ondemand) -- routing as the model says, experts loaded when missing:
+    gate(layer, ids, weights, decode)  the engine's top-k (n_tokens, k); returns the selection to
+                                run (adaptive gating may drop experts: id -1, weight 0)
+    ensure(layer, experts)      blocks until these experts are resident; returns {expert: slot}.
+                                At most slots(layer) distinct experts per call: groups() splits a
+                                larger prefill selection.
+    prefetch(layer, logits)     layer+1's router applied to layer's hidden state (n_tokens,
+                                n_expert): starts loading the first predicted non-resident experts
+  all:  warm() before the first step, end_step(n_tokens) after each step (returns the per-token
+        telemetry record), close() at the end.
+The engine's order within a step must be ensure(l) -> run l's experts -> prefetch(l+1) ->
+ensure(l+1): no read ever targets a layer whose experts are running.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from functools import partial
+from typing import Mapping, Protocol, Sequence
+
+import numpy as np
+
+from edgemoe.errors import ShardSetError
+from edgemoe.residency.cache import LayerCache, prefetch_candidates
+from edgemoe.residency.importance import ImportanceTracker, plan_swaps
+from edgemoe.residency.loader import BACKGROUND, DEMAND, PREFETCH, Loader
+from edgemoe.residency.routing import adaptive_gate, topk
+from edgemoe.residency.telemetry import Telemetry
+
+
+class ExpertPool(Protocol):
+    """The slot pool (edgemoe.pool) as policies use it; tests use an in-memory one."""
+
+    def load(self, layer: int, expert: int, slot: int | None = None) -> int: ...
+    def evict(self, layer: int, expert: int) -> None: ...
+    def resident(self, layer: int) -> dict[int, int]: ...
+    def bytes_held(self) -> int: ...
+    def expert_bytes(self, layer: int, expert: int) -> int: ...
+
+
+class Policy:
+    name = ""
+    masked = True   # True: the engine restricts routing to slot_of(layer) >= 0
+
+    def __init__(self, pool: ExpertPool, slots: Mapping[int, int], n_expert: int,
+                 n_expert_used: int, telemetry: Telemetry | None = None):
+        for layer, n in slots.items():
+            if not n_expert_used <= n <= n_expert:
+                raise ValueError(f"layer {layer}: {n} slots; a policy needs between top-k "
+                                 f"({n_expert_used}) and n_expert ({n_expert})")
+        self.pool = pool
+        self.slots = dict(slots)
+        self.layers = sorted(self.slots)
+        self.n_expert = n_expert
+        self.k = n_expert_used
+        self.telemetry = telemetry or Telemetry()
+        self._lock = threading.Lock()
+        self._loader = Loader(f"edgemoe-{self.name}")
+
+    # -- reads: every one goes through the loader thread --------------------------------------
+    def _read(self, layer: int, expert: int, slot: int, victim: int | None) -> None:
+        if victim is not None:
+            self.pool.evict(layer, victim)
+        t0 = time.perf_counter()
+        self.pool.load(layer, expert, slot)
+        self.telemetry.add(loads=1, bytes_read=self.pool.expert_bytes(layer, expert),
+                           read_seconds=time.perf_counter() - t0)
+        self.telemetry.resident_bytes = self.pool.bytes_held()
+
+    # -- engine interface (defaults; each policy overrides what it uses) -----------------------
+    def warm(self) -> None:
+        """Load the initial experts (blocking; before the first step)."""
+
+    def slot_of(self, layer: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def resident_mask(self, layer: int) -> np.ndarray:
+        return self.slot_of(layer) >= 0
+
+    def observe(self, layer: int, probs: np.ndarray, x_norm: np.ndarray) -> None:
+        """Masked policies: the unmasked router output feeding this layer."""
+
+    def gate(self, layer: int, ids: np.ndarray, weights: np.ndarray,
+             decode: bool) -> tuple[np.ndarray, np.ndarray]:
+        return ids, weights
+
+    def ensure(self, layer: int, experts: np.ndarray) -> dict[int, int]:
+        raise NotImplementedError(f"{self.name} routes among resident experts; use slot_of()")
+
+    def prefetch(self, layer: int, logits: np.ndarray) -> None:
+        """Exact policies: a prediction of the next layer's routing."""
+
+    def end_step(self, n_tokens: int = 1) -> dict:
+        return self.telemetry.token_done(n_tokens)
+
+    def wait_idle(self) -> None:
+        """Block until every read queued so far is done (benchmarks, tests, shutdown)."""
+        self._loader.submit(lambda: None, BACKGROUND).result()
+
+    def close(self) -> None:
+        self._loader.close()
+
+    def __enter__(self) -> "Policy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class MaskedPolicy(Policy):
+    """Shared by full, static and swap: a visible slot table per layer that routing may use."""
+
+    def __init__(self, pool, slots, n_expert, n_expert_used, telemetry=None):
+        super().__init__(pool, slots, n_expert, n_expert_used, telemetry)
+        self._slot_of = {l: np.full(n_expert, -1, dtype=np.int32) for l in self.layers}
+        self._free = {l: list(range(self.slots[l] - 1, -1, -1)) for l in self.layers}
+
+    def initial_experts(self, layer: int) -> Sequence[int]:
+        raise NotImplementedError
+
+    def warm(self) -> None:
+        futures = []
+        for layer in self.layers:
+            chosen = [int(e) for e in self.initial_experts(layer)][: self.slots[layer]]
+            for e in chosen:
+                slot = self._free[layer].pop()
+                futures.append((layer, e, slot, self._loader.submit(
+                    partial(self._read, layer, e, slot, None), DEMAND)))
+        for layer, e, slot, fut in futures:
+            try:
+                fut.result()
+            except OSError as exc:
+                raise ShardSetError(f"layer {layer} expert {e}: cannot be read ({exc})") from exc
+            self._slot_of[layer][e] = slot
+
+    def slot_of(self, layer: int) -> np.ndarray:
+        with self._lock:
+            return self._slot_of[layer].copy()
+
+    def count_routing(self, layer: int, wanted: np.ndarray) -> None:
+        """Telemetry for one layer-step: wanted (n_tokens, k) unmasked top-k ids."""
+        with self._lock:
+            resident = self._slot_of[layer][wanted] >= 0            # (n_tokens, k)
+        hits = int(resident.sum())
+        self.telemetry.add(layer_steps=wanted.shape[0], experts_run=wanted.size, hits=hits,
+                           redirects=wanted.size - hits)
+
+    def observe(self, layer: int, probs: np.ndarray, x_norm: np.ndarray) -> None:
+        self.count_routing(layer, topk(probs, self.k)[0])
+
+
+class StaticPolicy(MaskedPolicy):
+    """Pruning baseline: a fixed resident set per layer, the experts with the highest score
+    (largest ||E_i||, or most used on calibration text), never swapped."""
+    name = "static"
+
+    def __init__(self, pool, slots, n_expert, n_expert_used, scores: Mapping[int, np.ndarray],
+                 telemetry=None):
+        super().__init__(pool, slots, n_expert, n_expert_used, telemetry)
+        self.scores = {l: np.asarray(scores[l], dtype=np.float64) for l in self.layers}
+
+    def initial_experts(self, layer: int) -> Sequence[int]:
+        return np.argsort(-self.scores[layer], kind="stable")
+
+
+class FullPolicy(MaskedPolicy):
+    """Every expert resident: the reference the others are measured against."""
+    name = "full"
+
+    def __init__(self, pool, n_expert, n_expert_used, layers: Sequence[int], telemetry=None):
+        super().__init__(pool, {l: n_expert for l in layers}, n_expert, n_expert_used, telemetry)
+
+    def initial_experts(self, layer: int) -> Sequence[int]:
+        return range(self.n_expert)
+
+
+class SwapPolicy(MaskedPolicy):
+    """SwapMoE's virtual experts: masked gating over a resident set that a background thread
+    adapts to Eq. 1 importance, measured on the unmasked router over update windows.
+
+    After every `interval` tokens the swap plan (importance.plan_swaps) is made in end_step(),
+    i.e. between two steps: each victim leaves the visible table there, so no step can be using
+    its slot when the background read overwrites it, and the candidate becomes visible only once
+    its read completed. At most `max_swaps` reads are in flight, so a slow device never builds a
+    backlog and decode never waits for a read. A shard that cannot be read is warned about once
+    and never tried again; routing carries on with the experts that are resident."""
+    name = "swap"
+
+    def __init__(self, pool, slots, n_expert, n_expert_used, norms: Mapping[int, np.ndarray],
+                 interval: int = 16, max_swaps: int = 2, margin: float = 0.0, decay: float = 0.0,
+                 initial: Mapping[int, Sequence[int]] | None = None, telemetry=None):
+        super().__init__(pool, slots, n_expert, n_expert_used, telemetry)
+        if interval < 1 or max_swaps < 1:
+            raise ValueError(f"swap: interval ({interval}) and max_swaps ({max_swaps}) must be >= 1")
+        self.tracker = ImportanceTracker(norms, n_expert_used, decay)
+        self.interval = interval
+        self.max_swaps = max_swaps
+        self.margin = margin
+        self._initial = initial
+        self._tokens = 0
+        self._in_flight = {l: set() for l in self.layers}
+        self._failed = {l: set() for l in self.layers}
+        self._warned = False
+
+    def initial_experts(self, layer: int) -> Sequence[int]:
+        if self._initial is not None:
+            return self._initial[layer]
+        return np.argsort(-self.tracker.norms[layer], kind="stable")
+
+    def observe(self, layer: int, probs: np.ndarray, x_norm: np.ndarray) -> None:
+        self.count_routing(layer, self.tracker.observe(layer, probs, x_norm))
+
+    def end_step(self, n_tokens: int = 1) -> dict:
+        self._tokens += n_tokens
+        if self._tokens >= self.interval:
+            self._tokens = 0
+            self._start_swaps(self.tracker.close_window())
+        return super().end_step(n_tokens)
+
+    def _start_swaps(self, importance: dict[int, np.ndarray]) -> None:
+        with self._lock:
+            in_flight = sum(len(s) for s in self._in_flight.values())
+            routable = {l: set(np.flatnonzero(self._slot_of[l] >= 0).tolist()) for l in self.layers}
+            busy = {l: self._in_flight[l] | self._failed[l] for l in self.layers}
+            free = {l: len(self._free[l]) for l in self.layers}
+            plan = plan_swaps(importance, routable, busy, free, self.k,
+                              self.max_swaps - in_flight, self.margin)
+            for s in plan:
+                if s.victim is None:
+                    slot = self._free[s.layer].pop()
+                else:
+                    slot = int(self._slot_of[s.layer][s.victim])
+                    self._slot_of[s.layer][s.victim] = -1   # retired before any step can use it
+                self._in_flight[s.layer].add(s.candidate)
+                self._loader.submit(partial(self._swap_in, s.layer, s.candidate, slot, s.victim),
+                                    BACKGROUND)
+
+    def _swap_in(self, layer: int, expert: int, slot: int, victim: int | None) -> None:
+        try:
+            self._read(layer, expert, slot, victim)
+        except (OSError, ShardSetError) as exc:
+            with self._lock:
+                self._free[layer].append(slot)
+                self._in_flight[layer].discard(expert)
+                self._failed[layer].add(expert)
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"swap: layer {layer} expert {expert} cannot be read ({exc}); "
+                              f"carrying on with the resident experts", RuntimeWarning, 2)
+            return
+        with self._lock:
+            self._slot_of[layer][expert] = slot
+            self._in_flight[layer].discard(expert)
+        self.telemetry.add(swaps=1)
+
+
+class OnDemandPolicy(Policy):
+    """AdapMoE-style exact routing: a per-layer LRU cache, misses loaded before the layer's experts
+    run, the first `n_prefetch` predicted non-resident experts of the next layer loaded in the
+    background, and optional adaptive gating (decode only) with per-layer sensitivities."""
+    name = "ondemand"
+    masked = False
+
+    def __init__(self, pool, slots, n_expert, n_expert_used, n_prefetch: int = 1,
+                 sensitivity: Mapping[int, float] | None = None, threshold: float | None = None,
+                 telemetry=None):
+        super().__init__(pool, slots, n_expert, n_expert_used, telemetry)
+        if threshold is not None and (sensitivity is None or set(sensitivity) < set(self.layers)):
+            raise ValueError("adaptive gating needs a sensitivity for every expert layer "
+                             "(run `edgemoe calibrate`)")
+        self.n_prefetch = n_prefetch
+        self.sensitivity = dict(sensitivity or {})
+        self.threshold = threshold
+        self._cache = {l: LayerCache(self.slots[l]) for l in self.layers}
+        self._pending = {l: {} for l in self.layers}       # expert -> Future of a prefetch read
+        self._prefetched = {l: set() for l in self.layers}  # loaded by prefetch, not yet used
+
+    def slot_of(self, layer: int) -> np.ndarray:
+        out = np.full(self.n_expert, -1, dtype=np.int32)
+        with self._lock:
+            for e, s in self._cache[layer].resident.items():
+                out[e] = s
+        return out
+
+    def gate(self, layer, ids, weights, decode):
+        ids = np.asarray(ids)
+        if self.threshold is not None and decode:
+            ids, weights = adaptive_gate(ids, weights, self.sensitivity[layer], self.threshold)
+        self.telemetry.add(layer_steps=ids.shape[0], experts_run=int((ids >= 0).sum()))
+        return ids, weights
+
+    def groups(self, layer: int, ids: np.ndarray) -> list[np.ndarray]:
+        """Split a selection into groups of at most slots(layer) distinct experts, resident ones
+        first so they run before anything could evict them."""
+        need = np.unique(np.asarray(ids)[np.asarray(ids) >= 0])
+        with self._lock:
+            order = sorted(need.tolist(), key=lambda e: e not in self._cache[layer])
+        n = self.slots[layer]
+        return [np.array(order[i:i + n], dtype=np.int32) for i in range(0, len(order), n)]
+
+    def _load(self, layer: int, expert: int, protect: frozenset, demand: bool) -> None:
+        cache = self._cache[layer]
+        with self._lock:
+            got = cache.reserve(expert, protect)
+            if got is None:   # only a prefetch can find every slot protected: skip it
+                self._pending[layer].pop(expert, None)
+                return
+            slot, victim = got
+            self._prefetched[layer].discard(victim)
+        try:
+            self._read(layer, expert, slot, victim)
+        except Exception as exc:
+            with self._lock:
+                cache.release(slot)
+                self._pending[layer].pop(expert, None)
+            if not demand:
+                return   # a failed prefetch becomes a demand load, which reports the error
+            if isinstance(exc, ShardSetError):
+                raise
+            raise ShardSetError(f"layer {layer} expert {expert}: cannot be read ({exc})") from exc
+        with self._lock:
+            cache.commit(expert, slot)
+            if not demand:
+                self._prefetched[layer].add(expert)
+                self._pending[layer].pop(expert, None)
+                self.telemetry.add(prefetch_issued=1)
+
+    def prefetch(self, layer: int, logits: np.ndarray) -> None:
+        if self.n_prefetch <= 0 or layer not in self._cache:
+            return
+        ids, _ = topk(logits, self.k)                             # (n_tokens, k)
+        guess = list(dict.fromkeys(ids.T.ravel().tolist()))       # best rank of every token first
+        with self._lock:
+            chosen = [e for e in prefetch_candidates(self._cache[layer], guess, self.n_prefetch)
+                      if e not in self._pending[layer]]
+            for e in chosen:
+                self._pending[layer][e] = self._loader.submit(
+                    partial(self._load, layer, e, frozenset(guess), False), PREFETCH)
+
+    def ensure(self, layer: int, experts: np.ndarray) -> dict[int, int]:
+        experts = np.asarray(experts)
+        need = sorted(set(experts[experts >= 0].tolist()))
+        if len(need) > self.slots[layer]:
+            raise ValueError(f"layer {layer}: {len(need)} distinct experts but {self.slots[layer]} "
+                             f"slots; split the selection with groups()")
+        t0 = time.perf_counter()
+        waited = False
+        with self._lock:
+            pending = list(self._pending[layer].items())
+        for e, fut in pending:
+            # A prefetch that has not started and is not needed would only cost bandwidth.
+            if e not in need and fut.cancel():
+                with self._lock:
+                    self._pending[layer].pop(e, None)
+                continue
+            waited = True
+            fut.result()
+        cache = self._cache[layer]
+        with self._lock:
+            used = sum(e in self._prefetched[layer] for e in need)
+            self._prefetched[layer].difference_update(need)
+            hits = [e for e in need if e in cache]
+            for e in hits:
+                cache.touch(e)
+            misses = [e for e in need if e not in cache]
+        protect = frozenset(need)
+        futures = [self._loader.submit(partial(self._load, layer, e, protect, True), DEMAND)
+                   for e in misses]
+        for fut in futures:
+            fut.result()
+        stall = time.perf_counter() - t0 if (waited or misses) else 0.0
+        self.telemetry.add(hits=len(hits), misses=len(misses), prefetch_used=used,
+                           stall_seconds=stall)
+        with self._lock:
+            return {e: cache.resident[e] for e in need}

@@ -1,0 +1,59 @@
+"""Expert selection in numpy: plain top-k, masked top-k (SwapMoE's masked gating) and AdapMoE's
+adaptive gating. The engine does the same inside its ggml graph; these are the reference the
+policies, the planner's simulations and the tests use.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def topk(probs: np.ndarray, k: int, renormalize: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """probs (n_tokens, n_expert) -> ids (n_tokens, k) int32 best first, weights (n_tokens, k).
+
+    Ties go to the lower expert id, as a stable descending sort gives."""
+    probs = np.asarray(probs, dtype=np.float32)
+    ids = np.argsort(-probs, axis=1, kind="stable")[:, :k].astype(np.int32)  # (n_tokens, k)
+    weights = np.take_along_axis(probs, ids, axis=1)                        # (n_tokens, k)
+    if renormalize:
+        weights = weights / weights.sum(axis=1, keepdims=True)
+    return ids, weights
+
+
+def masked_topk(probs: np.ndarray, mask: np.ndarray, k: int,
+                renormalize: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k among resident experts only (mask (n_expert,) bool). The router's probabilities are
+    computed over all experts (unmasked softmax) and the absent ones are excluded afterwards, so a
+    token keeps the weight its router gave the resident expert; renormalize then rescales the k
+    chosen weights to sum to 1 for architectures that do so."""
+    mask = np.asarray(mask, dtype=bool)
+    if int(mask.sum()) < k:
+        raise ValueError(f"masked top-{k} needs at least {k} resident experts, got {int(mask.sum())}")
+    masked = np.where(mask[None, :], np.asarray(probs, dtype=np.float32), -np.inf)
+    ids, weights = topk(masked, k)
+    if renormalize:
+        weights = weights / weights.sum(axis=1, keepdims=True)
+    return ids, weights
+
+
+def adaptive_gate(ids: np.ndarray, weights: np.ndarray, sensitivity: float,
+                  threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """AdapMoE's sensitivity-based gating on a top-k selection (best first).
+
+    With weights renormalised over the k chosen (w1 >= w2 >= ...), the lowest-ranked experts are
+    dropped while sensitivity * w_r^2 < threshold (from the last rank upwards; the first expert is
+    never dropped). For top-2 this is exactly AdapMoE's rule: use only the first expert when
+    s_l * w2^2 < T. The dropped weight goes to the kept experts in proportion, so the total gate
+    mass is unchanged (1 for renormalising architectures, as in AdapMoE). Dropped ids are -1 with
+    weight 0. Returns new (ids, weights); inputs are not modified."""
+    ids = np.array(ids, dtype=np.int32)
+    weights = np.array(weights, dtype=np.float32)
+    total = weights.sum(axis=1, keepdims=True)                     # (n_tokens, 1)
+    rel = weights / total                                          # (n_tokens, k)
+    keep = np.ones_like(ids, dtype=bool)
+    for r in range(ids.shape[1] - 1, 0, -1):
+        # A rank may go only if every rank after it already went: the kept set stays a prefix.
+        tail_gone = ~keep[:, r + 1:].any(axis=1) if r + 1 < ids.shape[1] else True
+        keep[:, r] = ~(tail_gone & (sensitivity * rel[:, r] ** 2 < threshold))
+    kept = np.where(keep, weights, 0.0)
+    weights = kept * (total / kept.sum(axis=1, keepdims=True))
+    return np.where(keep, ids, -1).astype(np.int32), weights.astype(np.float32)

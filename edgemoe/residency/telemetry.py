@@ -1,0 +1,103 @@
+"""Counters every policy keeps, a one-line summary per run and a JSON record per token.
+
+Counts are over (token, layer) pairs. `experts_run` is how many experts computed something. Each
+expert the router wants (unmasked top-k, after adaptive gating) is exactly one of: a hit (it was
+resident), a miss (it was loaded on demand: ondemand) or a redirect (masked gating sent the token to
+a resident expert instead: swap/static). Hit rate is hits over all three, for every policy. Thread-safe: the loader
+thread adds reads and swaps while the engine thread adds selections.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, fields, replace
+
+from edgemoe.residency.budget import format_bytes
+
+
+@dataclass(frozen=True)
+class Counters:
+    tokens: int = 0
+    layer_steps: int = 0          # (token, layer) pairs routed
+    experts_run: int = 0          # sum over (token, layer) of experts actually computed
+    hits: int = 0                 # wanted and resident
+    misses: int = 0               # wanted, not resident, loaded before running (ondemand)
+    redirects: int = 0            # wanted, not resident, routed elsewhere (swap/static)
+    prefetch_issued: int = 0
+    prefetch_used: int = 0        # prefetched experts that the next routing selected
+    swaps: int = 0                # completed swap loads (swap)
+    loads: int = 0                # every read of an expert into a slot
+    bytes_read: int = 0
+    read_seconds: float = 0.0     # time spent inside reads (any thread)
+    stall_seconds: float = 0.0    # time the engine thread waited for reads
+
+    def __sub__(self, other: "Counters") -> "Counters":
+        return Counters(**{f.name: getattr(self, f.name) - getattr(other, f.name)
+                           for f in fields(self)})
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+class Telemetry:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._now = Counters()
+        self._last_token = Counters()
+        self.resident_bytes = 0   # gauge, set by the policy whenever its slots change
+
+    def add(self, **deltas: float) -> None:
+        with self._lock:
+            self._now = replace(self._now, **{k: getattr(self._now, k) + v
+                                              for k, v in deltas.items()})
+
+    @property
+    def counters(self) -> Counters:
+        with self._lock:
+            return self._now
+
+    def token_done(self, n_tokens: int = 1) -> dict:
+        """Close one engine step (n_tokens tokens) and return its per-token JSON record."""
+        self.add(tokens=n_tokens)
+        with self._lock:
+            delta, self._last_token = self._now - self._last_token, self._now
+        return record(delta, self.resident_bytes)
+
+    def summary(self) -> str:
+        return summary_line(self.counters, self.resident_bytes)
+
+
+def record(c: Counters, resident_bytes: int) -> dict:
+    """Derived figures for a span of counters (one token, or a whole run), JSON-ready."""
+    wanted = c.hits + c.misses + c.redirects
+    out = asdict(c)
+    out.update(
+        experts_per_token=_ratio(c.experts_run, c.layer_steps),
+        hit_rate=_ratio(c.hits, wanted),
+        prefetch_accuracy=_ratio(c.prefetch_used, c.prefetch_issued),
+        redirect_rate=_ratio(c.redirects, wanted),
+        bytes_read_per_token=_ratio(c.bytes_read, c.tokens),
+        stall_seconds_per_token=_ratio(c.stall_seconds, c.tokens),
+        resident_bytes=resident_bytes,
+    )
+    return out
+
+
+def summary_line(c: Counters, resident_bytes: int) -> str:
+    r = record(c, resident_bytes)
+    parts = [f"{c.tokens} tok"]
+    if r["experts_per_token"] is not None:
+        parts.append(f"{r['experts_per_token']:.2f} experts/layer-token")
+    if r["hit_rate"] is not None:
+        parts.append(f"hit {r['hit_rate'] * 100:.1f}%")
+    if r["prefetch_accuracy"] is not None:
+        parts.append(f"prefetch {r['prefetch_accuracy'] * 100:.1f}% of {c.prefetch_issued}")
+    if c.redirects:
+        parts.append(f"redirected {r['redirect_rate'] * 100:.1f}%")
+    parts.append(f"swaps {c.swaps}")
+    per_tok = r["bytes_read_per_token"]
+    parts.append(f"read {format_bytes(c.bytes_read)}"
+                 + (f" ({format_bytes(per_tok)}/tok)" if per_tok is not None else ""))
+    parts.append(f"stall {c.stall_seconds:.3f} s")
+    parts.append(f"resident {format_bytes(resident_bytes)}")
+    return "residency: " + ", ".join(parts)
