@@ -1,0 +1,46 @@
+"""Convert Mixture-of-Experts checkpoints into edgemoe shard sets, and back into one GGUF.
+
+    convert(src, out)   HF safetensors directory or stock llama.cpp GGUF -> shard set (docs/FORMAT.md)
+    export(shards, gguf) shard set -> one stock GGUF with fused ffn_*_exps tensors
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def make_plan(src: str | Path, expert_type: str = "Q4_K", dense_type: str = "Q8_0"):
+    """The conversion plan for `src` (validated, nothing written)."""
+    src = Path(src)
+    if src.is_file() or src.suffix == ".gguf":
+        from converters.gguf_source import plan_gguf
+
+        return plan_gguf(src)
+    from converters.plan import plan_hf
+
+    return plan_hf(src, expert_type, dense_type)
+
+
+def convert(src: str | Path, out: str | Path, expert_type: str = "Q4_K",
+            dense_type: str = "Q8_0", dry_run: bool = False, resume: bool = False,
+            force: bool = False, progress: bool = True):
+    """Convert `src` into a shard set in `out`; returns the Plan. With dry_run, writes nothing.
+
+    A GGUF source keeps its tensors' types (experts are sliced, not requantized), so
+    expert_type and dense_type apply to safetensors sources only."""
+    from edgemoe.errors import ConvertError
+
+    if not Path(src).exists():
+        raise ConvertError(f"{src}: no such file or directory")
+    the_plan = make_plan(src, expert_type, dense_type)
+    if not dry_run:
+        from converters.writer import write_shard_set
+
+        write_shard_set(the_plan, Path(out), resume=resume, force=force, progress=progress)
+    return the_plan
+
+
+def export(shards: str | Path, out_gguf: str | Path, progress: bool = False) -> Path:
+    """Reassemble a shard set into one GGUF that unmodified llama.cpp loads."""
+    from converters.export import export_gguf
+
+    return export_gguf(Path(shards), Path(out_gguf), progress=progress)

@@ -1,0 +1,265 @@
+"""What an architecture converter declares, and the layout most MoE decoders share.
+
+An architecture is one subclass of `MoeArchitecture` in its own file under converters/arch/, with
+a module-level `ARCH` instance. It says which HF architecture names and which GGUF
+`general.architecture` it handles, reads hyper-parameters from config.json, lists every tensor the
+checkpoint must contain (name, shape, GGUF name, optional transform) and writes llama.cpp's
+metadata. The shared decoder layout (embeddings, attention, norms, router, routed experts, output)
+is here, so an architecture file only states what differs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from gguf import (TENSOR_NAMES, ExpertGatingFuncType, GGUFWriter, MODEL_ARCH, MODEL_ARCH_NAMES,
+                  MODEL_TENSOR)
+
+from edgemoe.errors import ConvertError
+from edgemoe.shardset import EXPERT_TENSORS
+
+
+@dataclass(frozen=True)
+class Hparams:
+    """The shape of a MoE decoder, from config.json (HF) or GGUF metadata."""
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int                 # feed_forward_length as llama.cpp reads it for this arch
+    n_ff_exp: int             # rows of one routed expert's ffn_gate / ffn_up
+    n_ff_shexp: int           # shared expert width, 0 when there is none
+    n_expert: int
+    n_expert_used: int
+    n_vocab: int
+    n_ctx: int
+    rms_eps: float
+    rope_theta: float
+    tied_embeddings: bool
+    expert_layers: tuple[int, ...]
+
+
+# Where a tensor goes: the base GGUF as the dense type, the base GGUF kept in float32 (norms,
+# biases, routers, as llama.cpp keeps them), or an expert shard.
+DENSE, F32, EXPERT = "dense", "f32", "expert"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    hf_name: str
+    gguf_name: str
+    shape: tuple[int, ...]            # numpy shape required in the checkpoint
+    kind: str                         # DENSE, F32 or EXPERT
+    transform: Callable[[np.ndarray], np.ndarray] | None = None  # whole-tensor, shape-preserving
+    out_shape: tuple[int, ...] | None = None  # written shape when it differs (same elements)
+    layer: int | None = None
+    expert: int | None = None
+    proj: str | None = None          # ffn_gate / ffn_up / ffn_down for experts
+
+    @property
+    def written_shape(self) -> tuple[int, ...]:
+        return self.out_shape or self.shape
+
+
+def tensor_name(t: MODEL_TENSOR, layer: int | None = None, suffix: str = "weight") -> str:
+    """llama.cpp's name of a tensor, from gguf-py's table (e.g. blk.0.attn_q.weight)."""
+    base = TENSOR_NAMES[t].format(bid=layer) if layer is not None else TENSOR_NAMES[t]
+    return f"{base}.{suffix}"
+
+
+def cfg_get(config: dict, *keys: str, default=None, required: bool = True):
+    """The first of `keys` present in config.json (HF renamed several fields over time)."""
+    for key in keys:
+        if config.get(key) is not None:
+            return config[key]
+    if default is None and required:
+        raise ConvertError(f"config.json: none of {', '.join(keys)} is set")
+    return default
+
+
+class MoeArchitecture:
+    """A decoder whose layers are attention + a routed mixture of SiLU-gated experts."""
+
+    gguf_arch: MODEL_ARCH
+    hf_architectures: tuple[str, ...] = ()
+    # llama.cpp's graph for the arch fixes whether top-k weights are renormalised; HF exposes it
+    # as norm_topk_prob (Mixtral always renormalises). We refuse checkpoints that disagree.
+    expert_weights_norm: bool = True
+    hf_norm_topk_default: bool | None = None  # None: the HF model has no such switch
+    # HF module names inside a layer
+    moe_prefix = "mlp"
+    expert_proj = {"ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}
+    router = "gate"
+
+    @property
+    def name(self) -> str:
+        return MODEL_ARCH_NAMES[self.gguf_arch]
+
+    # ---- hyper-parameters -------------------------------------------------------------------
+    def n_ff_exp(self, config: dict) -> int:
+        return cfg_get(config, "moe_intermediate_size", "intermediate_size")
+
+    def n_ff(self, config: dict) -> int:
+        return cfg_get(config, "intermediate_size")
+
+    def n_ff_shexp(self, config: dict) -> int:
+        return 0
+
+    def hparams(self, config: dict) -> Hparams:
+        n_embd = cfg_get(config, "hidden_size")
+        n_head = cfg_get(config, "num_attention_heads")
+        rope = config.get("rope_parameters") or {}
+        scaling = config.get("rope_scaling") or rope
+        if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
+            raise ConvertError(f"config.json: rope scaling {scaling.get('rope_type')!r} is not "
+                               "supported by this converter (only default RoPE)")
+        n_layer = cfg_get(config, "num_hidden_layers")
+        hp = Hparams(
+            n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+            n_head_kv=cfg_get(config, "num_key_value_heads", default=n_head),
+            head_dim=cfg_get(config, "head_dim", default=n_embd // n_head),
+            n_ff=self.n_ff(config), n_ff_exp=self.n_ff_exp(config),
+            n_ff_shexp=self.n_ff_shexp(config),
+            n_expert=cfg_get(config, "num_local_experts", "num_experts"),
+            n_expert_used=cfg_get(config, "num_experts_per_tok"),
+            n_vocab=cfg_get(config, "vocab_size"),
+            n_ctx=cfg_get(config, "max_position_embeddings"),
+            rms_eps=float(cfg_get(config, "rms_norm_eps")),
+            rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+            expert_layers=tuple(range(n_layer)),
+        )
+        self.check(config, hp)
+        return hp
+
+    def check(self, config: dict, hp: Hparams) -> None:
+        """Refuse configurations llama.cpp's graph for this arch would compute differently."""
+        if self.hf_norm_topk_default is not None:
+            norm = bool(config.get("norm_topk_prob", self.hf_norm_topk_default))
+            if norm != self.expert_weights_norm:
+                raise ConvertError(f"config.json: norm_topk_prob={norm}, but llama.cpp's "
+                                   f"{self.name} graph uses {self.expert_weights_norm}")
+        if not 0 < hp.n_expert_used <= hp.n_expert:
+            raise ConvertError(f"config.json: num_experts_per_tok={hp.n_expert_used} with "
+                               f"{hp.n_expert} experts")
+
+    # ---- tensors ----------------------------------------------------------------------------
+    def attention_specs(self, hp: Hparams, layer: int) -> list[TensorSpec]:
+        p = f"model.layers.{layer}.self_attn"
+        q, kv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
+        return [
+            TensorSpec(f"{p}.q_proj.weight", tensor_name(MODEL_TENSOR.ATTN_Q, layer),
+                       (q, hp.n_embd), DENSE, self.permute_q(hp)),
+            TensorSpec(f"{p}.k_proj.weight", tensor_name(MODEL_TENSOR.ATTN_K, layer),
+                       (kv, hp.n_embd), DENSE, self.permute_k(hp)),
+            TensorSpec(f"{p}.v_proj.weight", tensor_name(MODEL_TENSOR.ATTN_V, layer),
+                       (kv, hp.n_embd), DENSE),
+            TensorSpec(f"{p}.o_proj.weight", tensor_name(MODEL_TENSOR.ATTN_OUT, layer),
+                       (hp.n_embd, q), DENSE),
+        ]
+
+    def permute_q(self, hp: Hparams) -> Callable[[np.ndarray], np.ndarray] | None:
+        return None
+
+    def permute_k(self, hp: Hparams) -> Callable[[np.ndarray], np.ndarray] | None:
+        return None
+
+    def moe_specs(self, hp: Hparams, layer: int) -> list[TensorSpec]:
+        p = f"model.layers.{layer}.{self.moe_prefix}"
+        specs = [TensorSpec(f"{p}.{self.router}.weight",
+                            tensor_name(MODEL_TENSOR.FFN_GATE_INP, layer),
+                            (hp.n_expert, hp.n_embd), F32)]
+        shapes = {"ffn_gate": (hp.n_ff_exp, hp.n_embd), "ffn_up": (hp.n_ff_exp, hp.n_embd),
+                  "ffn_down": (hp.n_embd, hp.n_ff_exp)}
+        for e in range(hp.n_expert):
+            for proj in EXPERT_TENSORS:
+                specs.append(TensorSpec(
+                    f"{p}.experts.{e}.{self.expert_proj[proj]}.weight",
+                    f"blk.{layer}.{proj}.{e}.weight", shapes[proj], EXPERT,
+                    layer=layer, expert=e, proj=proj))
+        return specs
+
+    def layer_specs(self, hp: Hparams, layer: int) -> list[TensorSpec]:
+        p = f"model.layers.{layer}"
+        return [
+            TensorSpec(f"{p}.input_layernorm.weight", tensor_name(MODEL_TENSOR.ATTN_NORM, layer),
+                       (hp.n_embd,), F32),
+            *self.attention_specs(hp, layer),
+            TensorSpec(f"{p}.post_attention_layernorm.weight",
+                       tensor_name(MODEL_TENSOR.FFN_NORM, layer), (hp.n_embd,), F32),
+            *self.moe_specs(hp, layer),
+        ]
+
+    def tensor_specs(self, hp: Hparams) -> list[TensorSpec]:
+        embd = "model.embed_tokens.weight"
+        specs = [TensorSpec(embd, tensor_name(MODEL_TENSOR.TOKEN_EMBD), (hp.n_vocab, hp.n_embd),
+                            DENSE)]
+        for layer in range(hp.n_layer):
+            specs += self.layer_specs(hp, layer)
+        specs.append(TensorSpec("model.norm.weight", tensor_name(MODEL_TENSOR.OUTPUT_NORM),
+                                (hp.n_embd,), F32))
+        # Tied checkpoints have no lm_head; write the embedding again as output so every arch
+        # (some of which require output.weight) loads.
+        specs.append(TensorSpec(embd if hp.tied_embeddings else "lm_head.weight",
+                                tensor_name(MODEL_TENSOR.OUTPUT), (hp.n_vocab, hp.n_embd), DENSE))
+        return specs
+
+    # ---- metadata ---------------------------------------------------------------------------
+    def add_metadata(self, w: GGUFWriter, hp: Hparams, config: dict) -> None:
+        """llama.cpp's hyper-parameter keys for this arch (gguf-py's writer spells the keys)."""
+        w.add_context_length(hp.n_ctx)
+        w.add_embedding_length(hp.n_embd)
+        w.add_block_count(hp.n_layer)
+        w.add_feed_forward_length(hp.n_ff)
+        w.add_head_count(hp.n_head)
+        w.add_head_count_kv(hp.n_head_kv)
+        w.add_rope_freq_base(hp.rope_theta)
+        w.add_layer_norm_rms_eps(hp.rms_eps)
+        w.add_expert_count(hp.n_expert)
+        w.add_expert_used_count(hp.n_expert_used)
+        w.add_expert_weights_norm(self.expert_weights_norm)
+        w.add_expert_gating_func(ExpertGatingFuncType.SOFTMAX)
+        w.add_vocab_size(hp.n_vocab)
+        if hp.head_dim != hp.n_embd // hp.n_head:
+            w.add_key_length(hp.head_dim)
+            w.add_value_length(hp.head_dim)
+        w.add_rope_dimension_count(hp.head_dim)
+
+    def hparams_from_gguf(self, kv: dict, tensors: dict[str, tuple[int, ...]]) -> Hparams:
+        """Hparams of a stock GGUF of this arch, from its metadata and tensor shapes (numpy order)."""
+        arch = self.name
+
+        def key(name: str, default=None):
+            full = f"{arch}.{name}"
+            if full in kv:
+                return kv[full]
+            if default is None:
+                raise ConvertError(f"GGUF metadata key {full} missing")
+            return default
+
+        n_layer = int(key("block_count"))
+        n_embd = int(key("embedding_length"))
+        n_head = int(key("attention.head_count"))
+        n_expert = int(key("expert_count"))
+        layers = tuple(l for l in range(n_layer)
+                       if tensor_name(MODEL_TENSOR.FFN_GATE_EXP, l) in tensors)
+        if not layers:
+            raise ConvertError(f"GGUF has no {tensor_name(MODEL_TENSOR.FFN_GATE_EXP, 0)} "
+                               "(fused expert tensors); it is not a MoE model")
+        n_ff_exp = tensors[tensor_name(MODEL_TENSOR.FFN_GATE_EXP, layers[0])][1]
+        vocab = tensors.get(tensor_name(MODEL_TENSOR.TOKEN_EMBD), (0, 0))[0]
+        return Hparams(
+            n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+            n_head_kv=int(key("attention.head_count_kv", n_head)),
+            head_dim=int(key("attention.key_length", n_embd // n_head)),
+            n_ff=int(key("feed_forward_length", n_ff_exp)), n_ff_exp=n_ff_exp,
+            n_ff_shexp=int(key("expert_shared_feed_forward_length", 0)),
+            n_expert=n_expert, n_expert_used=int(key("expert_used_count")),
+            n_vocab=int(vocab), n_ctx=int(key("context_length")),
+            rms_eps=float(key("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(key("rope.freq_base", 10000.0)),
+            tied_embeddings=tensor_name(MODEL_TENSOR.OUTPUT) not in tensors,
+            expert_layers=layers,
+        )

@@ -1,0 +1,182 @@
+"""A conversion plan: every output file and tensor, its type and size, before anything is written.
+
+`plan_hf` builds one from a Hugging Face checkpoint directory, checking every tensor against
+config.json first (missing, extra, shape, dtype) so bad input fails before any output exists.
+converters.gguf_source builds the same structure from a stock GGUF. `Plan.table()` is what
+`--dry-run` prints.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from gguf import GGUFWriter
+
+from converters import registry
+from converters.arch.base import DENSE, EXPERT, F32, Hparams, MoeArchitecture, TensorSpec
+from converters.safetensors import SafetensorsCheckpoint, read_config
+from converters.writer import (OutFile, OutTensor, add_edgemoe_base_keys,
+                               edgemoe_expert_metadata)
+from edgemoe import quant
+from edgemoe.errors import ConvertError
+from edgemoe.quant import GGMLType
+from edgemoe.shardset import ALIGNMENT, BASE_FILE, FORMAT_VERSION, expert_file
+
+# float32 elements converted and quantized per step: bounds memory whatever the tensor size.
+CHUNK_ELEMENTS = 8 << 20
+
+try:  # engineer B's tokenizer conversion; until it lands the base GGUF carries no vocabulary
+    from converters.tokenizer import add_tokenizer
+except ImportError:  # pragma: no cover - depends on repository state
+    add_tokenizer = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    source: dict                      # kind, path, hf_architecture
+    arch: str                         # GGUF general.architecture
+    hp: Hparams
+    expert_type: str
+    dense_type: str
+    base: OutFile
+    experts: tuple[OutFile, ...]
+    fallbacks: tuple[dict, ...]
+    fingerprint: str                  # identifies source + settings, for --resume
+
+    @property
+    def total_bytes(self) -> int:
+        return self.base.data_bytes + sum(f.data_bytes for f in self.experts)
+
+    def table(self) -> str:
+        """The plan as text: one row per base tensor, one per expert tensor kind, and totals."""
+        rows = [("tensor", "shape", "type", "MB", "note")]
+        notes = {f["tensor"]: f"fallback from {f['requested']}: {f['why']}" for f in self.fallbacks}
+        for t in self.base.tensors:
+            rows.append((t.name, "x".join(map(str, t.shape)), t.type.name, f"{t.nbytes / 1e6:.3f}",
+                         notes.get(t.name, "")))
+        if self.experts:
+            n = len(self.experts)
+            for i, proj_tensor in enumerate(self.experts[0].tensors):
+                kinds = {f.tensors[i].type.name for f in self.experts}
+                total = sum(f.tensors[i].nbytes for f in self.experts)
+                proj = proj_tensor.name.split(".")[2]
+                note = next((notes[f.tensors[i].name] for f in self.experts
+                             if f.tensors[i].name in notes), "")
+                rows.append((f"blk.*.{proj}.* ({n} experts)",
+                             "x".join(map(str, proj_tensor.shape)), "/".join(sorted(kinds)),
+                             f"{total / 1e6:.3f}", note))
+        widths = [max(len(r[c]) for r in rows) for c in range(4)]
+        lines = ["  ".join(r[c].ljust(widths[c]) for c in range(4)) + "  " + r[4] for r in rows]
+        expert_bytes = sum(f.data_bytes for f in self.experts)
+        lines += [
+            "",
+            f"source: {self.source['kind']} {self.source['path']} -> {self.arch}, "
+            f"{self.hp.n_layer} layers, {self.hp.n_expert} experts (top-{self.hp.n_expert_used})",
+            f"{BASE_FILE}: {self.base.data_bytes / 1e6:.2f} MB of tensors; "
+            f"{len(self.experts)} expert shards: {expert_bytes / 1e6:.2f} MB "
+            f"({expert_bytes / max(len(self.experts), 1) / 1e6:.3f} MB each); "
+            f"total {self.total_bytes / 1e6:.2f} MB",
+            f"{len(self.fallbacks)} tensor(s) use a fallback type",
+        ]
+        return "\n".join(lines)
+
+
+def fingerprint(source_files: list[Path], settings: dict) -> str:
+    h = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, **settings}, sort_keys=True).encode())
+    for p in source_files:
+        st = p.stat()
+        h.update(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _quantized_chunks(ckpt: SafetensorsCheckpoint, spec: TensorSpec,
+                      t: GGMLType) -> Iterator[np.ndarray]:
+    """The tensor's bytes as type `t`, a bounded block of rows at a time."""
+    if spec.transform is not None:
+        # Transforms reorder rows across the tensor, so they need it whole (attention only).
+        yield quant.quantize(spec.transform(ckpt.read(spec.hf_name)), t)
+        return
+    n_per_row = spec.shape[-1]
+    rows = int(np.prod(spec.shape[:-1], dtype=np.int64)) if len(spec.shape) > 1 else 1
+    step = max(1, CHUNK_ELEMENTS // n_per_row)
+    for first in range(0, rows, step):
+        yield quant.quantize(ckpt.read_rows(spec.hf_name, first, min(first + step, rows)), t)
+
+
+def _check_tensors(ckpt: SafetensorsCheckpoint, specs: list[TensorSpec], arch: MoeArchitecture,
+                   src: Path) -> None:
+    wanted = {s.hf_name: s for s in specs}
+    missing = [name for name in wanted if name not in ckpt]
+    if missing:
+        s = wanted[missing[0]]
+        raise ConvertError(f"{src}: tensor {s.hf_name} (shape {list(s.shape)}) is missing"
+                           + (f", and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    extra = sorted(set(ckpt.tensors) - set(wanted))
+    if extra:
+        t = ckpt.tensors[extra[0]]
+        raise ConvertError(f"{t.file}: unexpected tensor {t.name} (not part of a "
+                           f"{arch.hf_architectures[0]} with this config.json)"
+                           + (f", and {len(extra) - 1} more" if len(extra) > 1 else ""))
+    for s in specs:
+        t = ckpt.tensors[s.hf_name]
+        if t.shape != s.shape:
+            raise ConvertError(f"{t.file}: tensor {t.name} has shape {list(t.shape)}, config.json "
+                               f"implies {list(s.shape)}")
+        ckpt.check_dtype(s.hf_name)
+
+
+def plan_hf(src: Path, expert_type: str, dense_type: str) -> Plan:
+    src = Path(src)
+    config = read_config(src)
+    arch = registry.for_hf(config.get("architectures"))
+    hp = arch.hparams(config)
+    e_type, d_type = quant.parse_type(expert_type), quant.parse_type(dense_type)
+    ckpt = SafetensorsCheckpoint(src)
+    specs = arch.tensor_specs(hp)
+    _check_tensors(ckpt, specs, arch, src)
+
+    fallbacks = []
+    base_tensors: list[OutTensor] = []
+    expert_tensors: dict[tuple[int, int], list[OutTensor]] = {}
+    for s in specs:
+        requested = {DENSE: d_type, EXPERT: e_type, F32: GGMLType.F32}[s.kind]
+        used, why = quant.choose_type(requested, s.written_shape[-1])
+        if why:
+            fallbacks.append({"tensor": s.gguf_name, "requested": requested.name,
+                              "used": used.name, "why": why})
+        out = OutTensor(name=s.gguf_name, shape=s.written_shape, type=used,
+                        nbytes=quant.nbytes(used, s.written_shape),
+                        chunks=lambda s=s, used=used: _quantized_chunks(ckpt, s, used))
+        if s.kind == EXPERT:
+            expert_tensors.setdefault((s.layer, s.expert), []).append(out)
+        else:
+            base_tensors.append(out)
+
+    def base_metadata(w: GGUFWriter) -> None:
+        w.add_name(config.get("_name_or_path") or src.resolve().name)
+        arch.add_metadata(w, hp, config)
+        if add_tokenizer is not None:
+            add_tokenizer(w, src)
+        add_edgemoe_base_keys(w, e_type.name, d_type.name, hp.expert_layers)
+
+    experts = tuple(
+        OutFile(rel=expert_file(l, e), arch="edgemoe.expert",
+                metadata=edgemoe_expert_metadata(l, e), tensors=tuple(ts), alignment=ALIGNMENT,
+                layer=l, expert=e)
+        for (l, e), ts in sorted(expert_tensors.items()))
+    base = OutFile(rel=BASE_FILE, arch=arch.name, metadata=base_metadata,
+                   tensors=tuple(base_tensors))
+    source_files = sorted({t.file for t in ckpt.tensors.values()}) + [src / "config.json"]
+    source_files += sorted(p for p in src.glob("tokenizer*") if p.is_file())
+    return Plan(
+        source={"kind": "safetensors", "path": str(src.resolve()),
+                "hf_architecture": arch.hf_architectures[0]},
+        arch=arch.name, hp=hp, expert_type=e_type.name, dense_type=d_type.name, base=base,
+        experts=experts, fallbacks=tuple(fallbacks),
+        fingerprint=fingerprint(source_files, {"expert_type": e_type.name,
+                                               "dense_type": d_type.name,
+                                               "tokenizer": add_tokenizer is not None}))

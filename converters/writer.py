@@ -1,0 +1,342 @@
+"""Writing GGUF files one tensor block at a time, crash-safely, and assembling a shard set.
+
+Every file is written under `<name>.tmp`, flushed to disk, then renamed, so a file with its final
+name is always complete. A journal (one JSON line per finished file, with its sha256 and tensor
+offsets) lets `--resume` skip files that still match; the manifest is written last, so its
+presence marks a complete shard set.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from gguf import GGML_QUANT_VERSION, GGUF_DEFAULT_ALIGNMENT, GGUFWriter
+
+from edgemoe.errors import ConvertError
+from edgemoe.quant import GGMLType
+from edgemoe.shardset import (BASE_FILE, EXPERT_TENSORS, EXPERTS_DIR, FORMAT_NAME,
+                              FORMAT_VERSION, MANIFEST_FILE, check_file, expert_tensor_name)
+
+JOURNAL_FILE = ".edgemoe-journal.jsonl"
+TMP_SUFFIX = ".tmp"
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    shape: tuple[int, ...]            # numpy order (outermost first)
+    type: GGMLType
+    nbytes: int
+    chunks: Callable[[], Iterator[np.ndarray | bytes | memoryview]]  # its bytes, in order
+
+
+@dataclass(frozen=True)
+class OutFile:
+    rel: str                          # path relative to the output directory
+    arch: str                         # general.architecture
+    metadata: Callable[[GGUFWriter], None]
+    tensors: tuple[OutTensor, ...]
+    alignment: int = GGUF_DEFAULT_ALIGNMENT
+    layer: int | None = None
+    expert: int | None = None
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class Written:
+    rel: str
+    bytes: int
+    sha256: str
+    tensors: dict = field(default_factory=dict)  # name -> {"offset", "nbytes"}
+
+
+class _HashingFile:
+    """A write-only file that hashes what passes through, so checksums need no second read."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.pos = 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.raw.write(view)
+        self.sha.update(view)
+        self.pos += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.pos
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+class Progress:
+    """A one-line progress bar with throughput on stderr (redrawn at most 5 times a second)."""
+
+    def __init__(self, total: int, enabled: bool = True, width: int = 30):
+        self.total, self.enabled, self.width = max(total, 1), enabled, width
+        self.done = 0
+        self.start = self.last = time.monotonic()
+        self.label = ""
+        self.drawn = -1
+
+    def update(self, n: int, label: str | None = None) -> None:
+        self.done += n
+        if label is not None:
+            self.label = label
+        now = time.monotonic()
+        if self.enabled and (now - self.last >= 0.2 or self.done >= self.total):
+            self.last = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        self.drawn = self.done
+        frac = min(self.done / self.total, 1.0)
+        bar = "#" * int(frac * self.width)
+        rate = self.done / max(now - self.start, 1e-6)
+        sys.stderr.write(f"\r[{bar:<{self.width}}] {frac * 100:5.1f}% "
+                         f"{self.done / 1e6:9.1f}/{self.total / 1e6:.1f} MB "
+                         f"{rate / 1e6:7.1f} MB/s  {self.label[:40]:<40}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            if self.drawn != self.done:
+                self._draw(time.monotonic())
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _disk_error(path: Path, exc: OSError) -> ConvertError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ConvertError(f"disk full while writing {path} ({exc.strerror}); free space on "
+                            f"{path.parent} or choose another OUT, then rerun with --resume")
+    return ConvertError(f"cannot write {path}: {exc}")
+
+
+def write_gguf(path: Path, out: OutFile, progress: Progress | None = None) -> Written:
+    """Write `out` to `path` (via a temporary name); tensor offsets are absolute in the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    w = GGUFWriter(None, out.arch)
+    if out.alignment != GGUF_DEFAULT_ALIGNMENT:
+        w.add_custom_alignment(out.alignment)
+    out.metadata(w)
+    for t in out.tensors:
+        # raw_dtype fixes the stored type; the placeholder numpy dtype is then ignored.
+        w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.type)
+    offsets = {}
+    complete = False
+    try:
+        w.open_output_file(tmp)
+        raw = w.fout[0]
+        f = _HashingFile(raw)
+        w.fout = [f]
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.write_padding(f, f.tell())
+        for t in out.tensors:
+            start = f.tell()
+            for chunk in t.chunks():
+                n = f.write(chunk)
+                if progress:
+                    progress.update(n, out.rel)
+            if f.tell() - start != t.nbytes:
+                raise ConvertError(f"{path}: tensor {t.name} produced {f.tell() - start} bytes, "
+                                   f"expected {t.nbytes}")
+            offsets[t.name] = {"offset": start, "nbytes": t.nbytes}
+            w.write_padding(f, t.nbytes, out.alignment)
+        raw.flush()
+        os.fsync(raw.fileno())
+        size = f.tell()
+        raw.close()
+        os.replace(tmp, path)
+        complete = True
+    except OSError as exc:
+        raise _disk_error(path, exc) from exc
+    finally:
+        if not complete:
+            if w.fout:
+                w.fout[0].close()
+            tmp.unlink(missing_ok=True)
+    return Written(rel=out.rel, bytes=size, sha256=f.sha.hexdigest(), tensors=offsets)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _disk_error(path, exc) from exc
+
+
+def edgemoe_expert_metadata(layer: int, expert: int) -> Callable[[GGUFWriter], None]:
+    def add(w: GGUFWriter) -> None:
+        w.add_uint32("edgemoe.format_version", FORMAT_VERSION)
+        w.add_uint32("edgemoe.layer", layer)
+        w.add_uint32("edgemoe.expert", expert)
+    return add
+
+
+def add_edgemoe_base_keys(w: GGUFWriter, expert_type: str, dense_type: str,
+                          expert_layers: tuple[int, ...]) -> None:
+    from gguf import GGUFValueType
+
+    w.add_quantization_version(GGML_QUANT_VERSION)
+    w.add_uint32("edgemoe.format_version", FORMAT_VERSION)
+    w.add_string("edgemoe.expert_type", expert_type)
+    w.add_string("edgemoe.dense_type", dense_type)
+    w.add_key_value("edgemoe.expert_layers", list(expert_layers), GGUFValueType.ARRAY,
+                    sub_type=GGUFValueType.UINT32)
+
+
+# ---- a whole shard set --------------------------------------------------------------------------
+
+def _our_files(out: Path) -> list[Path]:
+    """Files a conversion writes into OUT (the only ones --force removes)."""
+    names = [out / MANIFEST_FILE, out / BASE_FILE, out / JOURNAL_FILE]
+    names += list((out / EXPERTS_DIR).glob("blk.*.gguf")) if (out / EXPERTS_DIR).is_dir() else []
+    names += list(out.glob("*" + TMP_SUFFIX)) + list(out.glob(f"{EXPERTS_DIR}/*{TMP_SUFFIX}"))
+    return [p for p in names if p.is_file()]
+
+
+def _prepare_out(out: Path, resume: bool, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (resume or force):
+        raise ConvertError(f"{out}: exists and is not empty; pass --resume to continue an "
+                           "interrupted conversion or --force to overwrite it")
+    if force and not resume:
+        for p in _our_files(out):
+            p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / EXPERTS_DIR).mkdir(exist_ok=True)
+    # Leftovers of a killed run are incomplete by construction.
+    for p in list(out.glob("*" + TMP_SUFFIX)) + list(out.glob(f"{EXPERTS_DIR}/*{TMP_SUFFIX}")):
+        p.unlink()
+
+
+def _done_records(out: Path, fingerprint: str) -> dict[str, Written]:
+    """Files an earlier run of the same plan finished (journal or manifest) and that still match."""
+    records: dict[str, dict] = {}
+    journal = out / JOURNAL_FILE
+    if journal.is_file():
+        lines = journal.read_text().splitlines()
+        try:
+            head = json.loads(lines[0]) if lines else {}
+        except json.JSONDecodeError:
+            head = {}
+        if head.get("fingerprint") == fingerprint:
+            for line in lines[1:]:
+                try:  # a line cut short by a kill is simply not trusted
+                    rec = json.loads(line)
+                    records[rec["rel"]] = rec
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+    manifest = out / MANIFEST_FILE
+    if manifest.is_file():
+        try:
+            m = json.loads(manifest.read_text())
+        except (OSError, json.JSONDecodeError):
+            m = {}
+        if m.get("fingerprint") == fingerprint:
+            for rec in [m["base"], *m["experts"]]:
+                tensors = {expert_tensor_name(rec["layer"], rec["expert"], proj):
+                           {"offset": t["offset"], "nbytes": t["nbytes"]}
+                           for proj, t in rec.get("tensors", {}).items()}
+                records[rec["file"]] = {"rel": rec["file"], "bytes": rec["bytes"],
+                                        "sha256": rec["sha256"], "tensors": tensors}
+    done = {}
+    for rel, rec in records.items():
+        if check_file(out / rel, rec["bytes"], rec["sha256"]) is None:
+            done[rel] = Written(rel=rel, bytes=rec["bytes"], sha256=rec["sha256"],
+                                tensors=rec["tensors"])
+    return done
+
+
+def _expert_entry(f: OutFile, w: Written) -> dict:
+    tensors = {}
+    for proj, t in zip(EXPERT_TENSORS, f.tensors):
+        ne = list(reversed(t.shape))
+        tensors[proj] = {"type": t.type.name, "ne": ne, "offset": w.tensors[t.name]["offset"],
+                         "nbytes": t.nbytes}
+    first, last = tensors[EXPERT_TENSORS[0]], tensors[EXPERT_TENSORS[-1]]
+    return {"layer": f.layer, "expert": f.expert, "file": f.rel, "bytes": w.bytes,
+            "sha256": w.sha256, "data_offset": first["offset"],
+            "data_bytes": last["offset"] + last["nbytes"] - first["offset"], "tensors": tensors}
+
+
+def write_shard_set(plan, out: Path, resume: bool = False, force: bool = False,
+                    progress: bool = True) -> dict:
+    """Write every file of `plan` (converters.plan.Plan) into `out`, then the manifest."""
+    out = Path(out)
+    _prepare_out(out, resume, force)
+    done = _done_records(out, plan.fingerprint) if resume else {}
+    (out / MANIFEST_FILE).unlink(missing_ok=True)
+    files = [plan.base, *plan.experts]
+    todo = [f for f in files if f.rel not in done]
+    needed = sum(f.data_bytes + f.alignment * (len(f.tensors) + 2) for f in todo)
+    free = shutil.disk_usage(out).free
+    if needed > free:
+        raise ConvertError(f"disk full: {out} has {free / 1e6:.1f} MB free, the conversion needs "
+                           f"about {needed / 1e6:.1f} MB more")
+    journal = out / JOURNAL_FILE
+    try:
+        with open(journal, "w") as j:
+            j.write(json.dumps({"fingerprint": plan.fingerprint}) + "\n")
+            for rec in done.values():
+                j.write(json.dumps(rec.__dict__) + "\n")
+    except OSError as exc:
+        raise _disk_error(journal, exc) from exc
+    bar = Progress(sum(f.data_bytes for f in todo), enabled=progress)
+    written = dict(done)
+    try:
+        for f in todo:
+            rec = write_gguf(out / f.rel, f, bar)
+            written[f.rel] = rec
+            try:
+                with open(journal, "a") as j:
+                    j.write(json.dumps(rec.__dict__) + "\n")
+            except OSError as exc:
+                raise _disk_error(journal, exc) from exc
+    finally:
+        bar.close()
+    base = written[plan.base.rel]
+    manifest = {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "arch": plan.arch,
+        "source": plan.source, "fingerprint": plan.fingerprint,
+        "n_layer": plan.hp.n_layer, "n_expert": plan.hp.n_expert,
+        "n_expert_used": plan.hp.n_expert_used, "n_embd": plan.hp.n_embd,
+        "n_ff_exp": plan.hp.n_ff_exp, "expert_layers": list(plan.hp.expert_layers),
+        "expert_type": plan.expert_type, "dense_type": plan.dense_type,
+        "fallbacks": list(plan.fallbacks),
+        "base": {"file": base.rel, "bytes": base.bytes, "sha256": base.sha256},
+        "experts": [_expert_entry(f, written[f.rel]) for f in plan.experts],
+    }
+    write_json_atomic(out / MANIFEST_FILE, manifest)
+    journal.unlink(missing_ok=True)
+    return manifest
+
