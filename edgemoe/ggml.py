@@ -1,0 +1,432 @@
+"""ctypes bindings of the part of ggml's C API the runtime uses, and objects that own its handles.
+
+Tensors, graphs and contexts are opaque pointers (Python ints): we never mirror ggml's structs,
+because their layout moves between releases; shapes are known to the code that builds a graph
+and byte sizes come from ggml's own accessors (ggml_row_size, ggml_nbytes). The ABI followed is
+the one of llama-cpp-python pinned in edgemoe._lib.
+
+Three layers:
+- `lib`: the raw functions, each with argtypes/restype set (bound once, on first use);
+- owned handles: `Context` (a no_alloc ggml_context that holds tensor/graph metadata),
+  `Buffer` (backend memory holding a context's tensors), `Backend` (a device and its stream),
+  `Scheduler` (ggml_backend_sched: compute-buffer reuse and splitting across backends);
+- `Ops`: graph-building helpers bound to one context, named after the ggml ops.
+Nothing above this module knows which device runs the graph.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+from ctypes import POINTER, c_bool, c_char_p, c_float, c_int, c_int64, c_size_t, c_void_p
+
+import numpy as np
+from gguf.constants import GGMLQuantizationType as GGMLType
+
+from edgemoe import _lib
+from edgemoe.errors import EdgeMoeError
+
+__all__ = ["GGMLType", "lib", "Context", "Buffer", "Backend", "Scheduler", "Ops",
+           "row_size", "type_name", "list_devices", "ROPE_NORM", "ROPE_NEOX"]
+
+# ggml.h: GGML_ROPE_TYPE_NORMAL / GGML_ROPE_TYPE_NEOX
+ROPE_NORM = 0
+ROPE_NEOX = 2
+# ggml-backend.h: enum ggml_backend_dev_type
+DEV_CPU, DEV_GPU, DEV_IGPU, DEV_ACCEL = 0, 1, 2, 3
+_DEV_TYPE_NAMES = {DEV_CPU: "cpu", DEV_GPU: "gpu", DEV_IGPU: "igpu", DEV_ACCEL: "accel"}
+# ggml.h: enum ggml_status
+_STATUS = {-2: "allocation failed", -1: "failed", 1: "aborted"}
+
+T = c_void_p  # struct ggml_tensor *
+
+
+class _InitParams(ctypes.Structure):
+    # struct ggml_init_params: the one struct passed by value; it is part of the stable API.
+    _fields_ = [("mem_size", c_size_t), ("mem_buffer", c_void_p), ("no_alloc", c_bool)]
+
+
+# name -> (library getter, restype, argtypes)
+_SIGNATURES = {
+    # context and tensors
+    "ggml_init": (_lib.ggml_base, c_void_p, [_InitParams]),
+    "ggml_free": (_lib.ggml_base, None, [c_void_p]),
+    "ggml_tensor_overhead": (_lib.ggml_base, c_size_t, []),
+    "ggml_graph_overhead_custom": (_lib.ggml_base, c_size_t, [c_size_t, c_bool]),
+    "ggml_new_tensor_1d": (_lib.ggml_base, T, [c_void_p, c_int, c_int64]),
+    "ggml_new_tensor_2d": (_lib.ggml_base, T, [c_void_p, c_int, c_int64, c_int64]),
+    "ggml_new_tensor_3d": (_lib.ggml_base, T, [c_void_p, c_int, c_int64, c_int64, c_int64]),
+    "ggml_set_name": (_lib.ggml_base, T, [T, c_char_p]),
+    "ggml_get_name": (_lib.ggml_base, c_char_p, [T]),
+    "ggml_set_input": (_lib.ggml_base, None, [T]),
+    "ggml_set_output": (_lib.ggml_base, None, [T]),
+    "ggml_nbytes": (_lib.ggml_base, c_size_t, [T]),
+    "ggml_nelements": (_lib.ggml_base, c_int64, [T]),
+    "ggml_get_first_tensor": (_lib.ggml_base, T, [c_void_p]),
+    "ggml_get_next_tensor": (_lib.ggml_base, T, [c_void_p, T]),
+    "ggml_row_size": (_lib.ggml_base, c_size_t, [c_int, c_int64]),
+    "ggml_blck_size": (_lib.ggml_base, c_int64, [c_int]),
+    "ggml_type_name": (_lib.ggml_base, c_char_p, [c_int]),
+    # ops
+    "ggml_add": (_lib.ggml_base, T, [c_void_p, T, T]),
+    "ggml_mul": (_lib.ggml_base, T, [c_void_p, T, T]),
+    "ggml_div": (_lib.ggml_base, T, [c_void_p, T, T]),
+    "ggml_mul_mat": (_lib.ggml_base, T, [c_void_p, T, T]),
+    "ggml_mul_mat_id": (_lib.ggml_base, T, [c_void_p, T, T, T]),
+    "ggml_rms_norm": (_lib.ggml_base, T, [c_void_p, T, c_float]),
+    "ggml_rope_ext": (_lib.ggml_base, T, [c_void_p, T, T, T, c_int, c_int, c_int, c_float,
+                                         c_float, c_float, c_float, c_float, c_float]),
+    "ggml_soft_max": (_lib.ggml_base, T, [c_void_p, T]),
+    "ggml_flash_attn_ext": (_lib.ggml_base, T, [c_void_p, T, T, T, T, c_float, c_float, c_float]),
+    "ggml_get_rows": (_lib.ggml_base, T, [c_void_p, T, T]),
+    "ggml_set_rows": (_lib.ggml_base, T, [c_void_p, T, T, T]),
+    "ggml_argsort_top_k": (_lib.ggml_base, T, [c_void_p, T, c_int]),
+    "ggml_sum_rows": (_lib.ggml_base, T, [c_void_p, T]),
+    "ggml_clamp": (_lib.ggml_base, T, [c_void_p, T, c_float, c_float]),
+    "ggml_scale": (_lib.ggml_base, T, [c_void_p, T, c_float]),
+    "ggml_silu": (_lib.ggml_base, T, [c_void_p, T]),
+    "ggml_sigmoid": (_lib.ggml_base, T, [c_void_p, T]),
+    "ggml_swiglu_split": (_lib.ggml_base, T, [c_void_p, T, T]),
+    "ggml_reshape_2d": (_lib.ggml_base, T, [c_void_p, T, c_int64, c_int64]),
+    "ggml_reshape_3d": (_lib.ggml_base, T, [c_void_p, T, c_int64, c_int64, c_int64]),
+    "ggml_view_1d": (_lib.ggml_base, T, [c_void_p, T, c_int64, c_size_t]),
+    "ggml_view_2d": (_lib.ggml_base, T, [c_void_p, T, c_int64, c_int64, c_size_t, c_size_t]),
+    "ggml_view_3d": (_lib.ggml_base, T, [c_void_p, T, c_int64, c_int64, c_int64, c_size_t,
+                                        c_size_t, c_size_t]),
+    "ggml_permute": (_lib.ggml_base, T, [c_void_p, T, c_int, c_int, c_int, c_int]),
+    "ggml_cont": (_lib.ggml_base, T, [c_void_p, T]),
+    # graphs
+    "ggml_new_graph_custom": (_lib.ggml_base, c_void_p, [c_void_p, c_size_t, c_bool]),
+    "ggml_build_forward_expand": (_lib.ggml_base, None, [c_void_p, T]),
+    "ggml_graph_n_nodes": (_lib.ggml_base, c_int, [c_void_p]),
+    # backend: buffers and tensor data
+    "ggml_backend_alloc_ctx_tensors_from_buft": (_lib.ggml_base, c_void_p, [c_void_p, c_void_p]),
+    "ggml_backend_buffer_free": (_lib.ggml_base, None, [c_void_p]),
+    "ggml_backend_buffer_get_size": (_lib.ggml_base, c_size_t, [c_void_p]),
+    "ggml_backend_buffer_clear": (_lib.ggml_base, None, [c_void_p, ctypes.c_uint8]),
+    "ggml_backend_tensor_set": (_lib.ggml_base, None, [T, c_void_p, c_size_t, c_size_t]),
+    "ggml_backend_tensor_get": (_lib.ggml_base, None, [T, c_void_p, c_size_t, c_size_t]),
+    # backend: devices and streams
+    "ggml_backend_dev_count": (_lib.ggml, c_size_t, []),
+    "ggml_backend_dev_get": (_lib.ggml, c_void_p, [c_size_t]),
+    "ggml_backend_dev_name": (_lib.ggml_base, c_char_p, [c_void_p]),
+    "ggml_backend_dev_description": (_lib.ggml_base, c_char_p, [c_void_p]),
+    "ggml_backend_dev_type": (_lib.ggml_base, c_int, [c_void_p]),
+    "ggml_backend_dev_init": (_lib.ggml_base, c_void_p, [c_void_p, c_char_p]),
+    "ggml_backend_dev_buffer_type": (_lib.ggml_base, c_void_p, [c_void_p]),
+    "ggml_backend_dev_backend_reg": (_lib.ggml_base, c_void_p, [c_void_p]),
+    "ggml_backend_reg_get_proc_address": (_lib.ggml_base, c_void_p, [c_void_p, c_char_p]),
+    "ggml_backend_free": (_lib.ggml_base, None, [c_void_p]),
+    # backend: scheduler
+    "ggml_backend_sched_new": (_lib.ggml_base, c_void_p, [POINTER(c_void_p), POINTER(c_void_p),
+                                                         c_int, c_size_t, c_bool, c_bool]),
+    "ggml_backend_sched_free": (_lib.ggml_base, None, [c_void_p]),
+    "ggml_backend_sched_reserve": (_lib.ggml_base, c_bool, [c_void_p, c_void_p]),
+    "ggml_backend_sched_reset": (_lib.ggml_base, None, [c_void_p]),
+    "ggml_backend_sched_alloc_graph": (_lib.ggml_base, c_bool, [c_void_p, c_void_p]),
+    "ggml_backend_sched_graph_compute": (_lib.ggml_base, c_int, [c_void_p, c_void_p]),
+    "ggml_backend_sched_get_buffer_size": (_lib.ggml_base, c_size_t, [c_void_p, c_void_p]),
+}
+
+
+class _Lib:
+    """Attribute access to the bound C functions; each is bound on first use."""
+
+    _lock = threading.Lock()
+
+    def __getattr__(self, name: str):
+        try:
+            getter, restype, argtypes = _SIGNATURES[name]
+        except KeyError:
+            raise AttributeError(f"{name} is not bound in edgemoe.ggml") from None
+        with self._lock:
+            fn = getattr(getter(), name)
+            fn.restype = restype
+            fn.argtypes = argtypes
+            setattr(self, name, fn)
+        return fn
+
+
+lib = _Lib()
+
+
+def row_size(ggml_type: int, ne0: int) -> int:
+    """Bytes of one row of `ne0` elements of `ggml_type` (ggml's own arithmetic)."""
+    return lib.ggml_row_size(int(ggml_type), ne0)
+
+
+def block_size(ggml_type: int) -> int:
+    return lib.ggml_blck_size(int(ggml_type))
+
+
+def type_name(ggml_type: int) -> str:
+    return lib.ggml_type_name(int(ggml_type)).decode()
+
+
+def _check(ptr, what: str):
+    if not ptr:
+        raise EdgeMoeError(f"ggml: {what} failed")
+    return ptr
+
+
+class Context:
+    """A ggml context holding only tensor and graph metadata (no_alloc): data lives in backend
+    buffers. `n_tensors` and `graph_size` bound what it can hold."""
+
+    def __init__(self, n_tensors: int, graph_size: int = 0):
+        mem = n_tensors * lib.ggml_tensor_overhead()
+        if graph_size:
+            mem += lib.ggml_graph_overhead_custom(graph_size, False)
+        self.graph_size = graph_size
+        self.ptr = _check(lib.ggml_init(_InitParams(mem, None, True)), "ggml_init")
+
+    def new_tensor(self, ggml_type: int, ne: tuple[int, ...], name: str | None = None) -> int:
+        t = int(ggml_type)
+        if len(ne) == 1:
+            out = lib.ggml_new_tensor_1d(self.ptr, t, ne[0])
+        elif len(ne) == 2:
+            out = lib.ggml_new_tensor_2d(self.ptr, t, ne[0], ne[1])
+        elif len(ne) == 3:
+            out = lib.ggml_new_tensor_3d(self.ptr, t, ne[0], ne[1], ne[2])
+        else:
+            raise ValueError(f"tensors of {len(ne)} dimensions are not used: {ne}")
+        _check(out, f"creating tensor {name or ''} {ne}")
+        if name:
+            lib.ggml_set_name(out, name.encode())
+        return out
+
+    def tensors(self):
+        """Every tensor of the context, in creation order."""
+        t = lib.ggml_get_first_tensor(self.ptr)
+        while t:
+            yield t
+            t = lib.ggml_get_next_tensor(self.ptr, t)
+
+    def new_graph(self) -> int:
+        return _check(lib.ggml_new_graph_custom(self.ptr, self.graph_size, False), "new graph")
+
+    def close(self) -> None:
+        if self.ptr:
+            lib.ggml_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self):
+        self.close()
+
+
+class Buffer:
+    """Backend memory holding every tensor of a context (weights, expert slots, KV cache)."""
+
+    def __init__(self, ctx: Context, buffer_type: int, what: str):
+        self.ptr = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx.ptr, buffer_type)
+        if not self.ptr:
+            raise EdgeMoeError(f"cannot allocate the backend buffer for {what}")
+        self.nbytes = lib.ggml_backend_buffer_get_size(self.ptr)
+
+    def clear(self, value: int = 0) -> None:
+        lib.ggml_backend_buffer_clear(self.ptr, value)
+
+    def close(self) -> None:
+        if self.ptr:
+            lib.ggml_backend_buffer_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self):
+        self.close()
+
+
+def tensor_set(tensor: int, data, offset: int = 0) -> None:
+    """Copy host bytes (a C-contiguous numpy array or buffer) into a backend tensor."""
+    arr = np.ascontiguousarray(data) if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
+    lib.ggml_backend_tensor_set(tensor, arr.ctypes.data, offset, arr.nbytes)
+
+
+def tensor_set_ptr(tensor: int, ptr: int, offset: int, size: int) -> None:
+    lib.ggml_backend_tensor_set(tensor, ptr, offset, size)
+
+
+def tensor_get(tensor: int, out: np.ndarray, offset: int = 0) -> np.ndarray:
+    """Copy a backend tensor's bytes into `out` (C-contiguous) and return it."""
+    lib.ggml_backend_tensor_get(tensor, out.ctypes.data, offset, out.nbytes)
+    return out
+
+
+def list_devices() -> list[dict]:
+    """The ggml devices this build registered: name, description, kind (cpu/gpu/igpu/accel)."""
+    out = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        out.append({
+            "name": lib.ggml_backend_dev_name(dev).decode(),
+            "description": lib.ggml_backend_dev_description(dev).decode(),
+            "kind": _DEV_TYPE_NAMES.get(lib.ggml_backend_dev_type(dev), "other"),
+            "handle": dev,
+        })
+    return out
+
+
+_SetThreads = ctypes.CFUNCTYPE(None, c_void_p, c_int)
+
+
+class Backend:
+    """The device that runs the graphs: the best one available (a GPU, then an integrated GPU,
+    then the CPU) unless `device` names one (a device name such as 'CPU' or 'Vulkan0', or a kind
+    such as 'cpu'/'gpu'). When that device is not the CPU, a CPU backend is kept too, for ops the
+    device does not support (the scheduler routes them)."""
+
+    def __init__(self, device: str | None = None, n_threads: int | None = None):
+        devices = list_devices()
+        if not devices:
+            raise EdgeMoeError("ggml registered no device")
+        chosen = self._choose(devices, device)
+        self.device_name = chosen["name"]
+        self.device_kind = chosen["kind"]
+        self.backends: list[int] = []
+        self.backends.append(_check(lib.ggml_backend_dev_init(chosen["handle"], None),
+                                    f"initialising device {self.device_name}"))
+        self.buffer_types = [lib.ggml_backend_dev_buffer_type(chosen["handle"])]
+        if chosen["kind"] != "cpu":
+            cpu = next(d for d in devices if d["kind"] == "cpu")
+            self.backends.append(_check(lib.ggml_backend_dev_init(cpu["handle"], None), "CPU init"))
+            self.buffer_types.append(lib.ggml_backend_dev_buffer_type(cpu["handle"]))
+        self._devices = [chosen["handle"]] + ([cpu["handle"]] if chosen["kind"] != "cpu" else [])
+        self.set_threads(n_threads)
+
+    @staticmethod
+    def _choose(devices: list[dict], device: str | None) -> dict:
+        if device:
+            for d in devices:
+                if device.lower() in (d["name"].lower(), d["kind"]):
+                    return d
+            names = ", ".join(f"{d['name']} ({d['kind']})" for d in devices)
+            raise EdgeMoeError(f"device {device!r} not found; this build has: {names}")
+        for kind in ("gpu", "igpu", "cpu"):
+            for d in devices:
+                if d["kind"] == kind:
+                    return d
+        return devices[0]
+
+    @property
+    def weights_buffer_type(self) -> int:
+        return self.buffer_types[0]
+
+    def set_threads(self, n_threads: int | None) -> None:
+        """Thread count for every backend that has one (found through the backend registry, so
+        this layer stays device-neutral)."""
+        import os
+        n = n_threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                             else (os.cpu_count() or 1))
+        self.n_threads = n
+        for dev, backend in zip(self._devices, self.backends):
+            reg = lib.ggml_backend_dev_backend_reg(dev)
+            addr = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_n_threads") if reg else None
+            if addr:
+                _SetThreads(addr)(backend, n)
+
+    def close(self) -> None:
+        for b in self.backends:
+            lib.ggml_backend_free(b)
+        self.backends = []
+
+    def __del__(self):
+        self.close()
+
+
+class Scheduler:
+    """ggml_backend_sched over the Backend's streams: it allocates compute buffers once (reserved
+    for the largest graph) and reuses them for every graph computed afterwards."""
+
+    def __init__(self, backend: Backend, graph_size: int):
+        n = len(backend.backends)
+        backends = (c_void_p * n)(*backend.backends)
+        bufts = (c_void_p * n)(*backend.buffer_types)
+        self.backend = backend
+        self.ptr = _check(lib.ggml_backend_sched_new(backends, bufts, n, graph_size, False, True),
+                          "creating the scheduler")
+
+    def reserve(self, graph: int) -> None:
+        if not lib.ggml_backend_sched_reserve(self.ptr, graph):
+            raise EdgeMoeError("cannot reserve compute buffers for the graph")
+
+    def alloc(self, graph: int) -> None:
+        """Assign the graph's tensors to compute buffers (after the previous graph is done)."""
+        lib.ggml_backend_sched_reset(self.ptr)
+        if not lib.ggml_backend_sched_alloc_graph(self.ptr, graph):
+            raise EdgeMoeError("cannot allocate the compute graph")
+
+    def compute(self, graph: int) -> None:
+        status = lib.ggml_backend_sched_graph_compute(self.ptr, graph)
+        if status != 0:
+            raise EdgeMoeError(f"graph compute {_STATUS.get(status, status)}")
+
+    def buffer_bytes(self) -> int:
+        return sum(lib.ggml_backend_sched_get_buffer_size(self.ptr, b) for b in self.backend.backends)
+
+    def close(self) -> None:
+        if self.ptr:
+            lib.ggml_backend_sched_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self):
+        self.close()
+
+
+class Ops:
+    """Graph-building helpers on one context. Every method returns a tensor pointer; argument
+    order and shapes follow ggml.h (ne[0] is the fastest-varying dimension)."""
+
+    def __init__(self, ctx: Context):
+        self.context = ctx
+        self.ctx = ctx.ptr
+
+    def input(self, ggml_type: int, ne: tuple[int, ...], name: str) -> int:
+        """A graph input: its data is set after the scheduler allocates the graph."""
+        t = self.context.new_tensor(ggml_type, ne, name)
+        lib.ggml_set_input(t)
+        return t
+
+    def add(self, a, b): return lib.ggml_add(self.ctx, a, b)
+    def mul(self, a, b): return lib.ggml_mul(self.ctx, a, b)
+    def div(self, a, b): return lib.ggml_div(self.ctx, a, b)
+    def mul_mat(self, a, b): return lib.ggml_mul_mat(self.ctx, a, b)
+    def mul_mat_id(self, as_, b, ids): return lib.ggml_mul_mat_id(self.ctx, as_, b, ids)
+    def rms_norm(self, a, eps): return lib.ggml_rms_norm(self.ctx, a, eps)
+    def soft_max(self, a): return lib.ggml_soft_max(self.ctx, a)
+    def get_rows(self, a, rows): return lib.ggml_get_rows(self.ctx, a, rows)
+    def set_rows(self, dst, src, rows): return lib.ggml_set_rows(self.ctx, dst, src, rows)
+    def argsort_top_k(self, a, k): return lib.ggml_argsort_top_k(self.ctx, a, k)
+    def sum_rows(self, a): return lib.ggml_sum_rows(self.ctx, a)
+    def clamp(self, a, lo, hi): return lib.ggml_clamp(self.ctx, a, lo, hi)
+    def scale(self, a, s): return lib.ggml_scale(self.ctx, a, s)
+    def silu(self, a): return lib.ggml_silu(self.ctx, a)
+    def sigmoid(self, a): return lib.ggml_sigmoid(self.ctx, a)
+    def swiglu_split(self, gate, up): return lib.ggml_swiglu_split(self.ctx, gate, up)
+    def cont(self, a): return lib.ggml_cont(self.ctx, a)
+    def reshape_2d(self, a, ne0, ne1): return lib.ggml_reshape_2d(self.ctx, a, ne0, ne1)
+    def reshape_3d(self, a, ne0, ne1, ne2): return lib.ggml_reshape_3d(self.ctx, a, ne0, ne1, ne2)
+    def permute(self, a, d0, d1, d2, d3): return lib.ggml_permute(self.ctx, a, d0, d1, d2, d3)
+
+    def view_1d(self, a, ne0, offset):
+        return lib.ggml_view_1d(self.ctx, a, ne0, offset)
+
+    def view_2d(self, a, ne0, ne1, nb1, offset):
+        return lib.ggml_view_2d(self.ctx, a, ne0, ne1, nb1, offset)
+
+    def view_3d(self, a, ne0, ne1, ne2, nb1, nb2, offset):
+        return lib.ggml_view_3d(self.ctx, a, ne0, ne1, ne2, nb1, nb2, offset)
+
+    def rope(self, a, pos, n_dims, mode, n_ctx_orig, freq_base, freq_scale=1.0):
+        # YaRN off: ext_factor 0, attn_factor 1, beta_fast/slow unused.
+        return lib.ggml_rope_ext(self.ctx, a, pos, None, n_dims, mode, n_ctx_orig, freq_base,
+                                 freq_scale, 0.0, 1.0, 32.0, 1.0)
+
+    def flash_attn(self, q, k, v, mask, scale):
+        return lib.ggml_flash_attn_ext(self.ctx, q, k, v, mask, scale, 0.0, 0.0)
+
+    def name(self, t, name: str):
+        lib.ggml_set_name(t, name.encode())
+        return t
+
+    def output(self, t):
+        lib.ggml_set_output(t)
+        return t
+

@@ -1,0 +1,233 @@
+"""The expert slot pool: per MoE layer, three 3-D backend tensors (ffn_gate, ffn_up, ffn_down)
+whose last dimension is a slot; ggml_mul_mat_id indexes them by slot id.
+
+Residency policies (issue 4) drive the pool through `load`, `evict`, `resident`, `slot_of`; the
+graph reads `tensors(layer)` and, with masked routing, `route_mask(layer)` / `slot_map(layer)`.
+An expert is read from its shard with one positioned read of its contiguous data run (offsets
+from the manifest, no GGUF parsing), copied into its slot, and the page cache the read caused is
+dropped (the memory budget counts page cache).
+
+Threading: a background loader may call `load`/`evict` while the engine computes. File reads run
+without any lock (and release the GIL); the copy into a slot and the publication of the new
+mapping happen under `compute_lock`, which the engine holds while a graph runs, so a graph never
+sees a slot half-written or a mapping that changed mid-step.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Mapping
+
+import numpy as np
+
+from edgemoe import ggml
+from edgemoe.errors import EdgeMoeError, ShardSetError
+from edgemoe.ggml import GGMLType
+from edgemoe.shardset import EXPERT_TENSORS, ShardSet
+
+
+class ExpertPool:
+    """Slots for the experts of every MoE layer of a shard set.
+
+    `n_slots` is one count for every layer, a {layer: count} mapping, or None (every expert gets
+    a slot: the `full` policy). A slot count below the router's top-k cannot run and is refused.
+    """
+
+    def __init__(self, shards: ShardSet, backend: ggml.Backend,
+                 n_slots: int | Mapping[int, int] | None = None):
+        self.shards = shards
+        self.n_expert = shards.n_expert
+        self.layers = tuple(shards.expert_layers)
+        self._n_slots = {l: self._slot_count(l, n_slots) for l in self.layers}
+        self.types: dict[int, dict[str, int]] = {}
+        self.ne: dict[str, tuple[int, int]] = {}
+        self._check_shapes()
+
+        self.ctx = ggml.Context(len(EXPERT_TENSORS) * len(self.layers))
+        self._tensors: dict[int, dict[str, int]] = {}
+        self.slot_bytes: dict[int, dict[str, int]] = {}  # bytes of one slot of each tensor
+        for layer in self.layers:
+            n = self._n_slots[layer]
+            self._tensors[layer] = {}
+            self.slot_bytes[layer] = {}
+            for proj in EXPERT_TENSORS:
+                t = self.types[layer][proj]
+                ne0, ne1 = self.ne[proj]
+                self._tensors[layer][proj] = self.ctx.new_tensor(
+                    t, (ne0, ne1, n), f"blk.{layer}.{proj}_exps.weight")
+                self.slot_bytes[layer][proj] = ggml.row_size(t, ne0) * ne1
+        self.buffer = ggml.Buffer(self.ctx, backend.weights_buffer_type, "the expert slots")
+
+        self.compute_lock = threading.RLock()
+        self._lock = threading.Lock()
+        self._slot_of: dict[int, dict[int, int]] = {l: {} for l in self.layers}
+        self._busy: dict[int, set[int]] = {l: set() for l in self.layers}  # slots being written
+        self.bytes_read = 0
+        self.loads = 0
+
+    def _slot_count(self, layer: int, n_slots) -> int:
+        if n_slots is None:
+            n = self.n_expert
+        elif isinstance(n_slots, Mapping):
+            n = int(n_slots.get(layer, self.n_expert))
+        else:
+            n = int(n_slots)
+        if not self.shards.n_expert_used <= n <= self.n_expert:
+            raise EdgeMoeError(f"layer {layer}: {n} expert slots; need between top-k "
+                               f"({self.shards.n_expert_used}) and {self.n_expert}")
+        return n
+
+    def _check_shapes(self) -> None:
+        """Every expert of a layer must have the same types and shapes (they share 3-D tensors)."""
+        for layer in self.layers:
+            first = self.shards.expert(layer, 0)
+            self.types[layer] = {}
+            for proj in EXPERT_TENSORS:
+                name = first.tensors[proj].type
+                try:
+                    self.types[layer][proj] = int(GGMLType[name])
+                except KeyError:
+                    raise ShardSetError(f"{first.path}: unknown tensor type {name!r} for {proj}") from None
+                self.ne.setdefault(proj, tuple(first.tensors[proj].ne))
+            for e in range(self.n_expert):
+                shard = self.shards.expert(layer, e)
+                for proj in EXPERT_TENSORS:
+                    info = shard.tensors[proj]
+                    t = self.types[layer][proj]
+                    if info.type != GGMLType(t).name or tuple(info.ne) != self.ne[proj]:
+                        raise ShardSetError(
+                            f"{shard.path}: {proj} is {info.type} {list(info.ne)}, the layer's "
+                            f"experts are {GGMLType(t).name} {list(self.ne[proj])}")
+                    need = ggml.row_size(t, info.ne[0]) * info.ne[1]
+                    if info.nbytes != need:
+                        raise ShardSetError(f"{shard.path}: {proj} holds {info.nbytes} bytes, "
+                                            f"{info.type} {list(info.ne)} needs {need}")
+
+    # -- what the graph reads ------------------------------------------------------------------
+
+    def tensors(self, layer: int) -> dict[str, int]:
+        """{'ffn_gate': t, 'ffn_up': t, 'ffn_down': t}: (ne0, ne1, n_slots) slot tensors."""
+        return self._tensors[layer]
+
+    def n_slots(self, layer: int) -> int:
+        return self._n_slots[layer]
+
+    def slot_map(self, layer: int) -> np.ndarray:
+        """int32 (n_expert,): the slot of each resident expert; 0 for others (masked anyway)."""
+        out = np.zeros(self.n_expert, dtype=np.int32)
+        with self._lock:
+            for e, s in self._slot_of[layer].items():
+                out[e] = s
+        return out
+
+    def route_mask(self, layer: int) -> np.ndarray:
+        """float32 (n_expert,): 0 for resident experts, -inf for the others."""
+        out = np.full(self.n_expert, -np.inf, dtype=np.float32)
+        with self._lock:
+            out[list(self._slot_of[layer])] = 0.0
+        return out
+
+    # -- what policies call ----------------------------------------------------------------------
+
+    def resident(self, layer: int) -> dict[int, int]:
+        """{expert: slot} of the experts whose weights are in a slot of `layer`."""
+        with self._lock:
+            return dict(self._slot_of[layer])
+
+    def slot_of(self, layer: int, expert: int) -> int | None:
+        with self._lock:
+            return self._slot_of[layer].get(expert)
+
+    def free_slots(self, layer: int) -> list[int]:
+        with self._lock:
+            return self._free(layer)
+
+    def _free(self, layer: int) -> list[int]:
+        used = set(self._slot_of[layer].values()) | self._busy[layer]
+        return [s for s in range(self._n_slots[layer]) if s not in used]
+
+    def bytes_held(self) -> int:
+        """Bytes of backend memory the slots occupy (resident or not)."""
+        return self.buffer.nbytes
+
+    def expert_bytes(self, layer: int) -> int:
+        """Bytes one expert of `layer` occupies in its slot."""
+        return sum(self.slot_bytes[layer].values())
+
+    def evict(self, layer: int, expert: int) -> int | None:
+        """Forget `expert`'s slot (returned, now free); its bytes stay until overwritten."""
+        with self.compute_lock, self._lock:
+            return self._slot_of[layer].pop(expert, None)
+
+    def load(self, layer: int, expert: int, slot: int | None = None) -> int:
+        """Read `expert` of `layer` from its shard into `slot` (a free one when None); returns the
+        slot. Loading a resident expert returns its slot without reading. A slot given explicitly
+        that holds another expert evicts it."""
+        shard = self.shards.expert(layer, expert)
+        with self._lock:
+            if expert in self._slot_of[layer]:
+                return self._slot_of[layer][expert]
+            if slot is None:
+                free = self._free(layer)
+                if not free:
+                    raise EdgeMoeError(f"layer {layer}: all {self._n_slots[layer]} expert slots "
+                                       "are taken; evict one first")
+                slot = free[0]
+            elif not 0 <= slot < self._n_slots[layer] or slot in self._busy[layer]:
+                raise EdgeMoeError(f"layer {layer}: slot {slot} is out of range or being loaded")
+            self._busy[layer].add(slot)
+        try:
+            data = self._read(shard)
+            with self.compute_lock:
+                with self._lock:  # whoever held the slot is gone before its bytes change
+                    for e, s in list(self._slot_of[layer].items()):
+                        if s == slot:
+                            del self._slot_of[layer][e]
+                base = data.ctypes.data
+                for proj in EXPERT_TENSORS:
+                    info = shard.tensors[proj]
+                    size = self.slot_bytes[layer][proj]
+                    ggml.tensor_set_ptr(self._tensors[layer][proj], base + info.offset - shard.data_offset,
+                                        slot * size, size)
+                with self._lock:
+                    self._slot_of[layer][expert] = slot
+                    self.bytes_read += shard.data_bytes
+                    self.loads += 1
+        finally:
+            with self._lock:
+                self._busy[layer].discard(slot)
+        return slot
+
+    def load_all(self) -> None:
+        """Every expert into the slot of its own index (the `full` policy)."""
+        for layer in self.layers:
+            if self._n_slots[layer] < self.n_expert:
+                raise EdgeMoeError(f"layer {layer}: {self._n_slots[layer]} slots cannot hold "
+                                   f"all {self.n_expert} experts")
+            for e in range(self.n_expert):
+                self.load(layer, e, e)
+
+    @staticmethod
+    def _read(shard) -> np.ndarray:
+        """The expert's data run, read with one pread; the page cache it filled is dropped."""
+        out = np.empty(shard.data_bytes, dtype=np.uint8)
+        try:
+            fd = os.open(shard.path, os.O_RDONLY)
+        except OSError as exc:
+            raise ShardSetError(f"{shard.path}: cannot open expert shard ({exc.strerror})") from None
+        try:
+            got = os.preadv(fd, [out], shard.data_offset)
+            if got != shard.data_bytes:
+                raise ShardSetError(f"{shard.path}: read {got} of {shard.data_bytes} bytes at "
+                                    f"offset {shard.data_offset}; the shard is truncated")
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, shard.data_offset, shard.data_bytes, os.POSIX_FADV_DONTNEED)
+        except OSError as exc:
+            raise ShardSetError(f"{shard.path}: cannot read expert shard ({exc.strerror})") from None
+        finally:
+            os.close(fd)
+        return out
+
+    def close(self) -> None:
+        self.buffer.close()
+        self.ctx.close()
