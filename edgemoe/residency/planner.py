@@ -1,0 +1,273 @@
+"""The planner's model: from measured inputs, predict decode speed and hit rates per policy for a
+slot allocation, allocate slots per layer, and choose the swap update interval.
+
+Inputs the engine and the benchmark measure (nothing here is a constant of ours):
+- Profile: expert read bandwidth and per-read latency of the device holding the shards; per layer
+  the per-token compute of its non-expert part and of one expert; the rest of a token's compute.
+- a RoutingTrace recorded on calibration text.
+Counts (hits, loads, prefetches, swaps) come from replaying the trace through the same
+bookkeeping the policies use (cache.simulate_layer, importance.plan_swaps); times from the model
+below. `edgemoe plan` prints it.
+
+Time per decoded token:
+  full / static / swap: other + sum_l (layer_l + k * expert_l)     (no read on the critical path;
+      swap reads happen on the loader thread while compute goes on)
+  ondemand: other + sum_l (layer_l + e_l * expert_l + stall_l), e_l experts run (adaptive gating),
+      stall_l = m_l * r_l                              demand loads, one read each
+              + u_l * max(0, r_l - overlap_l)           used prefetches not finished in time
+              + w_l * min(1, m_l) * max(0, r_l - overlap_l)
+                                                       wasted prefetches delaying a demand load
+  with r_l = latency + expert_bytes_l / bandwidth, and overlap_l the compute between issuing the
+  prefetch and needing it (layer l-1's experts, then layer l's non-expert part).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from edgemoe.residency.allocation import allocate_slots, loads_table
+from edgemoe.residency.cache import simulate_layer
+from edgemoe.residency.importance import ImportanceTracker, plan_swaps
+from edgemoe.residency.routing import topk
+from edgemoe.residency.traces import RoutingTrace
+
+POLICIES = ("full", "static", "swap", "ondemand")
+
+
+@dataclass(frozen=True)
+class Profile:
+    read_bytes_per_s: float              # expert reads from the shard device
+    read_latency_s: float                # fixed cost per expert read (syscall, seek, page setup)
+    layer_seconds: Mapping[int, float]   # per token: expert layer l without its experts
+    expert_seconds: Mapping[int, float]  # per token: one expert of layer l
+    other_seconds: float                 # per token: embeddings, dense layers, head, sampling
+
+    def read_seconds(self, nbytes: int) -> float:
+        return self.read_latency_s + nbytes / self.read_bytes_per_s
+
+
+@dataclass(frozen=True)
+class Prediction:
+    policy: str
+    slots: Mapping[int, int]
+    seconds_per_token: float
+    stall_per_token: float
+    hit_rate: float                 # wanted experts resident when needed
+    experts_per_token: float        # per (token, layer)
+    bytes_read_per_token: float
+    prefetch_accuracy: float | None = None
+    swap_interval: int | None = None
+    swaps_per_token: float = 0.0
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def tok_per_s(self) -> float:
+        return 1.0 / self.seconds_per_token
+
+    def line(self) -> str:
+        extra = ""
+        if self.prefetch_accuracy is not None:
+            extra += f", prefetch {self.prefetch_accuracy * 100:.0f}%"
+        if self.swap_interval is not None:
+            extra += f", swap every {self.swap_interval} tok ({self.swaps_per_token:.2f}/tok)"
+        return (f"{self.policy:9s} {self.tok_per_s:8.2f} tok/s  hit {self.hit_rate * 100:5.1f}%  "
+                f"{self.experts_per_token:.2f} experts/layer  "
+                f"read {self.bytes_read_per_token / 2**20:.2f} MiB/tok  "
+                f"stall {self.stall_per_token * 1000:.1f} ms/tok{extra}")
+
+
+def _compute_seconds(profile: Profile, experts_run: Mapping[int, float]) -> float:
+    return profile.other_seconds + sum(profile.layer_seconds[l] + e * profile.expert_seconds[l]
+                                       for l, e in experts_run.items())
+
+
+def _masked(policy: str, trace: RoutingTrace, slots: Mapping[int, int], k: int,
+            profile: Profile, hits: float, wanted: float, notes=(), **extra) -> Prediction:
+    return Prediction(policy=policy, slots=dict(slots),
+                      seconds_per_token=_compute_seconds(profile, {l: k for l in trace.layers}),
+                      stall_per_token=0.0, hit_rate=hits / wanted, experts_per_token=float(k),
+                      bytes_read_per_token=extra.pop("bytes_read_per_token", 0.0),
+                      notes=tuple(notes), **extra)
+
+
+def predict_full(trace: RoutingTrace, k: int, profile: Profile) -> Prediction:
+    slots = {l: trace.n_expert for l in trace.layers}
+    return _masked("full", trace, slots, k, profile, 1.0, 1.0)
+
+
+def predict_static(trace: RoutingTrace, slots: Mapping[int, int], k: int, profile: Profile,
+                   scores: Mapping[int, np.ndarray] | None = None) -> Prediction:
+    """Hit rate of a fixed set: the top-slots experts by `scores`, by default the most used on
+    the trace itself (optimistic: chosen and scored on the same text)."""
+    hits = wanted = 0
+    for l in trace.layers:
+        ids = trace.wanted(l, k)
+        score = scores[l] if scores is not None else np.bincount(ids.ravel(),
+                                                                minlength=trace.n_expert)
+        kept = np.argsort(-np.asarray(score), kind="stable")[: slots[l]]
+        hits += int(np.isin(ids, kept).sum())
+        wanted += ids.size
+    notes = () if scores is not None else ("static set chosen on the same trace",)
+    return _masked("static", trace, slots, k, profile, hits, wanted, notes)
+
+
+@dataclass(frozen=True)
+class SwapReplay:
+    hits: int
+    wanted: int
+    swaps: int
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.wanted if self.wanted else 1.0
+
+
+def simulate_swap(trace: RoutingTrace, slots: Mapping[int, int], k: int,
+                  norms: Mapping[int, np.ndarray], interval: int, max_swaps: int,
+                  read_tokens: float, margin: float = 0.0, decay: float = 0.0) -> SwapReplay:
+    """Replay SwapPolicy on the trace: same importance, same plan, same retire-then-read order;
+    reads run one after another, each taking read_tokens decode steps, and become routable when
+    complete."""
+    layers = [l for l in trace.layers if l in slots]
+    tracker = ImportanceTracker({l: norms[l] for l in layers}, k, decay)
+    routable = {l: set(np.argsort(-tracker.norms[l], kind="stable")[: slots[l]].tolist())
+                for l in layers}
+    free = {l: slots[l] - len(routable[l]) for l in layers}
+    in_flight: list[tuple[float, int, int]] = []     # (done at step, layer, expert)
+    reader_free_at = 0.0
+    hits = wanted = swaps = since = 0
+    for t in range(trace.n_tokens):
+        for item in [i for i in in_flight if i[0] <= t]:
+            in_flight.remove(item)
+            routable[item[1]].add(item[2])
+            swaps += 1
+        for l in layers:
+            ids = tracker.observe(l, trace.probs[l][t:t + 1], trace.x_norm[l][t:t + 1])
+            hits += sum(int(e) in routable[l] for e in ids[0])
+            wanted += ids.size
+        since += 1
+        if since < interval:
+            continue
+        since = 0
+        busy = {l: {e for _, ll, e in in_flight if ll == l} for l in layers}
+        plan = plan_swaps(tracker.close_window(), routable, busy, free, k,
+                          max_swaps - len(in_flight), margin)
+        for s in plan:
+            if s.victim is None:
+                free[s.layer] -= 1
+            else:
+                routable[s.layer].discard(s.victim)
+            reader_free_at = max(reader_free_at, t + 1) + read_tokens
+            in_flight.append((reader_free_at, s.layer, s.candidate))
+    return SwapReplay(hits, wanted, swaps)
+
+
+def choose_swap_interval(trace: RoutingTrace, slots: Mapping[int, int], k: int,
+                         norms: Mapping[int, np.ndarray], max_swaps: int,
+                         read_tokens: float) -> tuple[int, SwapReplay]:
+    """The update interval with the best replayed hit rate among those whose reads keep up
+    (max_swaps reads per window must fit in the window's decode time): the shortest such
+    interval and its doublings up to a quarter of the trace. Ties go to the longer interval,
+    which reads less."""
+    shortest = max(1, math.ceil(max_swaps * read_tokens))
+    best = None
+    interval = shortest
+    while True:
+        replay = simulate_swap(trace, slots, k, norms, interval, max_swaps, read_tokens)
+        if best is None or replay.hit_rate >= best[1].hit_rate:
+            best = (interval, replay)
+        interval *= 2
+        if interval > max(shortest, trace.n_tokens // 4):
+            return best
+
+
+def predict_swap(trace: RoutingTrace, slots: Mapping[int, int], k: int, profile: Profile,
+                 expert_bytes: Mapping[int, int], norms: Mapping[int, np.ndarray],
+                 max_swaps: int = 2, interval: int | None = None) -> Prediction:
+    seconds = _compute_seconds(profile, {l: k for l in trace.layers})
+    mean_bytes = float(np.mean(list(expert_bytes.values())))
+    read_tokens = profile.read_seconds(int(mean_bytes)) / seconds
+    if interval is None:
+        interval, replay = choose_swap_interval(trace, slots, k, norms, max_swaps, read_tokens)
+    else:
+        replay = simulate_swap(trace, slots, k, norms, interval, max_swaps, read_tokens)
+    per_tok = replay.swaps / trace.n_tokens
+    return _masked("swap", trace, slots, k, profile, replay.hits, replay.wanted,
+                   bytes_read_per_token=per_tok * mean_bytes, swap_interval=interval,
+                   swaps_per_token=per_tok)
+
+
+def predict_ondemand(trace: RoutingTrace, slots: Mapping[int, int], k: int, profile: Profile,
+                     expert_bytes: Mapping[int, int], n_prefetch: int = 1,
+                     sensitivity: Mapping[int, float] | None = None,
+                     threshold: float | None = None) -> Prediction:
+    layers = trace.layers
+    seconds = profile.other_seconds
+    stall_total = bytes_total = 0.0
+    hits = wanted = issued = used = 0
+    experts_run = {}
+    for i, l in enumerate(layers):
+        s_l = sensitivity[l] if threshold is not None else None
+        ids = trace.wanted(l, k, s_l, threshold)
+        predicted = trace.predicted_ids(l, k) if n_prefetch else None
+        st = simulate_layer(ids, slots[l], predicted, n_prefetch)
+        experts_run[l] = float((ids >= 0).sum()) / trace.n_tokens
+        r = profile.read_seconds(expert_bytes[l])
+        overlap = profile.layer_seconds[l] + (
+            experts_run[layers[i - 1]] * profile.expert_seconds[layers[i - 1]] if i else 0.0)
+        late = max(0.0, r - overlap)
+        m = st.misses / st.tokens
+        u = st.prefetch_used / st.tokens
+        w = (st.prefetch_issued - st.prefetch_used) / st.tokens
+        stall = m * r + u * late + w * min(1.0, m) * late
+        stall_total += stall
+        bytes_total += (st.misses + st.prefetch_issued) / st.tokens * expert_bytes[l]
+        seconds += profile.layer_seconds[l] + experts_run[l] * profile.expert_seconds[l] + stall
+        hits, wanted = hits + st.hits, wanted + st.wanted
+        issued, used = issued + st.prefetch_issued, used + st.prefetch_used
+    return Prediction(policy="ondemand", slots=dict(slots), seconds_per_token=seconds,
+                      stall_per_token=stall_total, hit_rate=hits / wanted,
+                      experts_per_token=float(np.mean(list(experts_run.values()))),
+                      bytes_read_per_token=bytes_total,
+                      prefetch_accuracy=used / issued if issued else None)
+
+
+def allocate_for(policy: str, trace: RoutingTrace, k: int, expert_bytes: Mapping[int, int],
+                 allowance: int, n_prefetch: int = 1,
+                 sensitivity: Mapping[int, float] | None = None,
+                 threshold: float | None = None) -> dict[int, int]:
+    """Per-layer slots for a policy: the DP over the trace's per-layer curves. ondemand minimises
+    demand loads per token (AdapMoE); the masked policies minimise wanted experts that are not
+    in each layer's most-used set of that size (what static keeps, and what swap approaches
+    when the routing does not drift)."""
+    if policy == "ondemand":
+        cost = loads_table(trace, k, n_prefetch, sensitivity, threshold)
+    else:
+        cost = {}
+        for l in trace.layers:
+            ids = trace.wanted(l, k)
+            counts = np.sort(np.bincount(ids.ravel(), minlength=trace.n_expert))[::-1]
+            covered = np.concatenate([[0], np.cumsum(counts)])       # (n_expert + 1,)
+            cost[l] = (ids.size - covered) / trace.n_tokens
+            cost[l][:k] = np.inf
+    return allocate_slots(cost, expert_bytes, allowance, k)
+
+
+def predict(policy: str, trace: RoutingTrace, slots: Mapping[int, int], k: int,
+            profile: Profile, expert_bytes: Mapping[int, int],
+            norms: Mapping[int, np.ndarray] | None = None, **options) -> Prediction:
+    """One entry point for `edgemoe plan`: the prediction of `policy` with these slots."""
+    if policy == "full":
+        return predict_full(trace, k, profile)
+    if policy == "static":
+        return predict_static(trace, slots, k, profile, **options)
+    if policy == "swap":
+        if norms is None:
+            raise ValueError("swap prediction needs the experts' norms ||E_i||")
+        return predict_swap(trace, slots, k, profile, expert_bytes, norms, **options)
+    if policy == "ondemand":
+        return predict_ondemand(trace, slots, k, profile, expert_bytes, **options)
+    raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")

@@ -1,0 +1,314 @@
+"""Budget arithmetic, slot allocation, sensitivity estimation, the planner's model, telemetry."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgemoe.errors import BudgetError
+from edgemoe.residency import (MemoryNeeds, OnDemandPolicy, SwapPolicy, Telemetry, make_plan,
+                               parse_budget, uniform_slots)
+from edgemoe.residency.allocation import (allocate_slots, brute_force_allocation, loads_table,
+                                          total_cost)
+from edgemoe.residency.importance import ImportanceTracker, expert_norm, plan_swaps
+from edgemoe.residency.planner import (Profile, allocate_for, choose_swap_interval, predict,
+                                       simulate_swap)
+from edgemoe.residency.routing import topk
+from edgemoe.residency.sensitivity import (drop_rate, fit_sensitivity, output_change_proxy,
+                                           threshold_for_drop_rate)
+from edgemoe.residency.traces import RoutingTrace, topic_trace
+
+GiB, MiB = 1 << 30, 1 << 20
+
+
+# -- budget ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,bytes_,fraction", [
+    ("2GiB", 2 * GiB, None), ("1.5GB", 1_500_000_000, None), ("512MiB", 512 * MiB, None),
+    ("512 mib", 512 * MiB, None), ("3g", 3 * GiB, None), ("1000000", 1_000_000, None),
+    ("50%", None, 0.5), ("12.5%", None, 0.125), ("100%", None, 1.0),
+])
+def test_parse_budget(text, bytes_, fraction):
+    b = parse_budget(text)
+    assert (b.bytes, b.fraction) == (bytes_, fraction)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("lots", "expected a size"), ("2 parsecs", "unknown unit 'parsecs'"), ("0%", r"\(0, 100\]"),
+    ("150%", r"\(0, 100\]"), ("0GiB", "more than 0"), ("-1GiB", "expected a size"),
+])
+def test_parse_budget_refuses(text, message):
+    with pytest.raises(BudgetError, match=message):
+        parse_budget(text)
+
+
+NEEDS = MemoryNeeds(base_bytes=300 * MiB, kv_bytes=64 * MiB, compute_bytes=36 * MiB,
+                    expert_bytes={0: 10 * MiB, 1: 10 * MiB, 2: 10 * MiB, 3: 10 * MiB},
+                    n_expert=8, n_expert_used=2)
+
+
+def test_budget_to_slots():
+    assert NEEDS.minimum_bytes == 400 * MiB + 80 * MiB
+    plan = uniform_slots(parse_budget("50%"), NEEDS)
+    assert plan.slots == {0: 4, 1: 4, 2: 4, 3: 4} and plan.slot_bytes == 160 * MiB
+    # 400 MiB fixed + 150 MiB: 3 slots everywhere (120 MiB), 30 MiB more gives layers 0-2 a 4th.
+    plan = uniform_slots(parse_budget("550MiB"), NEEDS)
+    assert plan.slots == {0: 4, 1: 4, 2: 4, 3: 3}
+    assert plan.total_bytes == 550 * MiB
+    # Never more than every expert, whatever the budget.
+    assert uniform_slots(parse_budget("100GiB"), NEEDS).slots == {l: 8 for l in range(4)}
+    assert make_plan({0: 2, 1: 8, 2: 2, 3: 2}, NEEDS).total_bytes == 400 * MiB + 140 * MiB
+
+
+def test_budget_refusal_states_the_minimum():
+    with pytest.raises(BudgetError, match=r"below the minimum of 480 MiB \(503316480 bytes\).*"
+                                          r"base 300 MiB \+ KV 64 MiB \+ compute 36 MiB \+ "
+                                          r"2 expert slots per layer 80 MiB"):
+        uniform_slots(parse_budget("479MiB"), NEEDS)
+    uniform_slots(parse_budget("480MiB"), NEEDS)           # exactly the minimum runs
+    with pytest.raises(BudgetError, match=r"below the minimum of 25%"):
+        uniform_slots(parse_budget("20%"), NEEDS)
+
+
+# -- slot allocation ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def skewed() -> RoutingTrace:
+    # Layer 0 spreads over all experts, layer 3 concentrates on a handful.
+    return topic_trace(n_layer=4, n_expert=12, n_tokens=300, n_topics=1,
+                       sharpness={0: 0.2, 1: 1.0, 2: 2.5, 3: 6.0}, seed=3)
+
+
+def test_dp_beats_uniform_on_skewed_layers(skewed):
+    cost = loads_table(skewed, k=2)
+    eb = {l: 1000 for l in skewed.layers}
+    slots = allocate_slots(cost, eb, allowance=4 * 6 * 1000, k=2)
+    assert sum(slots.values()) <= 24 and not len(set(slots.values())) == 1
+    assert slots[0] > slots[3]                       # the spread-out layer gets more slots
+    uniform = total_cost(cost, {l: 6 for l in skewed.layers})
+    assert total_cost(cost, slots) < 0.8 * uniform
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dp_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n_layer, n_expert, k = 3, 6, 2
+    # Random decreasing cost curves and unequal expert sizes (mixed quant fallbacks).
+    cost = {l: np.concatenate([[np.inf] * k, np.sort(rng.random(n_expert + 1 - k))[::-1] * 3])
+            for l in range(n_layer)}
+    eb = {l: int(rng.choice([256, 512, 768])) for l in range(n_layer)}
+    allowance = int(rng.integers(k * sum(eb.values()), n_expert * sum(eb.values())))
+    slots = allocate_slots(cost, eb, allowance, k)
+    ref, best = brute_force_allocation(cost, eb, allowance, k)
+    assert total_cost(cost, slots) == pytest.approx(best)
+    assert sum(slots[l] * eb[l] for l in slots) <= allowance
+
+
+def test_dp_refuses_too_small(skewed):
+    with pytest.raises(BudgetError, match="top-2"):
+        allocate_slots(loads_table(skewed, 2), {l: 1000 for l in skewed.layers}, 7999, 2)
+
+
+# -- importance and swap planning -----------------------------------------------------------------
+def test_importance_is_eq1():
+    tr = ImportanceTracker({0: np.array([1.0, 2.0, 3.0])}, k=1)
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.4, 0.1]])
+    tr.observe(0, probs, np.array([2.0, 1.0, 4.0]))
+    # expert 0: 2 * 0.7 * 1 + 4 * 0.5 * 1 = 3.4; expert 2: 1 * 0.6 * 3 = 1.8; expert 1 never top-1.
+    np.testing.assert_allclose(tr.close_window()[0], [3.4, 0.0, 1.8])
+    np.testing.assert_allclose(tr.close_window()[0], 0.0)
+
+
+def test_expert_norm_from_quantized_shard(tmp_path):
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    from edgemoe.residency.importance import expert_norm_from_shard
+    from edgemoe.shardset import ExpertShard, TensorInfo
+
+    rng = np.random.default_rng(0)
+    mats = {"ffn_gate": rng.standard_normal((64, 32)), "ffn_up": rng.standard_normal((64, 32)),
+            "ffn_down": rng.standard_normal((32, 64))}
+    tensors, blob, offset = {}, bytearray(), 4096
+    for name, m in mats.items():
+        q = quantize(m.astype(np.float32), GGMLQuantizationType.Q8_0).tobytes()
+        blob += b"\0" * (offset - 4096 - len(blob)) + q
+        tensors[name] = TensorInfo("Q8_0", (m.shape[1], m.shape[0]), offset, len(q))
+        offset += -(-len(q) // 4096) * 4096
+    path = tmp_path / "blk.0.0.gguf"
+    path.write_bytes(b"\0" * 4096 + bytes(blob))
+    shard = ExpertShard(layer=0, expert=0, path=path, bytes=path.stat().st_size, sha256="",
+                        data_offset=4096, data_bytes=len(blob), tensors=tensors)
+    assert expert_norm_from_shard(shard) == pytest.approx(expert_norm(mats.values()), rel=1e-3)
+
+
+def test_plan_swaps_bounds_and_keeps_topk_routable():
+    imp = {0: np.array([5.0, 1.0, 0.5, 9.0, 8.0, 0.0]), 1: np.array([1.0, 1.0, 1.0, 1.0, 1, 1])}
+    routable = {0: {0, 1, 2, 5}, 1: {0, 1}}
+    none = {0: set(), 1: set()}
+    plan = plan_swaps(imp, routable, none, {0: 0, 1: 0}, k=2, max_swaps=5)
+    # Layer 0: 3 replaces 5 and 4 replaces 2, best gain first; a third victim would leave fewer
+    # than k=2 experts routable while the reads are in flight.
+    assert [(s.layer, s.victim, s.candidate) for s in plan] == [(0, 5, 3), (0, 2, 4)]
+    plan = plan_swaps(imp, {0: {0, 1, 2}, 1: {0, 1}}, none, {0: 0, 1: 0}, k=2, max_swaps=5)
+    assert [(s.layer, s.victim, s.candidate) for s in plan] == [(0, 2, 3)]
+    assert len(plan_swaps(imp, routable, none, {0: 0, 1: 0}, 2, max_swaps=1)) == 1
+    # An in-flight candidate is not planned twice; a free slot is filled without a victim.
+    plan = plan_swaps(imp, routable, {0: {3}, 1: set()}, {0: 1, 1: 0}, 2, max_swaps=5)
+    assert (0, None, 4) in [(s.layer, s.victim, s.candidate) for s in plan]
+    assert all(s.candidate != 3 for s in plan)
+    # The margin stops swaps between nearly equal experts (layer 1 is flat).
+    assert plan_swaps({0: np.array([1.0, 1.0, 1.05])}, {0: {0, 1}}, {0: set()}, {0: 0}, 1, 5,
+                      margin=0.1) == []
+
+
+# -- sensitivity ----------------------------------------------------------------------------------
+def _toy_layer(rng, n_embd, n_vocab, gain):
+    """A residual layer whose output goes through a read-out of the given gain: the true loss
+    change of dropping the second expert is the KL of the next-token distributions."""
+    readout = gain * rng.standard_normal((n_embd, n_vocab)) / np.sqrt(n_embd)
+    def kl(h, e1, e2, w2):
+        full = h + (1 - w2)[:, None] * e1 + w2[:, None] * e2
+        drop = h + e1
+        lp = full @ readout; lq = drop @ readout
+        lp -= lp.max(1, keepdims=True); lq -= lq.max(1, keepdims=True)
+        p = np.exp(lp); p /= p.sum(1, keepdims=True)
+        logq = lq - np.log(np.exp(lq).sum(1, keepdims=True))
+        return (p * (np.log(p) - logq)).sum(1)
+    return kl
+
+
+def test_sensitivity_fit_predicts_kl_and_ranks_layers():
+    rng = np.random.default_rng(0)
+    n, d = 2000, 16
+    s = {}
+    for layer, gain in ((0, 4.0), (1, 1.0)):
+        kl = _toy_layer(rng, d, 50, gain)
+        h = rng.standard_normal((n, d)) * 3
+        e1, e2 = rng.standard_normal((n, d)) * 0.3, rng.standard_normal((n, d)) * 0.3
+        w2 = rng.uniform(0.0, 0.5, n)
+        train = slice(0, 1000)
+        s[layer] = fit_sensitivity(w2[train], kl(h, e1, e2, w2)[train])
+        # Held-out tokens: s_l * w2^2 predicts the average KL at each w2 (second order holds;
+        # s_l is a layer average, so single tokens scatter around it).
+        held = slice(1000, None)
+        pred, true = s[layer] * w2[held] ** 2, kl(h, e1, e2, w2)[held]
+        for lo in (0.1, 0.2, 0.3, 0.4):
+            in_bin = (w2[held] >= lo) & (w2[held] < lo + 0.1)
+            assert np.mean(true[in_bin]) == pytest.approx(np.mean(pred[in_bin]), rel=0.3)
+        # The gating rule bounds the loss: tokens below T change the loss by about T at most.
+        T = float(np.median(pred))
+        assert np.mean(true[pred < T]) < T
+        # The isotropic proxy is a positive, w2-quadratic quantity too.
+        proxy = output_change_proxy(w2, e1, e2, np.linalg.norm(h, axis=1))
+        assert (proxy >= 0).all() and fit_sensitivity(w2, proxy) > 0
+    assert s[0] > 4 * s[1]          # the amplifying read-out makes layer 0 more sensitive
+    w2s = {0: rng.uniform(0, 0.5, 1000), 1: rng.uniform(0, 0.5, 1000)}
+    t = threshold_for_drop_rate(s, w2s, 0.25)
+    rates = drop_rate(s, w2s, t)
+    assert np.mean(list(rates.values())) == pytest.approx(0.25, abs=0.002)
+    assert rates[1] > rates[0]      # the less sensitive layer drops more often
+
+
+# -- planner --------------------------------------------------------------------------------------
+def _profile(layers, bw=90e6):
+    return Profile(read_bytes_per_s=bw, read_latency_s=1e-4, layer_seconds={l: 2e-3 for l in layers},
+                   expert_seconds={l: 1e-3 for l in layers}, other_seconds=5e-3)
+
+
+@pytest.fixture(scope="module")
+def topics() -> RoutingTrace:
+    return topic_trace(n_layer=3, n_expert=16, n_tokens=300, n_topics=3, switch_every=100,
+                       sharpness=3.0, seed=5)
+
+
+def test_planner_ondemand_counts_match_the_policy(topics):
+    """The planner's ondemand hit rate and prefetch accuracy are the policy's, measured."""
+    from test_residency import FakePool
+
+    slots = {l: 6 for l in topics.layers}
+    eb = {l: 4 * MiB for l in topics.layers}
+    pred = predict("ondemand", topics, slots, 2, _profile(topics.layers), eb, n_prefetch=1)
+    pool = FakePool(slots)
+    with OnDemandPolicy(pool, slots, 16, 2, n_prefetch=1) as pol:
+        for t in range(topics.n_tokens):
+            for l in topics.layers:
+                ids, w = pol.gate(l, *topk(topics.probs[l][t:t + 1], 2), decode=True)
+                pol.ensure(l, ids)
+                if l + 1 in topics.predicted:
+                    pol.prefetch(l + 1, topics.predicted[l + 1][t:t + 1])
+                    pol.wait_idle()
+            pol.end_step()
+        rec = json.loads(json.dumps(pol.end_step(0)))           # per-token record is JSON
+        summary = pol.telemetry.summary()
+        c = pol.telemetry.counters
+    assert pred.hit_rate == pytest.approx(c.hits / (c.hits + c.misses))
+    assert pred.prefetch_accuracy == pytest.approx(c.prefetch_used / c.prefetch_issued)
+    assert pred.bytes_read_per_token == pytest.approx(c.loads * 4 * MiB / topics.n_tokens)
+    assert rec["tokens"] == 0 and rec["hit_rate"] is None
+    assert summary.startswith(f"residency: {topics.n_tokens} tok, 2.00 experts/layer-token, hit ")
+
+
+def test_planner_swap_replay_tracks_the_policy(topics):
+    """The swap replay and the real SwapPolicy (reads effectively instant) agree closely."""
+    from test_residency import FakePool, run_masked
+
+    slots = {l: 6 for l in topics.layers}
+    norms = {l: np.ones(16) for l in topics.layers}
+    replay = simulate_swap(topics, slots, 2, norms, interval=8, max_swaps=2, read_tokens=0.0)
+    pool = FakePool(slots)
+    with SwapPolicy(pool, slots, 16, 2, norms=norms, interval=8, max_swaps=2) as pol:
+        pol.warm()
+        orig = pol.end_step
+        def end_step(n=1):   # let each window's reads finish, as read_tokens=0 assumes
+            rec = orig(n); pol.wait_idle(); return rec
+        pol.end_step = end_step
+        run_masked(pol, pool, topics)
+        c = pol.telemetry.counters
+    assert replay.hits == c.hits and replay.swaps == c.swaps
+
+
+def test_planner_predictions_order_and_interval(topics):
+    eb = {l: 4 * MiB for l in topics.layers}
+    norms = {l: np.ones(16) for l in topics.layers}
+    prof = _profile(topics.layers)
+    slots = allocate_for("ondemand", topics, 2, eb, 3 * 8 * 4 * MiB)
+    assert sum(slots.values()) <= 24
+    full = predict("full", topics, slots, 2, prof, eb)
+    ond = predict("ondemand", topics, slots, 2, prof, eb, n_prefetch=1)
+    assert full.tok_per_s == pytest.approx(1 / (5e-3 + 3 * (2e-3 + 2e-3)))
+    assert ond.tok_per_s < full.tok_per_s and ond.stall_per_token > 0
+    assert ond.hit_rate < 1 and ond.bytes_read_per_token > 0
+    # Faster storage: fewer stalls.
+    fast = predict("ondemand", topics, slots, 2, _profile(topics.layers, 1.5e9), eb, n_prefetch=1)
+    assert fast.tok_per_s > ond.tok_per_s
+    swap = predict("swap", topics, slots, 2, prof, eb, norms, max_swaps=2)
+    assert swap.tok_per_s == pytest.approx(full.tok_per_s) and swap.hit_rate < 1
+    # The chosen interval lets a window's reads finish within the window's decode time.
+    read_tokens = prof.read_seconds(4 * MiB) / full.seconds_per_token
+    interval, _ = choose_swap_interval(topics, slots, 2, norms, 2, read_tokens)
+    assert interval >= 2 * read_tokens and swap.swap_interval == interval
+    assert swap.line().startswith("swap") and "swap every" in swap.line()
+    with pytest.raises(ValueError, match="unknown policy"):
+        predict("lru", topics, slots, 2, prof, eb)
+
+
+def test_trace_roundtrip(tmp_path, topics):
+    topics.save(tmp_path / "trace.npz")
+    back = RoutingTrace.load(tmp_path / "trace.npz")
+    assert back.layers == topics.layers and back.predicted.keys() == topics.predicted.keys()
+    np.testing.assert_array_equal(back.probs[1], topics.probs[1])
+
+
+def test_telemetry_counts_from_threads():
+    import threading
+
+    tel = Telemetry()
+    threads = [threading.Thread(target=lambda: [tel.add(loads=1, bytes_read=10)
+                                                for _ in range(1000)]) for _ in range(4)]
+    [t.start() for t in threads]; [t.join() for t in threads]
+    tel.add(layer_steps=2, experts_run=3, hits=2, misses=1)
+    rec = tel.token_done(2)
+    assert rec["loads"] == 4000 and rec["bytes_read_per_token"] == 20000
+    assert rec["experts_per_token"] == 1.5 and rec["hit_rate"] == pytest.approx(2 / 3)
+    assert tel.token_done(1)["loads"] == 0            # records are per step, counters per run
+    assert tel.counters.loads == 4000
