@@ -1,0 +1,402 @@
+"""Tokenizers end to end: HF checkpoint -> add_tokenizer -> vocab-only GGUF -> libllama (Vocab),
+checked against the HF tokenizer (transformers AutoTokenizer on the same files) as the oracle.
+
+Issue 2 acceptance 6 (tokenization through the GGUF equals HF's for BPE and SentencePiece) and the
+runtime side of issue 3 (tokenizer and chat template from the GGUF, no HF code at run time).
+"""
+from __future__ import annotations
+
+import codecs
+import ctypes
+import json
+import random
+import shutil
+from pathlib import Path
+
+import gguf
+import pytest
+from transformers import AutoTokenizer
+
+from converters.tokenizer import PRE_TOKENIZER_REGEXES, add_tokenizer, read_tokenizer
+from edgemoe.errors import ConvertError, EdgeMoeError, ShardSetError
+from edgemoe.tokenizer import Vocab, llama_model_params
+from tiny_tokenizers import CHATML_TEMPLATE, make_bpe_tokenizer, make_spm_tokenizer
+
+TEST_STRINGS = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello, world! (Really?) [yes]; {no}: <maybe> \"quoted\" 'single' -- ... !!! ??? #$%&*+=/\\|~^`@",
+    "3 33 333 3333 33333 1000000 3.14159 2024-06-01 0x1F 1e-5 -42",
+    "a  b   c    d",
+    "  leading spaces",
+    "trailing spaces   ",
+    "line one\nline two\n\n\nafter blank lines\r\nwindows",
+    "\ttab\t\tdouble tab \t mixed",
+    " ",
+    "\n",
+    "日本語のテキストと中文文本。",
+    "한국어 문장도 있습니다.",
+    "Привет, как дела? Γειά σου κόσμε.",
+    "Café naïve résumé Zürich São Paulo Ångström",
+    "Emoji: 🙂 🚀 ✅ 🦙🦙 😶\u200d🌫️",
+    "I'm sure it's theirs; we'll see, they'd said you've been told. DON'T SHOUT, I'LL GO. we'Ve a'lL",
+    "def main(argv):\n    for i in range(10):\n        print(\"hi\", i * 2)\n",
+    "mixed 日本 text with 🚀 and 123 numbers",
+    "",
+]
+
+# Texts with special-token markup (a chat prompt): parsed into control tokens with parse_special.
+SPECIAL_STRINGS = [
+    "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n",
+    "before<|im_end|>after <|im_start|> spaced",
+]
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello!"}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4."},
+        {"role": "user", "content": "And 日本語? 🚀"},
+    ],
+]
+
+BPE_PRES = ["gpt-2", *PRE_TOKENIZER_REGEXES]  # every pre-tokenizer the converter detects by regex
+
+
+def write_vocab_gguf(model_dir: Path, out: Path) -> Path:
+    """A GGUF holding only metadata: what libllama needs to load a vocabulary."""
+    writer = gguf.GGUFWriter(str(out), "llama")
+    add_tokenizer(writer, model_dir)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+class Case:
+    """One tokenizer: its checkpoint dir, the HF oracle and our Vocab over the converted GGUF."""
+
+    def __init__(self, spec, gguf_path: Path):
+        self.spec = spec
+        self.hf = AutoTokenizer.from_pretrained(spec.path)
+        self.vocab = Vocab(gguf_path)
+
+
+@pytest.fixture(scope="session")
+def cases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokenizers")
+    out = {}
+    for pre in BPE_PRES:
+        spec = make_bpe_tokenizer(root / f"bpe-{pre}", pre=pre)
+        out[pre] = Case(spec, write_vocab_gguf(spec.path, root / f"bpe-{pre}.gguf"))
+    spec = make_spm_tokenizer(root / "spm")
+    out["spm"] = Case(spec, write_vocab_gguf(spec.path, root / "spm.gguf"))
+    yield out
+    for case in out.values():
+        case.vocab.close()
+
+
+def fuzz_strings(n: int, seed: int) -> list[str]:
+    """Random mixes of the characters tokenizers get wrong: whitespace runs, apostrophes,
+    digits, punctuation, multi-byte characters."""
+    rng = random.Random(seed)
+    alphabet = list("abcdeTHE xyz'sltvmdr 0123456789.,;:!?\"()[]{}-_/\\\n\t\r   ") + list("éüñßåø日本語한국Привет🚀🙂✅🦙")
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 48))) for _ in range(n)]
+
+
+# --- acceptance 6: tokenization equals HF's ---------------------------------------------------
+
+@pytest.mark.parametrize("kind", [*BPE_PRES, "spm"])
+def test_tokenize_matches_hf(cases, kind):
+    case = cases[kind]
+    for text in TEST_STRINGS + SPECIAL_STRINGS + fuzz_strings(150, seed=hash(kind) % 1000):
+        expected = case.hf.encode(text)  # adds BOS the way the checkpoint configures it
+        assert case.vocab.tokenize(text, add_special=True, parse_special=True) == expected, repr(text)
+        expected_plain = case.hf.encode(text, add_special_tokens=False)
+        assert case.vocab.tokenize(text, add_special=False, parse_special=True) == expected_plain, repr(text)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "spm"])
+def test_parse_special_off_keeps_markup_as_text(cases, kind):
+    case = cases[kind]
+    text = SPECIAL_STRINGS[0]
+    control = {case.hf.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>")}
+    parsed = case.vocab.tokenize(text, add_special=False, parse_special=True)
+    plain = case.vocab.tokenize(text, add_special=False, parse_special=False)
+    assert control <= set(parsed)
+    assert not control & set(plain)
+    assert case.vocab.detokenize(plain) == text
+
+
+def test_detected_pre_tokenizers(cases):
+    for kind, case in cases.items():
+        meta = read_tokenizer(case.spec.path)
+        assert (meta.model, meta.pre) == (("llama", "default") if kind == "spm" else ("gpt2", kind))
+
+
+def test_saved_by_transformers_converts_the_same(cases, tmp_path):
+    """A checkpoint re-saved by transformers (its own file layout, chat_template.jinja) converts to
+    the same tokenizer."""
+    for kind in ("qwen2", "spm"):
+        case = cases[kind]
+        resaved = tmp_path / kind
+        case.hf.save_pretrained(resaved)
+        with Vocab(write_vocab_gguf(resaved, tmp_path / f"{kind}.gguf")) as vocab:
+            assert vocab.chat_template == case.vocab.chat_template
+            for text in TEST_STRINGS:
+                assert vocab.tokenize(text, parse_special=True) == case.hf.encode(text), repr(text)
+
+
+# --- special tokens ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["qwen2", "spm"])
+def test_special_tokens(cases, kind):
+    case, hf = cases[kind], cases[kind].hf
+    vocab = case.vocab
+    assert vocab.n_vocab == len(hf) == case.spec.vocab_size
+    assert vocab.bos == (hf.bos_token_id if kind == "spm" else vocab.bos)  # BPE: no BOS configured
+    assert vocab.add_bos == (kind == "spm")
+    assert vocab.add_eos is False
+    assert vocab.eos == hf.eos_token_id
+    assert vocab.eot == hf.convert_tokens_to_ids("<|im_end|>")
+    assert vocab.is_eog(vocab.eos) and vocab.is_eog(vocab.eot)
+    assert not vocab.is_eog(hf.convert_tokens_to_ids("<|im_start|>"))
+    assert vocab.is_control(vocab.eot)
+    assert not vocab.is_eog(-1) and not vocab.is_eog(vocab.n_vocab)
+
+
+def test_vocab_padded_to_model_vocab_size(cases, tmp_path):
+    """Models often have more embedding rows than tokens; the extra ids become unused tokens."""
+    src = cases["qwen2"].spec.path
+    model_dir = tmp_path / "padded"
+    shutil.copytree(src, model_dir)
+    n = cases["qwen2"].spec.vocab_size
+    (model_dir / "config.json").write_text(json.dumps({"vocab_size": n + 5}))
+    meta = read_tokenizer(model_dir)
+    assert meta.n_vocab == n + 5
+    assert meta.tokens[n:] == tuple(f"[PAD{i}]" for i in range(n, n + 5))
+    assert set(meta.token_types[n:]) == {gguf.TokenType.UNUSED}
+    with Vocab(write_vocab_gguf(model_dir, tmp_path / "padded.gguf")) as vocab:
+        assert vocab.n_vocab == n + 5
+        assert vocab.tokenize(TEST_STRINGS[2]) == cases["qwen2"].hf.encode(TEST_STRINGS[2])
+
+
+# --- detokenization and streaming -------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["gpt-2", "llama-bpe", "qwen2", "spm"])
+def test_detokenize_round_trip(cases, kind):
+    case = cases[kind]
+    for text in TEST_STRINGS + fuzz_strings(100, seed=7):
+        ids = case.vocab.tokenize(text, add_special=False)
+        assert case.vocab.detokenize(ids) == text, repr(text)
+        with_special = case.vocab.tokenize(text, add_special=True, parse_special=True)
+        assert case.vocab.detokenize(with_special) == case.hf.decode(with_special), repr(text)
+        assert case.vocab.detokenize(with_special, skip_special=True) == case.hf.decode(
+            with_special, skip_special_tokens=True
+        ), repr(text)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "spm"])
+def test_token_pieces_stream_utf8(cases, kind):
+    """Concatenated pieces are the text's bytes; multi-byte characters split over byte tokens come
+    out whole from an incremental UTF-8 decoder."""
+    vocab = cases[kind].vocab
+    text = "🐘 日本語 naïve 🚀 ꙮ"  # the elephant and ꙮ are not in the training text: byte pieces
+    ids = vocab.tokenize(text, add_special=False)
+    pieces = [vocab.token_to_piece(t) for t in ids]
+
+    def is_utf8(piece: bytes) -> bool:
+        try:
+            piece.decode("utf-8")
+            return True
+        except UnicodeDecodeError:
+            return False
+
+    assert not all(is_utf8(p) for p in pieces)
+    # SentencePiece pieces carry the word's space; the first one is the prefix added to the text.
+    prefix = " " if kind == "spm" else ""
+    assert b"".join(pieces).decode("utf-8") == prefix + text
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    streamed = [decoder.decode(p) for p in pieces]
+    assert "".join(streamed) == prefix + text
+    assert "\ufffd" not in "".join(streamed)
+    assert vocab.token_to_piece(vocab.eot) == b"<|im_end|>"
+    assert vocab.token_to_piece(vocab.eot, special=False) == b""
+
+
+# --- chat templates ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["qwen2", "spm"])
+def test_chatml_template_matches_hf(cases, kind):
+    case = cases[kind]
+    assert case.vocab.chat_template == CHATML_TEMPLATE
+    for messages in CONVERSATIONS:
+        for add_gen in (True, False):
+            expected = case.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_gen)
+            assert case.vocab.apply_chat_template(messages, add_generation_prompt=add_gen) == expected
+            # and the prompt tokenizes to the same ids
+            # (HF adds no BOS to a rendered chat: templates that want one write it themselves)
+            ids = case.vocab.tokenize(expected, add_special=False, parse_special=True)
+            assert ids == case.hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_gen, return_dict=False)
+
+
+def test_unrecognised_template_rendered_with_jinja(cases):
+    """llama.cpp only knows built-in templates; any other Jinja template renders as HF would."""
+    case = cases["qwen2"]
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}[[{{ m['content'] }}]]\n"
+        "{% else %}### {{ m['role'] | upper }}: {{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}### ASSISTANT:{% endif %}"
+    )
+    for messages in CONVERSATIONS:
+        expected = case.hf.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+        assert case.vocab.apply_chat_template(messages, template=template) == expected
+
+
+def test_chat_template_errors(cases, tmp_path):
+    vocab = cases["qwen2"].vocab
+    with pytest.raises(ValueError, match="message 0"):
+        vocab.apply_chat_template([{"role": "user"}])
+    with pytest.raises(EdgeMoeError, match="chat template cannot be rendered"):
+        vocab.apply_chat_template(CONVERSATIONS[0], template="{% for %}")
+    with pytest.raises(EdgeMoeError, match="nope"):
+        vocab.apply_chat_template(CONVERSATIONS[0], template="{{ raise_exception('nope') }}")
+    model_dir = tmp_path / "no-template"
+    shutil.copytree(cases["qwen2"].spec.path, model_dir)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    with Vocab(write_vocab_gguf(model_dir, tmp_path / "nt.gguf")) as bare:
+        assert bare.chat_template is None
+        with pytest.raises(EdgeMoeError, match="no chat template"):
+            bare.apply_chat_template(CONVERSATIONS[0])
+
+
+# --- runtime bad input ------------------------------------------------------------------------
+
+def test_vocab_bad_files(tmp_path):
+    with pytest.raises(ShardSetError, match="no such file"):
+        Vocab(tmp_path / "missing.gguf")
+    with pytest.raises(ShardSetError, match="not a file"):
+        Vocab(tmp_path)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, not a model")
+    with pytest.raises(ShardSetError, match="not a GGUF file"):
+        Vocab(text)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF\x03\x00\x00\x00\x00")
+    with pytest.raises(ShardSetError, match=r"truncated.gguf: libllama could not load the vocabulary \(.*header"):
+        Vocab(truncated)
+    no_tokenizer = tmp_path / "no_tokenizer.gguf"
+    writer = gguf.GGUFWriter(str(no_tokenizer), "llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ShardSetError, match=r"no_tokenizer.gguf: libllama could not load the vocabulary \(.*tokenizer.ggml.model"):
+        Vocab(no_tokenizer)
+
+
+def test_vocab_bad_ids_and_close(cases, tmp_path):
+    case = cases["qwen2"]
+    vocab = case.vocab
+    for bad in (-1, vocab.n_vocab, 2**31):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            vocab.token_to_piece(bad)
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            vocab.detokenize([1, bad])
+    # a second handle on the same file, closed: every call fails cleanly
+    path = tmp_path / "again.gguf"
+    write_vocab_gguf(case.spec.path, path)
+    other = Vocab(path)
+    other.close()
+    other.close()  # idempotent
+    with pytest.raises(EdgeMoeError, match="closed"):
+        other.tokenize("hi")
+    with Vocab(path) as scoped:
+        assert scoped.tokenize("hi", add_special=False) == case.hf.encode("hi", add_special_tokens=False)
+    with pytest.raises(EdgeMoeError, match="closed"):
+        scoped.detokenize([1])
+
+
+def test_model_params_layout_matches_llama_cpp():
+    """Our ctypes mirror of struct llama_model_params, field by field, against llama-cpp-python's."""
+    import llama_cpp
+
+    theirs = llama_cpp.llama_model_params
+    assert ctypes.sizeof(llama_model_params) == ctypes.sizeof(theirs)
+    for name, _ in llama_model_params._fields_:
+        assert getattr(llama_model_params, name).offset == getattr(theirs, name).offset, name
+
+
+# --- converter bad input ---------------------------------------------------------------------
+
+@pytest.fixture()
+def bpe_dir(cases, tmp_path):
+    model_dir = tmp_path / "ckpt"
+    shutil.copytree(cases["qwen2"].spec.path, model_dir)
+    return model_dir
+
+
+def edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_convert_missing_and_corrupt_files(bpe_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConvertError, match="no tokenizer.json or tokenizer.model"):
+        read_tokenizer(empty)
+    (bpe_dir / "tokenizer.json").write_text('{"model": {"vocab": ')
+    with pytest.raises(ConvertError, match=r"tokenizer.json: not valid JSON"):
+        read_tokenizer(bpe_dir)
+    (bpe_dir / "tokenizer.json").write_text("[1, 2]")
+    with pytest.raises(ConvertError, match=r"tokenizer.json: expected a JSON object"):
+        read_tokenizer(bpe_dir)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["model"].update(type="Unigram"), r"tokenizer model type 'Unigram' is not supported"),
+        (lambda d: d.pop("model"), r"key 'model.vocab' missing"),
+        (lambda d: d["model"].update(merges=[]), r"key 'model.merges' missing or empty"),
+        (lambda d: d["model"]["merges"].append("a b c"), r"key 'model.merges': entry 'a b c'"),
+        (lambda d: d["model"]["vocab"].update(x=-3), r"key 'model.vocab': token 'x' has invalid id -3"),
+        (lambda d: d["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex=r"\w+"),
+         r"pre-tokenizer .*matches none llama.cpp implements.*known: .*gpt-2.*qwen2"),
+        (lambda d: d["pre_tokenizer"]["pretokenizers"].insert(0, {"type": "Whitespace"}),
+         r"pre-tokenizer 'Whitespace' is not supported"),
+        (lambda d: d["pre_tokenizer"]["pretokenizers"][1].update(add_prefix_space=True),
+         r"ByteLevel pre-tokenizer with add_prefix_space=true is not supported"),
+        (lambda d: d.update(pre_tokenizer=None), r"BPE without a ByteLevel pre-tokenizer"),
+    ],
+)
+def test_convert_bad_tokenizer_json(bpe_dir, edit, message):
+    edit_json(bpe_dir / "tokenizer.json", edit)
+    with pytest.raises(ConvertError, match=r"tokenizer.json: " + message):
+        read_tokenizer(bpe_dir)
+
+
+def test_convert_bad_configs(bpe_dir):
+    edit_json(bpe_dir / "tokenizer_config.json", lambda d: d.update(eos_token="<|nope|>"))
+    with pytest.raises(ConvertError, match=r"tokenizer_config.json: key 'eos_token' names '<\|nope\|>', which is not in"):
+        read_tokenizer(bpe_dir)
+    edit_json(bpe_dir / "tokenizer_config.json", lambda d: d.update(eos_token="<|endoftext|>", add_bos_token="yes"))
+    with pytest.raises(ConvertError, match=r"tokenizer_config.json: key 'add_bos_token' is 'yes', expected true or false"):
+        read_tokenizer(bpe_dir)
+    edit_json(bpe_dir / "tokenizer_config.json", lambda d: d.update(add_bos_token=True))
+    with pytest.raises(ConvertError, match=r"add_bos_token is true but no bos_token"):
+        read_tokenizer(bpe_dir)
+    edit_json(bpe_dir / "tokenizer_config.json", lambda d: d.update(add_bos_token=False))
+    (bpe_dir / "config.json").write_text(json.dumps({"vocab_size": 100}))
+    with pytest.raises(ConvertError, match=r"config.json: key 'vocab_size' is 100, but the tokenizer uses ids up to 383"):
+        read_tokenizer(bpe_dir)
+    (bpe_dir / "config.json").write_text(json.dumps({"vocab_size": 384, "bos_token_id": 999}))
+    edit_json(bpe_dir / "tokenizer_config.json", lambda d: d.pop("bos_token"))
+    with pytest.raises(ConvertError, match=r"config.json: key 'bos_token_id' is 999, expected an id < 384"):
+        read_tokenizer(bpe_dir)
