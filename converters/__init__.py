@@ -41,6 +41,6 @@ def convert(src: str | Path, out: str | Path, expert_type: str = "Q4_K",
 
 def export(shards: str | Path, out_gguf: str | Path, progress: bool = False) -> Path:
     """Reassemble a shard set into one GGUF that unmodified llama.cpp loads."""
-    from converters.export import export_gguf
+    from converters.exporter import export_gguf
 
     return export_gguf(Path(shards), Path(out_gguf), progress=progress)

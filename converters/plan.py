@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from gguf import GGUFWriter
+from gguf import GGML_QUANT_VERSION, GGUFWriter
 
 from converters import registry
 from converters.arch.base import DENSE, EXPERT, F32, Hparams, MoeArchitecture, TensorSpec
 from converters.safetensors import SafetensorsCheckpoint, read_config
+from converters.tokenizer import add_tokenizer
 from converters.writer import (OutFile, OutTensor, add_edgemoe_base_keys,
                                edgemoe_expert_metadata)
 from edgemoe import quant
@@ -29,10 +30,6 @@ from edgemoe.shardset import ALIGNMENT, BASE_FILE, FORMAT_VERSION, expert_file
 # float32 elements converted and quantized per step: bounds memory whatever the tensor size.
 CHUNK_ELEMENTS = 8 << 20
 
-try:  # engineer B's tokenizer conversion; until it lands the base GGUF carries no vocabulary
-    from converters.tokenizer import add_tokenizer
-except ImportError:  # pragma: no cover - depends on repository state
-    add_tokenizer = None
 
 
 @dataclass(frozen=True)
@@ -159,8 +156,8 @@ def plan_hf(src: Path, expert_type: str, dense_type: str) -> Plan:
     def base_metadata(w: GGUFWriter) -> None:
         w.add_name(config.get("_name_or_path") or src.resolve().name)
         arch.add_metadata(w, hp, config)
-        if add_tokenizer is not None:
-            add_tokenizer(w, src)
+        w.add_quantization_version(GGML_QUANT_VERSION)
+        add_tokenizer(w, src)
         add_edgemoe_base_keys(w, e_type.name, d_type.name, hp.expert_layers)
 
     experts = tuple(
@@ -178,5 +175,4 @@ def plan_hf(src: Path, expert_type: str, dense_type: str) -> Plan:
         arch=arch.name, hp=hp, expert_type=e_type.name, dense_type=d_type.name, base=base,
         experts=experts, fallbacks=tuple(fallbacks),
         fingerprint=fingerprint(source_files, {"expert_type": e_type.name,
-                                               "dense_type": d_type.name,
-                                               "tokenizer": add_tokenizer is not None}))
+                                               "dense_type": d_type.name}))

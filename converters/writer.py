@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-from gguf import GGML_QUANT_VERSION, GGUF_DEFAULT_ALIGNMENT, GGUFWriter
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGUFWriter
 
 from edgemoe.errors import ConvertError
 from edgemoe.quant import GGMLType
@@ -205,7 +205,6 @@ def add_edgemoe_base_keys(w: GGUFWriter, expert_type: str, dense_type: str,
                           expert_layers: tuple[int, ...]) -> None:
     from gguf import GGUFValueType
 
-    w.add_quantization_version(GGML_QUANT_VERSION)
     w.add_uint32("edgemoe.format_version", FORMAT_VERSION)
     w.add_string("edgemoe.expert_type", expert_type)
     w.add_string("edgemoe.dense_type", dense_type)

@@ -1,8 +1,8 @@
 """Tiny random Mixture-of-Experts checkpoints built offline with transformers.
 
 `make_tiny_checkpoint(arch, dir)` writes config.json, safetensors (hub tensor names, as
-save_pretrained writes them) and, when tests/tiny_tokenizers.py provides one, a tokenizer whose
-size equals the model's vocabulary. Converter tests and runtime parity tests share these models.
+save_pretrained writes them) and a tokenizer from tests/tiny_tokenizers.py whose size is the
+model's vocabulary. Converter tests and runtime parity tests share these models.
 Weights are drawn with a wider spread than transformers' default (initializer_range 0.02) so
 that logits are far from ties and greedy continuations are a meaningful comparison.
 """
@@ -11,14 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-try:  # engineer B's tokenizer builders; until they land the checkpoints carry no tokenizer
-    from tiny_tokenizers import make_bpe_tokenizer, make_spm_tokenizer
-except ImportError:  # pragma: no cover - depends on repository state
-    make_bpe_tokenizer = make_spm_tokenizer = None
+from tiny_tokenizers import make_bpe_tokenizer, make_spm_tokenizer
 
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
-VOCAB_SIZE = 384  # used when no tokenizer builder is available
+VOCAB_SIZE = 384  # used with tokenizer=None (tensor-only checkpoints)
 
 # Shared shape of every tiny model: hidden 64, 2 layers, 4 experts, top-2, 4 heads of 16.
 _COMMON = dict(

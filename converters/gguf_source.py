@@ -1,0 +1,176 @@
+"""A stock llama.cpp GGUF (single file or split -0000k-of-0000N) as a conversion source.
+
+Its routed experts are fused 3-D tensors blk.{L}.ffn_{gate,up,down}_exps with ggml shape
+(n_embd or n_ff, rows, n_expert): expert e is the e-th contiguous 1/n_expert of the bytes, so we
+slice them into shards byte for byte, whatever the quantization type, and copy every other
+tensor and every metadata key (tokenizer included) into the base GGUF unchanged.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from gguf import (GGUFReader, GGUFValueType, GGUFWriter, Keys, MODEL_TENSOR,
+                  GGMLQuantizationType)
+
+from converters import registry
+from converters.arch.base import tensor_name
+from converters.plan import Plan, fingerprint
+from converters.writer import (OutFile, OutTensor, add_edgemoe_base_keys,
+                               edgemoe_expert_metadata)
+from edgemoe.errors import ConvertError
+from edgemoe.shardset import ALIGNMENT, BASE_FILE, EXPERT_TENSORS, expert_file
+
+_SPLIT = re.compile(r"^(?P<stem>.*)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf$")
+# Bytes copied per write when streaming tensor data out of the memory map.
+COPY_BLOCK = 32 << 20
+# Keys that describe a file rather than the model; the writer sets its own.
+_FILE_KEYS = (Keys.General.ARCHITECTURE, Keys.General.ALIGNMENT)
+_FUSED = {"ffn_gate": MODEL_TENSOR.FFN_GATE_EXP, "ffn_up": MODEL_TENSOR.FFN_UP_EXP,
+          "ffn_down": MODEL_TENSOR.FFN_DOWN_EXP}
+
+
+def split_parts(path: Path) -> list[Path]:
+    """All files of a (possibly split) GGUF, in order."""
+    m = _SPLIT.match(path.name)
+    if not m:
+        return [path]
+    n = int(m["n"])
+    parts = [path.with_name(f"{m['stem']}-{k:05d}-of-{n:05d}.gguf") for k in range(1, n + 1)]
+    missing = [p for p in parts if not p.is_file()]
+    if missing:
+        raise ConvertError(f"{missing[0]}: missing part {parts.index(missing[0]) + 1} of {n} "
+                           f"of split GGUF {path.name}")
+    return parts
+
+
+def open_gguf(path: Path) -> GGUFReader:
+    """GGUFReader with every failure (bad magic, truncation, bad offsets) as a ConvertError."""
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:  # gguf-py raises ValueError, struct.error, IndexError... on bad input
+        raise ConvertError(f"{path}: corrupt or truncated GGUF ({type(exc).__name__}: {exc})") \
+            from exc
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+            raise ConvertError(f"{path}: truncated: tensor {t.name} needs bytes "
+                               f"[{t.data_offset}, {t.data_offset + t.n_bytes}) of a "
+                               f"{size}-byte file")
+    return reader
+
+
+def field_values(reader: GGUFReader) -> dict:
+    """Metadata as plain Python values (GGUF.* pseudo-fields excluded)."""
+    return {name: f.contents() for name, f in reader.fields.items()
+            if not name.startswith("GGUF.")}
+
+
+def copy_metadata(reader: GGUFReader, w: GGUFWriter, skip: Callable[[str], bool]) -> None:
+    """Every key of `reader` not skipped, with its GGUF value type, into `w`."""
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF.") or name in _FILE_KEYS or skip(name):
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == GGUFValueType.ARRAY else None
+        if vtype == GGUFValueType.ARRAY and len(f.types) > 2:
+            raise ConvertError(f"{reader.data.filename}: key {name} is a nested array, "
+                               "which this converter does not copy")
+        w.add_key_value(name, f.contents(), vtype, sub_type=sub)
+
+
+def byte_chunks(data: np.ndarray, start: int, stop: int) -> Iterator[np.ndarray]:
+    """data[start:stop] (a uint8 memory map) in COPY_BLOCK pieces."""
+    for first in range(start, stop, COPY_BLOCK):
+        yield data[first:min(first + COPY_BLOCK, stop)]
+
+
+def numpy_shape(ne) -> tuple[int, ...]:
+    return tuple(int(n) for n in reversed(list(ne)))
+
+
+def plan_gguf(path: Path) -> Plan:
+    parts = split_parts(Path(path))
+    readers = [open_gguf(p) for p in parts]
+    kv = field_values(readers[0])
+    general_arch = kv.get(Keys.General.ARCHITECTURE)
+    if general_arch is None:
+        raise ConvertError(f"{parts[0]}: GGUF metadata key {Keys.General.ARCHITECTURE} missing")
+    arch = registry.for_gguf(general_arch)
+    tensors = {}
+    for r in readers:
+        for t in r.tensors:
+            if t.name in tensors:
+                raise ConvertError(f"{r.data.filename}: tensor {t.name} appears twice in the split")
+            tensors[t.name] = (r, t)
+    shapes = {name: numpy_shape(t.shape) for name, (_, t) in tensors.items()}
+    gate_up = [n for n in (tensor_name(MODEL_TENSOR.FFN_GATE_UP_EXP, l)
+                           for l in range(int(kv.get(f"{arch.name}.block_count", 0))))
+               if n in tensors]
+    if gate_up:
+        raise ConvertError(f"{parts[0]}: tensor {gate_up[0]} (gate and up fused together) is not "
+                           "supported; convert from the HF checkpoint instead")
+    hp = arch.hparams_from_gguf(kv, shapes)
+
+    expert_names = set()
+    experts: list[OutFile] = []
+    expert_types = set()
+    for layer in hp.expert_layers:
+        fused = {}
+        for proj in EXPERT_TENSORS:
+            name = tensor_name(_FUSED[proj], layer)
+            if name not in tensors:
+                raise ConvertError(f"{parts[0]}: tensor {name} missing (layer {layer} has "
+                                   f"{tensor_name(_FUSED['ffn_gate'], layer)})")
+            r, t = tensors[name]
+            shape = shapes[name]
+            if len(shape) != 3 or shape[0] != hp.n_expert or t.n_bytes % hp.n_expert:
+                raise ConvertError(f"{r.data.filename}: tensor {name} has shape {list(shape)}, "
+                                   f"expected {hp.n_expert} experts on its outer axis")
+            fused[proj] = (r, t, shape)
+            expert_names.add(name)
+        for e in range(hp.n_expert):
+            outs = []
+            for proj in EXPERT_TENSORS:
+                r, t, shape = fused[proj]
+                per = t.n_bytes // hp.n_expert
+                start = t.data_offset + e * per
+                outs.append(OutTensor(
+                    name=f"blk.{layer}.{proj}.{e}.weight", shape=shape[1:],
+                    type=GGMLQuantizationType(t.tensor_type), nbytes=per,
+                    chunks=lambda r=r, s=start, n=per: byte_chunks(r.data, s, s + n)))
+                expert_types.add(GGMLQuantizationType(t.tensor_type).name)
+            experts.append(OutFile(rel=expert_file(layer, e), arch="edgemoe.expert",
+                                   metadata=edgemoe_expert_metadata(layer, e),
+                                   tensors=tuple(outs), alignment=ALIGNMENT, layer=layer,
+                                   expert=e))
+
+    base_tensors = []
+    dense_types: dict[str, int] = {}
+    for name, (r, t) in tensors.items():
+        if name in expert_names:
+            continue
+        ttype = GGMLQuantizationType(t.tensor_type)
+        if len(shapes[name]) > 1:
+            dense_types[ttype.name] = dense_types.get(ttype.name, 0) + 1
+        base_tensors.append(OutTensor(
+            name=name, shape=shapes[name], type=ttype, nbytes=int(t.n_bytes),
+            chunks=lambda r=r, t=t: byte_chunks(r.data, t.data_offset,
+                                                t.data_offset + t.n_bytes)))
+    # Types are kept, not chosen: report what the source uses.
+    expert_type = "/".join(sorted(expert_types))
+    dense_type = max(dense_types, key=dense_types.get) if dense_types else "F32"
+
+    def base_metadata(w: GGUFWriter) -> None:
+        copy_metadata(readers[0], w, skip=lambda k: k.startswith(("split.", "edgemoe.")))
+        add_edgemoe_base_keys(w, expert_type, dense_type, hp.expert_layers)
+
+    base = OutFile(rel=BASE_FILE, arch=arch.name, metadata=base_metadata,
+                   tensors=tuple(base_tensors))
+    return Plan(
+        source={"kind": "gguf", "path": str(parts[0].resolve()), "hf_architecture": None},
+        arch=arch.name, hp=hp, expert_type=expert_type, dense_type=dense_type, base=base,
+        experts=tuple(experts), fallbacks=(),
+        fingerprint=fingerprint(parts, {"kind": "gguf"}))
