@@ -48,8 +48,13 @@ def peak_rss_bytes() -> int:
 
 
 def cgroup_memory_peak_bytes() -> int | None:
-    """Peak memory of the cgroup this process runs in (RSS plus the page cache it caused), when
-    the process is in a memory cgroup of its own (not the root); None otherwise."""
+    """Peak memory of the memory cgroup this process runs in (RSS plus the page cache it
+    caused, what a memory limit counts), or None.
+
+    Only a group made for this run counts: one holding nothing but this process, its children
+    and at most its parent (scripts/edge_emulate.py puts the command it runs into a fresh group).
+    The group of a whole container or session would report other programs' memory as ours.
+    """
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
@@ -59,18 +64,27 @@ def cgroup_memory_peak_bytes() -> int | None:
         if path in ("", "/"):
             continue
         if controllers == "":  # cgroup v2 unified hierarchy
-            candidates = [Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.peak"]
+            group, peak_file = Path("/sys/fs/cgroup") / path.lstrip("/"), "memory.peak"
         elif "memory" in controllers.split(","):  # cgroup v1
-            candidates = [Path("/sys/fs/cgroup/memory") / path.lstrip("/")
-                          / "memory.max_usage_in_bytes"]
+            group = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+            peak_file = "memory.max_usage_in_bytes"
         else:
             continue
-        for candidate in candidates:
-            try:
-                return int(candidate.read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                continue
+        try:
+            members = {int(pid) for pid in (group / "cgroup.procs").read_text().split()}
+            peak = int((group / peak_file).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        if members <= _own_process_tree():
+            return peak
     return None
+
+
+def _own_process_tree() -> set[int]:
+    import psutil
+
+    me = psutil.Process()
+    return {me.pid, me.ppid(), *(p.pid for p in me.children(recursive=True))}
 
 
 # ------------------------------------------------------------------------------- results --
