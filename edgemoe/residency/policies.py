@@ -38,13 +38,15 @@ from edgemoe.residency.telemetry import Telemetry
 
 
 class ExpertPool(Protocol):
-    """The slot pool (edgemoe.pool) as policies use it; tests use an in-memory one."""
+    """The slot pool (edgemoe.pool.ExpertPool) as policies use it; tests use an in-memory one.
+    load(layer, expert, slot) reads the expert into that slot (blocking) and makes it the pool's
+    resident of that slot; expert_bytes(layer) is one expert's size in that layer's slots."""
 
     def load(self, layer: int, expert: int, slot: int | None = None) -> int: ...
     def evict(self, layer: int, expert: int) -> None: ...
     def resident(self, layer: int) -> dict[int, int]: ...
     def bytes_held(self) -> int: ...
-    def expert_bytes(self, layer: int, expert: int) -> int: ...
+    def expert_bytes(self, layer: int) -> int: ...
 
 
 class Policy:
@@ -72,7 +74,7 @@ class Policy:
             self.pool.evict(layer, victim)
         t0 = time.perf_counter()
         self.pool.load(layer, expert, slot)
-        self.telemetry.add(loads=1, bytes_read=self.pool.expert_bytes(layer, expert),
+        self.telemetry.add(loads=1, bytes_read=self.pool.expert_bytes(layer),
                            read_seconds=time.perf_counter() - t0)
         self.telemetry.resident_bytes = self.pool.bytes_held()
 

@@ -1,0 +1,88 @@
+"""The policies drive the real expert slot pool (edgemoe.pool) of a converted shard set: the
+bytes in the slot a policy names are the bytes of that expert's shard."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import make_synthetic as ms  # noqa: E402
+
+from edgemoe import ggml  # noqa: E402
+from edgemoe.pool import ExpertPool  # noqa: E402
+from edgemoe.residency import OnDemandPolicy, SwapPolicy  # noqa: E402
+from edgemoe.residency.traces import topic_trace  # noqa: E402
+from edgemoe.shardset import EXPERT_TENSORS, ShardSet  # noqa: E402
+
+N_EXPERT, K, SLOTS = 8, 2, 3
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> ShardSet:
+    import converters
+
+    out = tmp_path_factory.mktemp("residency_pool")
+    ms.make_synthetic(out / "hf", ms.SynthSpec(arch="mixtral", n_layer=2, n_expert=N_EXPERT,
+                                               n_expert_used=K, n_embd=128, n_ff_exp=128,
+                                               n_vocab=512), shard_bytes=1 << 20)
+    converters.convert(out / "hf", out / "shards", expert_type="Q8_0", progress=False)
+    return ShardSet.open(out / "shards")
+
+
+@pytest.fixture()
+def pool(shards):
+    backend = ggml.Backend("cpu", 1)
+    p = ExpertPool(shards, backend, {l: SLOTS for l in shards.expert_layers})
+    yield p
+    p.close()
+    backend.close()
+
+
+def slot_holds(pool: ExpertPool, shards: ShardSet, layer: int, expert: int, slot: int) -> bool:
+    shard = shards.expert(layer, expert)
+    raw = np.fromfile(shard.path, dtype=np.uint8)
+    for proj in EXPERT_TENSORS:
+        info, size = shard.tensors[proj], pool.slot_bytes[layer][proj]
+        got = ggml.tensor_get(pool.tensors(layer)[proj], np.empty(size, np.uint8), slot * size)
+        if not np.array_equal(got, raw[info.offset:info.offset + size]):
+            return False
+    return True
+
+
+def test_ondemand_on_the_real_pool(shards, pool):
+    trace = topic_trace(n_layer=2, n_expert=N_EXPERT, n_tokens=40, sharpness=2.0, seed=4)
+    slots = {l: SLOTS for l in shards.expert_layers}
+    with OnDemandPolicy(pool, slots, N_EXPERT, K, n_prefetch=1) as pol:
+        for t in range(trace.n_tokens):
+            for l in shards.expert_layers:
+                ids = trace.wanted(l, K)[t:t + 1]
+                got = pol.ensure(l, ids)
+                assert pool.resident(l) == {e: int(s) for e, s in enumerate(pol.slot_of(l))
+                                            if s >= 0}
+                for e, s in got.items():
+                    assert slot_holds(pool, shards, l, e, s)
+                if l + 1 in trace.predicted:
+                    pol.prefetch(l + 1, trace.predicted[l + 1][t:t + 1])
+            pol.end_step()
+        c = pol.telemetry.counters
+    assert c.misses > 0 and c.bytes_read == c.loads * pool.expert_bytes(0)
+
+
+def test_swap_on_the_real_pool(shards, pool):
+    trace = topic_trace(n_layer=2, n_expert=N_EXPERT, n_tokens=80, sharpness=3.0, seed=6)
+    slots = {l: SLOTS for l in shards.expert_layers}
+    norms = {l: np.ones(N_EXPERT) for l in shards.expert_layers}
+    with SwapPolicy(pool, slots, N_EXPERT, K, norms=norms, interval=4) as pol:
+        pol.warm()
+        for t in range(trace.n_tokens):
+            for l in shards.expert_layers:
+                slot_of = pol.slot_of(l)
+                for e in np.flatnonzero(slot_of >= 0):
+                    assert slot_holds(pool, shards, l, int(e), int(slot_of[e]))
+                pol.observe(l, trace.probs[l][t:t + 1], trace.x_norm[l][t:t + 1])
+            pol.end_step()
+        pol.wait_idle()
+        assert pol.telemetry.counters.swaps > 0
