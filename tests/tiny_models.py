@@ -8,6 +8,7 @@ that logits are far from ties and greedy continuations are a meaningful comparis
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -102,3 +103,15 @@ def load_reference(checkpoint: str | Path):
 
 def config_of(checkpoint: str | Path) -> dict:
     return json.loads((Path(checkpoint) / "config.json").read_text())
+
+
+def cached_checkpoint(root: str | Path, arch: str, **kwargs) -> Path:
+    """make_tiny_checkpoint into `root`, built once per distinct arguments (test modules share
+    checkpoints this way within one pytest run without a conftest)."""
+    key = hashlib.sha256(json.dumps([arch, kwargs], sort_keys=True).encode()).hexdigest()[:12]
+    out = Path(root) / f"{arch}-{key}"
+    done = out / ".complete"
+    if not done.exists():
+        make_tiny_checkpoint(arch, out, **kwargs)
+        done.touch()
+    return out
