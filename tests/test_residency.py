@@ -315,3 +315,27 @@ def test_static_and_full(trace):
     assert c.redirects == 0 and c.hits == K * trace.n_tokens * len(trace.layers)
     with pytest.raises(ValueError, match="between top-k"):
         StaticPolicy(FakePool({0: 1}), {0: 1}, N_EXPERT, K, scores=scores)
+
+
+def test_make_policy_names():
+    from edgemoe.residency import make_policy
+
+    slots = {0: 4, 1: 4}
+    norms = {l: np.arange(N_EXPERT, dtype=float) for l in slots}
+    usage = {l: np.arange(N_EXPERT)[::-1].astype(float) for l in slots}
+    pool = FakePool({0: N_EXPERT, 1: N_EXPERT})
+    made = [make_policy("full", pool, slots, N_EXPERT, K),
+            make_policy("static", pool, slots, N_EXPERT, K, norms=norms, usage=usage),
+            make_policy("swap", pool, slots, N_EXPERT, K, norms=norms, interval=4),
+            make_policy("ondemand", pool, slots, N_EXPERT, K, n_prefetch=2)]
+    assert [p.name for p in made] == ["full", "static", "swap", "ondemand"]
+    assert [p.masked for p in made] == [True, True, True, False]
+    assert made[0].slots == {0: N_EXPERT, 1: N_EXPERT}
+    assert list(made[1].initial_experts(0))[:4] == [0, 1, 2, 3]       # usage wins over norms
+    assert made[2].max_swaps == 2 and made[3].n_prefetch == 2         # one swap per layer
+    for p in made:
+        p.close()
+    with pytest.raises(ValueError, match="unknown policy 'lru'"):
+        make_policy("lru", pool, slots, N_EXPERT, K)
+    with pytest.raises(ValueError, match="norms"):
+        make_policy("swap", pool, slots, N_EXPERT, K)

@@ -6,11 +6,11 @@ Pure numpy; the engine plugs in the real slot pool (edgemoe.pool). See docs/RESI
 from edgemoe.residency.budget import (Budget, MemoryNeeds, SlotPlan, format_bytes, make_plan,
                                       parse_budget, uniform_slots)
 from edgemoe.residency.policies import (ExpertPool, FullPolicy, OnDemandPolicy, Policy,
-                                        StaticPolicy, SwapPolicy)
+                                        StaticPolicy, SwapPolicy, make_policy)
 from edgemoe.residency.telemetry import Telemetry
 
 __all__ = [
     "Budget", "MemoryNeeds", "SlotPlan", "format_bytes", "make_plan", "parse_budget",
     "uniform_slots", "ExpertPool", "FullPolicy", "OnDemandPolicy", "Policy", "StaticPolicy",
-    "SwapPolicy", "Telemetry",
+    "SwapPolicy", "Telemetry", "make_policy",
 ]

@@ -186,7 +186,8 @@ def choose_swap_interval(trace: RoutingTrace, slots: Mapping[int, int], k: int,
 
 def predict_swap(trace: RoutingTrace, slots: Mapping[int, int], k: int, profile: Profile,
                  expert_bytes: Mapping[int, int], norms: Mapping[int, np.ndarray],
-                 max_swaps: int = 2, interval: int | None = None) -> Prediction:
+                 max_swaps: int | None = None, interval: int | None = None) -> Prediction:
+    max_swaps = len(trace.layers) if max_swaps is None else max_swaps   # SwapPolicy's default
     seconds = _compute_seconds(profile, {l: k for l in trace.layers})
     mean_bytes = float(np.mean(list(expert_bytes.values())))
     read_tokens = profile.read_seconds(int(mean_bytes)) / seconds

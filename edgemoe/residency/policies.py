@@ -16,8 +16,9 @@ What the engine calls, per generated step (one forward pass over n_tokens tokens
                                 n_expert): starts loading the first predicted non-resident experts
   all:  warm() before the first step, end_step(n_tokens) after each step (returns the per-token
         telemetry record), close() at the end.
-The engine's order within a step must be ensure(l) -> run l's experts -> prefetch(l+1) ->
-ensure(l+1): no read ever targets a layer whose experts are running.
+The engine's order within a step is ensure(l) -> prefetch(l+1) -> run l's experts -> ensure(l+1):
+the prefetch read overlaps layer l's experts and layer l+1's attention, and no read ever targets
+a layer whose experts are running.
 """
 from __future__ import annotations
 
@@ -192,15 +193,19 @@ class SwapPolicy(MaskedPolicy):
     After every `interval` tokens the swap plan (importance.plan_swaps) is made in end_step(),
     i.e. between two steps: each victim leaves the visible table there, so no step can be using
     its slot when the background read overwrites it, and the candidate becomes visible only once
-    its read completed. At most `max_swaps` reads are in flight, so a slow device never builds a
-    backlog and decode never waits for a read. A shard that cannot be read is warned about once
+    its read completed. At most `max_swaps` reads (default: one per expert layer) are in flight,
+    so a slow device never builds a backlog and decode never waits for a read. A shard that cannot be read is warned about once
     and never tried again; routing carries on with the experts that are resident."""
     name = "swap"
 
     def __init__(self, pool, slots, n_expert, n_expert_used, norms: Mapping[int, np.ndarray],
-                 interval: int = 16, max_swaps: int = 2, margin: float = 0.0, decay: float = 0.0,
+                 interval: int = 16, max_swaps: int | None = None, margin: float = 0.0,
+                 decay: float = 0.0,
                  initial: Mapping[int, Sequence[int]] | None = None, telemetry=None):
         super().__init__(pool, slots, n_expert, n_expert_used, telemetry)
+        # One swap per expert layer and window by default: adapting after a topic change needs
+        # several experts replaced in every layer, and reads are bounded by in-flight count.
+        max_swaps = len(self.layers) if max_swaps is None else max_swaps
         if interval < 1 or max_swaps < 1:
             raise ValueError(f"swap: interval ({interval}) and max_swaps ({max_swaps}) must be >= 1")
         self.tracker = ImportanceTracker(norms, n_expert_used, decay)
@@ -384,3 +389,25 @@ class OnDemandPolicy(Policy):
                            stall_seconds=stall)
         with self._lock:
             return {e: cache.resident[e] for e in need}
+
+
+def make_policy(name: str, pool: ExpertPool, slots: Mapping[int, int], n_expert: int,
+                n_expert_used: int, *, norms: Mapping[int, np.ndarray] | None = None,
+                usage: Mapping[int, np.ndarray] | None = None, **options) -> Policy:
+    """`--policy NAME` -> a policy. norms: ||E_i|| per layer (swap importance; static's default
+    ranking); usage: per-layer expert counts from calibration (static keeps the most used
+    instead). options go to the policy (interval, max_swaps, n_prefetch, sensitivity, ...)."""
+    if name == "full":
+        return FullPolicy(pool, n_expert, n_expert_used, sorted(slots), **options)
+    if name == "static":
+        scores = usage if usage is not None else norms
+        if scores is None:
+            raise ValueError("static needs expert norms or usage counts to choose its experts")
+        return StaticPolicy(pool, slots, n_expert, n_expert_used, scores=scores, **options)
+    if name == "swap":
+        if norms is None:
+            raise ValueError("swap needs the experts' norms ||E_i|| (importance, Eq. 1)")
+        return SwapPolicy(pool, slots, n_expert, n_expert_used, norms=norms, **options)
+    if name == "ondemand":
+        return OnDemandPolicy(pool, slots, n_expert, n_expert_used, **options)
+    raise ValueError(f"unknown policy {name!r}; expected full, swap, ondemand or static")
