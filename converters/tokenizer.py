@@ -16,10 +16,10 @@ Only json/gguf: no transformers, tokenizers or sentencepiece import.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _SPACE_MARK = "\u2581"  # "▁", SentencePiece's escaped space
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class TokenizerMetadata:
     """Everything `add_tokenizer` writes; read from a checkpoint by `read_tokenizer`."""
 
@@ -136,6 +136,7 @@ def read_tokenizer(model_dir: Path) -> TokenizerMetadata:
         vocab = _vocab_from_tokenizer_json(tokenizer_json, _read_json(tokenizer_json, required=True))
     elif (model_dir / "tokenizer.model").is_file():
         vocab = _vocab_from_sentencepiece_model(model_dir / "tokenizer.model")
+        vocab = _with_added_tokens(vocab, model_dir / "tokenizer_config.json", tok_config)
     else:
         raise ConvertError(f"{model_dir}: no tokenizer.json or tokenizer.model")
     return _finish(model_dir, vocab, config, tok_config)
@@ -157,7 +158,7 @@ def _read_json(path: Path, *, required: bool) -> dict[str, Any]:
     return data
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Vocab:
     """The tokenizer proper, before the checkpoint's configs add specials and the template."""
 
@@ -315,13 +316,12 @@ def _spm_from_bpe(
     }
     unk = model.get("unk_token")
     for token_id, text in pieces.items():
-        if types[token_id] != gguf.TokenType.NORMAL:
+        if text == unk:  # usually also listed as a special added token; llama.cpp wants UNKNOWN
+            types[token_id] = int(gguf.TokenType.UNKNOWN)
+        elif types[token_id] != gguf.TokenType.NORMAL:
             if types[token_id] == gguf.TokenType.USER_DEFINED:
                 # llama.cpp matches user-defined tokens against raw text, where spaces are spaces.
                 pieces[token_id] = text.replace(_SPACE_MARK, " ")
-            continue
-        if text == unk:
-            types[token_id] = int(gguf.TokenType.UNKNOWN)
         elif model.get("byte_fallback") and _BYTE_PIECE.fullmatch(text):
             types[token_id] = int(gguf.TokenType.BYTE)
     if unk is not None and unk not in pieces.values():
@@ -422,6 +422,30 @@ def _vocab_from_sentencepiece_model(path: Path) -> _Vocab:
     )
 
 
+def _with_added_tokens(vocab: _Vocab, path: Path, tok_config: dict[str, Any]) -> _Vocab:
+    """Tokens added on top of a tokenizer.model (chat markers...), listed in tokenizer_config.json's
+    added_tokens_decoder (tokenizer.json carries them itself)."""
+    added = tok_config.get("added_tokens_decoder") or {}
+    if not isinstance(added, dict):
+        raise ConvertError(f"{path}: key 'added_tokens_decoder' is not an object")
+    pieces, types, scores = dict(vocab.pieces), dict(vocab.types), dict(vocab.scores or {})
+    floor = min(scores.values(), default=0.0) - 1.0
+    for key, entry in added.items():
+        content = entry.get("content") if isinstance(entry, dict) else None
+        if not key.isdigit() or not isinstance(content, str):
+            raise ConvertError(f"{path}: key 'added_tokens_decoder': entry {key!r} needs an id and a 'content'")
+        token_id = int(key)
+        if pieces.get(token_id) == content:
+            continue  # a piece of the model itself (<unk>, <s>...): its own type stands
+        if entry.get("special"):
+            pieces[token_id], types[token_id] = content, int(gguf.TokenType.CONTROL)
+        else:
+            pieces[token_id] = content.replace(_SPACE_MARK, " ")
+            types[token_id] = int(gguf.TokenType.USER_DEFINED)
+        scores.setdefault(token_id, floor)
+    return dataclasses.replace(vocab, pieces=pieces, types=types, scores=scores if vocab.scores is not None else None)
+
+
 # --- specials, flags, chat template ----------------------------------------------------------------
 
 def _token_text(value: Any) -> str | None:
@@ -466,12 +490,19 @@ def _finish(model_dir: Path, vocab: _Vocab, config: dict[str, Any], tok_config: 
     for token_id, text in enumerate(tokens):
         id_of.setdefault(text, token_id)
 
+    def lookup(key: str, text: str) -> int:
+        if text not in id_of:
+            raise ConvertError(f"{cfg_path}: key '{key}' names {text!r}, which is not in the vocabulary")
+        return id_of[text]
+
     def special(key: str, fallback: str | None, config_key: str) -> int | None:
-        text = _token_text(tok_config.get(key)) if key in tok_config else fallback
-        if text is not None:
-            if text not in id_of:
-                raise ConvertError(f"{cfg_path}: key '{key}' names {text!r}, which is not in the vocabulary")
-            return id_of[text]
+        # tokenizer_config.json is authoritative, an explicit null included; config.json's ids
+        # (often architecture defaults unrelated to the tokenizer) only fill in missing keys.
+        if key in tok_config:
+            text = _token_text(tok_config[key])
+            return None if text is None else lookup(key, text)
+        if fallback is not None:
+            return lookup(key, fallback)
         token_id = config.get(config_key)
         if isinstance(token_id, list):  # generation may stop on several; the first is the EOS
             token_id = token_id[0] if token_id else None

@@ -20,6 +20,8 @@ import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import gguf
+
 from edgemoe import _lib
 from edgemoe.errors import EdgeMoeError, ShardSetError
 
@@ -85,6 +87,7 @@ class _Api:
         self.model_free = bind("llama_model_free", None, p)
         self.model_get_vocab = bind("llama_model_get_vocab", p, p)
         self.model_chat_template = bind("llama_model_chat_template", char_p, p, char_p)
+        self.model_meta_val_str = bind("llama_model_meta_val_str", i32, p, char_p, buf_p, sz)
         self.vocab_n_tokens = bind("llama_vocab_n_tokens", i32, p)
         self.vocab_bos = bind("llama_vocab_bos", llama_token, p)
         self.vocab_eos = bind("llama_vocab_eos", llama_token, p)
@@ -175,6 +178,12 @@ class Vocab:
         # asked of libllama itself rather than re-deriving its per-model defaults.
         probe = self.tokenize("a", add_special=False)
         self._space_prefix = b"".join(self._piece(t, True, 0) for t in probe).startswith(b" ")
+        # libllama falls back to per-model default ids (11 for any BPE vocabulary) when the file
+        # names no BOS/EOS; a token the file does not declare is no BOS/EOS for us.
+        self._declared = {
+            key: self._api.model_meta_val_str(model, key.encode(), None, 0) >= 0
+            for key in (gguf.Keys.Tokenizer.BOS_ID, gguf.Keys.Tokenizer.EOS_ID)
+        }
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -209,11 +218,13 @@ class Vocab:
 
     @property
     def bos(self) -> int | None:
-        return self._opt(self._api.vocab_bos(self._handle()))
+        token = self._api.vocab_bos(self._handle())
+        return self._opt(token) if self._declared[gguf.Keys.Tokenizer.BOS_ID] else None
 
     @property
     def eos(self) -> int | None:
-        return self._opt(self._api.vocab_eos(self._handle()))
+        token = self._api.vocab_eos(self._handle())
+        return self._opt(token) if self._declared[gguf.Keys.Tokenizer.EOS_ID] else None
 
     @property
     def eot(self) -> int | None:

@@ -136,6 +136,40 @@ def test_detected_pre_tokenizers(cases):
         assert (meta.model, meta.pre) == (("llama", "default") if kind == "spm" else ("gpt2", kind))
 
 
+def test_sentencepiece_model_file(cases, tmp_path):
+    """A checkpoint with only tokenizer.model (SentencePiece's protobuf) and tokenizer_config.json
+    gives the same vocabulary as its tokenizer.json and tokenizes as HF does."""
+    case = cases["spm"]
+    model_dir = tmp_path / "model-only"
+    model_dir.mkdir()
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(case.spec.path / name, model_dir / name)
+    from_model, from_json = read_tokenizer(model_dir), read_tokenizer(case.spec.path)
+    assert from_model.tokens == from_json.tokens
+    assert from_model.token_types == from_json.token_types
+    assert (from_model.bos_id, from_model.eos_id, from_model.eot_id, from_model.add_bos) == (
+        from_json.bos_id, from_json.eos_id, from_json.eot_id, from_json.add_bos)
+    with Vocab(write_vocab_gguf(model_dir, tmp_path / "model-only.gguf")) as vocab:
+        for text in TEST_STRINGS + SPECIAL_STRINGS + fuzz_strings(100, seed=11):
+            assert vocab.tokenize(text, parse_special=True) == case.hf.encode(text), repr(text)
+
+
+def test_bad_sentencepiece_model(cases, tmp_path):
+    model_dir = tmp_path / "bad"
+    model_dir.mkdir()
+    good = (cases["spm"].spec.path / "tokenizer.model").read_bytes()
+    (model_dir / "tokenizer.model").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ConvertError, match=r"tokenizer.model: truncated SentencePiece model"):
+        read_tokenizer(model_dir)
+    (model_dir / "tokenizer.model").write_bytes(b"\x0f" * 64)
+    with pytest.raises(ConvertError, match=r"tokenizer.model: not a SentencePiece model"):
+        read_tokenizer(model_dir)
+    # trainer_spec.model_type = 1 (unigram) appended: the last value of a field wins
+    (model_dir / "tokenizer.model").write_bytes(good + b"\x12\x02\x18\x01")
+    with pytest.raises(ConvertError, match=r"tokenizer.model: SentencePiece model type 1 is not supported"):
+        read_tokenizer(model_dir)
+
+
 def test_saved_by_transformers_converts_the_same(cases, tmp_path):
     """A checkpoint re-saved by transformers (its own file layout, chat_template.jinja) converts to
     the same tokenizer."""
@@ -156,7 +190,7 @@ def test_special_tokens(cases, kind):
     case, hf = cases[kind], cases[kind].hf
     vocab = case.vocab
     assert vocab.n_vocab == len(hf) == case.spec.vocab_size
-    assert vocab.bos == (hf.bos_token_id if kind == "spm" else vocab.bos)  # BPE: no BOS configured
+    assert vocab.bos == hf.bos_token_id  # None for the BPE one: it has no BOS
     assert vocab.add_bos == (kind == "spm")
     assert vocab.add_eos is False
     assert vocab.eos == hf.eos_token_id

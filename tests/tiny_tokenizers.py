@@ -197,7 +197,45 @@ def make_spm_tokenizer(
         directory, tokenizer, bos="<s>", eos="</s>", unk="<unk>", pad=None, add_bos=True,
         chat_template=chat_template,
     )
+    _write_sentencepiece_model(directory / "tokenizer.model", vocab, n_fixed)
     return TinyTokenizer(
         path=directory, kind="spm", pre="default", vocab_size=tokenizer.get_vocab_size(),
         bos_id=1, eos_id=2, pad_id=None,
     )
+
+
+def _proto_field(number: int, wire: int, payload: bytes | int) -> bytes:
+    """One protobuf field: varint (wire 0), length-delimited (2) or 32-bit (5)."""
+
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+
+    key = varint(number << 3 | wire)
+    if wire == 0:
+        return key + varint(int(payload))
+    if wire == 2:
+        return key + varint(len(payload)) + payload
+    return key + payload
+
+
+def _write_sentencepiece_model(path: Path, vocab: dict[str, int], n_fixed: int) -> None:
+    """The same vocabulary as a SentencePiece ModelProto (tokenizer.model), as Llama-family
+    checkpoints ship next to tokenizer.json: pieces with scores (higher merges first) and types
+    (1 normal, 2 unknown, 3 control, 6 byte), a BPE trainer spec with byte fallback, and a
+    normalizer that adds the "▁" prefix and keeps whitespace runs."""
+    import struct
+
+    pieces = b""
+    for piece, token_id in sorted(vocab.items(), key=lambda kv: kv[1]):
+        kind = 2 if token_id == 0 else 3 if token_id < 3 else 6 if token_id < n_fixed else 1
+        score = 0.0 if token_id < n_fixed else float(n_fixed - token_id)
+        body = _proto_field(1, 2, piece.encode()) + _proto_field(2, 5, struct.pack("<f", score)) + _proto_field(3, 0, kind)
+        pieces += _proto_field(1, 2, body)
+    trainer = _proto_field(3, 0, 2) + _proto_field(35, 0, 1)  # model_type BPE, byte_fallback
+    normalizer = _proto_field(1, 2, b"identity") + _proto_field(3, 0, 1) + _proto_field(4, 0, 0)
+    path.write_bytes(pieces + _proto_field(2, 2, trainer) + _proto_field(3, 2, normalizer))
