@@ -460,7 +460,7 @@ class LimitedResult:
     read_bps: int | None
     disks: list[str]          # throttled devices, "MAJ:MIN name"
     peak_bytes: int | None    # the group's peak usage (RSS + page cache), None without a limit
-    peak_rss_bytes: int       # the command's (and waited-for descendants') peak RSS
+    peak_rss_bytes: int | None  # the command process's peak RSS (VmHWM, polled until exit)
     limit_hits: int | None
     oom_kills: int | None
     read_bytes: int | None    # bytes the group read from the throttled disks
@@ -482,7 +482,7 @@ class LimitedResult:
             lines.append(f"peak usage {fmt_bytes(self.peak_bytes)} of {fmt_bytes(self.mem_limit)} "
                          f"limit ({'held' if self.peak_bytes is not None and self.peak_bytes <= self.mem_limit else 'check'}),"
                          f" limit hits {self.limit_hits}, OOM kills {self.oom_kills}")
-        lines.append(f"child peak RSS {fmt_bytes(self.peak_rss_bytes)}")
+        lines.append(f"command peak RSS {fmt_bytes(self.peak_rss_bytes)} (VmHWM)")
         if self.read_bps is not None and self.read_bytes is not None:
             rate = self.read_bytes / self.elapsed_s / 1e6 if self.elapsed_s > 0 else 0.0
             lines.append(f"read {self.read_bytes / 1e6:.1f} MB from {', '.join(self.disks)} "
@@ -537,7 +537,7 @@ def run_limited(cmd: list[str], profile: str | None = None, mem: int | str | Non
             if d not in disks:
                 disks.append(d)
     group = open_cgroup(mem, read_bps, disks) if (mem is not None or read_bps is not None) else None
-    proc = None
+    proc = sampler = None
     try:
         drop_report = drop_page_cache(list(drop)) if drop else None
         start = time.monotonic()
@@ -560,8 +560,9 @@ def run_limited(cmd: list[str], profile: str | None = None, mem: int | str | Non
         if timeout is not None:
             timer = threading.Timer(timeout, lambda: (expired.set(), proc.kill()))
             timer.start()
-        # wait4 gives this child's own rusage (peak RSS), unlike RUSAGE_CHILDREN.
-        _, status, rusage = os.wait4(proc.pid, 0)
+        sampler = _PeakRss(proc.pid)
+        _, status = os.waitpid(proc.pid, 0)
+        sampler.stop()
         elapsed = time.monotonic() - start
         if timer is not None:
             timer.cancel()
@@ -573,6 +574,8 @@ def run_limited(cmd: list[str], profile: str | None = None, mem: int | str | Non
     except BaseException:
         if proc is not None and proc.returncode is None:
             _stop(proc)
+        if sampler is not None:
+            sampler.stop()
         raise
     finally:
         if group is not None:
@@ -582,7 +585,7 @@ def run_limited(cmd: list[str], profile: str | None = None, mem: int | str | Non
         cgroup_version=group.version if group else 0, mem_limit=mem, read_bps=read_bps,
         disks=[f"{d.dev} {d.name}" for d in disks],
         peak_bytes=stats.peak_bytes if stats else None,
-        peak_rss_bytes=rusage.ru_maxrss * 1024,
+        peak_rss_bytes=sampler.peak,
         limit_hits=stats.limit_hits if stats else None,
         oom_kills=stats.oom_kills if stats else None,
         read_bytes=sum(stats.read_bytes.get(d.dev, 0) for d in disks) if stats and disks else None,
@@ -590,6 +593,43 @@ def run_limited(cmd: list[str], profile: str | None = None, mem: int | str | Non
         drop=drop_report, timed_out=timed_out,
         stdout=out_chunks.get("stdout", b"").decode(errors="replace") if capture else None,
         stderr=out_chunks.get("stderr", b"").decode(errors="replace") if capture else None)
+
+
+class _PeakRss:
+    """Polls the kernel's own peak-RSS counter (VmHWM) of a process until it exits.
+
+    ru_maxrss from wait4 would be wrong here: Linux carries into it the RSS of the forked copy of
+    the parent before exec, so a command started from a large process (a test runner with torch
+    loaded) would report the parent's size. VmHWM belongs to the exec'd program's memory map only
+    and never decreases, so polling misses at most the growth in the last interval before exit."""
+
+    def __init__(self, pid: int, interval: float = 0.005):
+        self.pid, self.interval, self.peak = pid, interval, None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> int | None:
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        return None  # exited (a zombie has no memory map)
+
+    def _run(self) -> None:
+        while True:
+            hwm = self._read()
+            if hwm is not None and (self.peak is None or hwm > self.peak):
+                self.peak = hwm
+            if self._done.wait(self.interval):
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def _stop(proc: subprocess.Popen) -> None:
