@@ -1,0 +1,253 @@
+"""`edgemoe run`, `edgemoe chat` and `edgemoe info`.
+
+run and chat take llama.cpp's flags (-p, -n, -c, -t, --temp, --top-k, --top-p, --min-p,
+--repeat-penalty, --repeat-last-n, --seed) with llama.cpp's defaults; info needs no engine.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import secrets
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from edgemoe.errors import EdgeMoeError, ShardSetError
+from edgemoe.sampling import SamplingParams
+
+_DEFAULTS = SamplingParams()
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("shards", metavar="SHARDS", help="shard-set directory (from `edgemoe convert`)")
+    p.add_argument("-c", "--ctx-size", type=int, default=2048, metavar="N",
+                   help="context window in tokens (default: %(default)s)")
+    p.add_argument("-b", "--batch-size", type=int, default=512, metavar="N",
+                   help="prompt tokens per engine step (default: %(default)s)")
+    p.add_argument("-t", "--threads", type=int, default=None, metavar="N",
+                   help="CPU threads (default: the engine's choice)")
+    p.add_argument("--device", default=None,
+                   help="ggml backend device, e.g. CPU or Vulkan0 (default: the best available)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, n_default: int) -> None:
+    p.add_argument("-n", "--n-predict", type=int, default=n_default, metavar="N",
+                   help="tokens to generate, -1 = until end of text or a full context "
+                   "(default: %(default)s)")
+    p.add_argument("--temp", type=float, default=_DEFAULTS.temperature,
+                   help="temperature, 0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=_DEFAULTS.top_k,
+                   help="top-k sampling, 0 = off (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=_DEFAULTS.top_p,
+                   help="top-p sampling, 1.0 = off (default: %(default)s)")
+    p.add_argument("--min-p", type=float, default=_DEFAULTS.min_p,
+                   help="min-p sampling, 0.0 = off (default: %(default)s)")
+    p.add_argument("--repeat-penalty", type=float, default=_DEFAULTS.repeat_penalty,
+                   help="penalty for repeating recent tokens, 1.0 = off (default: %(default)s)")
+    p.add_argument("--repeat-last-n", type=int, default=_DEFAULTS.repeat_last_n,
+                   help="how many recent tokens the penalty covers, -1 = the whole context "
+                   "(default: %(default)s)")
+    p.add_argument("-s", "--seed", type=int, default=None,
+                   help="random seed (default: a fresh one, printed in the summary)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when TEXT is generated (not printed); repeatable")
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    seed = args.seed if args.seed is not None else secrets.randbits(32)
+    try:
+        return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+                              min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                              repeat_last_n=args.repeat_last_n, seed=seed)
+    except ValueError as exc:
+        raise EdgeMoeError(str(exc)) from None
+
+
+def open_model(args: argparse.Namespace):
+    from edgemoe.api import Model
+
+    return Model(args.shards, n_ctx=args.ctx_size, n_threads=args.threads, device=args.device,
+                 n_batch=args.batch_size)
+
+
+def register(subparsers) -> None:
+    run = subparsers.add_parser(
+        "run", help="generate a continuation of a prompt",
+        description="Continue a raw-text prompt, streaming tokens to stdout; a one-line summary "
+        "(prefill and decode tok/s, peak memory) goes to stderr.")
+    _add_model_args(run)
+    prompt = run.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("-p", "--prompt", help="prompt text (raw, no chat template)")
+    prompt.add_argument("-f", "--file", type=Path, help="read the prompt from a file")
+    _add_sampling_args(run, n_default=128)
+    run.add_argument("--no-display-prompt", action="store_true",
+                     help="print only the generated text, not the prompt before it")
+    run.set_defaults(func=cmd_run)
+
+    chat = subparsers.add_parser(
+        "chat", help="chat with a model in the terminal",
+        description="Multi-turn chat with the model's chat template, streamed. Commands: "
+        "/reset, /stats, /help, /exit. Ctrl-C ends a reply; Ctrl-D or /exit quits.")
+    _add_model_args(chat)
+    _add_sampling_args(chat, n_default=-1)
+    chat.add_argument("--system", default=None, help="system message for the conversation")
+    chat.set_defaults(func=cmd_chat)
+
+    info = subparsers.add_parser(
+        "info", help="describe a shard set",
+        description="Architecture, hyper-parameters, bytes per tensor class, experts and quant "
+        "types of a shard set, from its manifest and base.gguf (no model is loaded).")
+    info.add_argument("shards", metavar="SHARDS", help="shard-set directory")
+    info.set_defaults(func=cmd_info)
+
+
+# ------------------------------------------------------------------------------------ run --
+
+def _write(text: str) -> None:
+    # Bytes, not str: a terminal or pipe with a non-UTF-8 locale must not raise mid-stream.
+    sys.stdout.buffer.write(text.encode("utf-8", errors="replace"))
+    sys.stdout.buffer.flush()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.file is not None:
+        try:
+            text = args.file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise EdgeMoeError(f"{args.file}: cannot read the prompt ({exc})") from None
+    else:
+        text = args.prompt
+    sampling = sampling_from_args(args)
+    with open_model(args) as model:
+        pieces = model.generate(
+            text, max_tokens=args.n_predict, temperature=sampling.temperature,
+            top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
+            repeat_penalty=sampling.repeat_penalty, repeat_last_n=sampling.repeat_last_n,
+            seed=sampling.seed, stop=args.stop, stream=True)
+        if not args.no_display_prompt:
+            _write(text)
+        try:
+            for piece in pieces:
+                _write(piece)
+        finally:
+            pieces.close()
+            _write("\n")
+        stats = model.last_stats
+        line = stats.summary()
+        if not sampling.greedy:
+            line += f" | seed {sampling.seed}"
+        print(line, file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from edgemoe.chat import ChatSession
+
+    sampling = sampling_from_args(args)
+    with open_model(args) as model:
+        return ChatSession(model, sampling, max_tokens=args.n_predict, system=args.system,
+                           stop=args.stop).repl(sys.stdin)
+
+
+# ----------------------------------------------------------------------------------- info --
+
+# blk.{L}.attn_q.weight -> attn_q; blk.{L}.ffn_down.{E}.weight -> ffn_down; output.weight -> output
+_CLASS = re.compile(r"^(?:blk\.\d+\.)?(?P<cls>[a-z_]+?)(?:\.\d+)?\.(?:weight|bias)$")
+
+
+def tensor_class(name: str) -> str:
+    match = _CLASS.match(name)
+    if not match:
+        return name
+    cls = match["cls"]
+    return cls + (".bias" if name.endswith(".bias") else "")
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def describe(shards_path: str | Path) -> str:
+    """The text `edgemoe info` prints."""
+    import gguf
+    from gguf.constants import Keys
+
+    from edgemoe.shardset import ShardSet
+
+    shards = ShardSet.open(shards_path)
+    try:
+        reader = gguf.GGUFReader(shards.base_path)
+    except (ValueError, OSError) as exc:
+        raise ShardSetError(f"{shards.base_path}: not a readable GGUF ({exc})") from None
+
+    def field(key: str):
+        f = reader.get_field(key)
+        return None if f is None else f.contents()
+
+    arch = field(Keys.General.ARCHITECTURE)
+    lines = [f"shard set     {shards.root}"]
+    lines.append(f"architecture  {arch} (manifest: {shards.arch}"
+                 + (f", from {shards.source.get('hf_architecture') or shards.source.get('kind')}"
+                    if shards.source else "") + ")")
+    name = field(Keys.General.NAME)
+    if name:
+        lines.append(f"name          {name}")
+    hp = [("layers", shards.n_layer), ("n_embd", shards.n_embd),
+          ("experts", shards.n_expert), ("used per token", shards.n_expert_used),
+          ("expert n_ff", shards.n_ff_exp),
+          ("context", field(Keys.LLM.CONTEXT_LENGTH.format(arch=arch)))]
+    lines.append("hyper-params  " + ", ".join(f"{k} {v}" for k, v in hp if v is not None))
+    tokens = reader.get_field(Keys.Tokenizer.LIST)
+    lines.append(f"vocabulary    {len(tokens.data) if tokens is not None else 'none'} tokens, "
+                 f"model {field(Keys.Tokenizer.MODEL)}, chat template "
+                 f"{'yes' if reader.get_field(Keys.Tokenizer.CHAT_TEMPLATE) else 'no'}")
+    lines.append(f"quant types   experts {shards.expert_type}, dense {shards.dense_type}"
+                 + (f", {len(shards.fallbacks)} fallback(s)" if shards.fallbacks else ""))
+
+    # (class) -> [count, bytes, {types}]
+    classes: dict[str, list] = defaultdict(lambda: [0, 0, set()])
+    for t in reader.tensors:
+        entry = classes[tensor_class(t.name)]
+        entry[0] += 1
+        entry[1] += int(t.n_bytes)
+        entry[2].add(t.tensor_type.name)
+    base_bytes = sum(v[1] for v in classes.values())
+    expert_classes: dict[str, list] = defaultdict(lambda: [0, 0, set()])
+    for shard in shards.experts():
+        for proj, info in shard.tensors.items():
+            entry = expert_classes[proj]
+            entry[0] += 1
+            entry[1] += info.nbytes
+            entry[2].add(info.type)
+
+    lines.append("")
+    lines.append(f"{'tensor class':<24}{'count':>7}{'bytes':>14}  type")
+    for title, table in (("base.gguf", classes), ("experts/ (routed)", expert_classes)):
+        lines.append(f"-- {title}")
+        for cls, (count, nbytes, types) in sorted(table.items(), key=lambda kv: -kv[1][1]):
+            lines.append(f"{cls:<24}{count:>7}{_fmt_bytes(nbytes):>14}  {','.join(sorted(types))}")
+
+    n_experts = len(list(shards.experts()))
+    expert_bytes = shards.expert_bytes_total
+    per_expert = expert_bytes // n_experts if n_experts else 0
+    total = base_bytes + expert_bytes
+    lines.append("")
+    lines.append(f"experts       {n_experts} ({len(shards.expert_layers)} layers x "
+                 f"{shards.n_expert}), {_fmt_bytes(per_expert)} each, "
+                 f"{_fmt_bytes(expert_bytes)} in all")
+    lines.append(f"weights       {_fmt_bytes(total)}: base {_fmt_bytes(base_bytes)} "
+                 f"({100 * base_bytes / total:.1f}%), experts {_fmt_bytes(expert_bytes)} "
+                 f"({100 * expert_bytes / total:.1f}%)" if total else "weights       none")
+    if n_experts and shards.n_expert:
+        active = base_bytes + per_expert * shards.n_expert_used * len(shards.expert_layers)
+        lines.append(f"per token     {_fmt_bytes(active)} of weights touched "
+                     f"(base + {shards.n_expert_used} experts per layer)")
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    print(describe(args.shards))
+    return 0
