@@ -245,7 +245,7 @@ def run_masked(policy, pool, trace, step_seconds=0.0):
             time.sleep(step_seconds)
             with pool.lock:
                 pool.in_use -= used
-            policy.observe(l, trace.probs[l][t:t + 1], trace.x_norm[l][t:t + 1])
+            policy.observe(l, trace.probs[l][t:t + 1], trace.x_norm[l][t:t + 1], ids)
         resident_sets.append(frozenset(np.flatnonzero(policy.slot_of(0) >= 0).tolist()))
         policy.end_step(1)
     return resident_sets
@@ -265,6 +265,7 @@ def test_swap_adapts_after_topic_change_and_never_routes_to_absent(trace):
         pol.wait_idle()
         c = pol.telemetry.counters
     assert not pool.errors, pool.errors[:3]
+    assert c.absent_selected == 0
     assert c.swaps > 0 and c.experts_run == K * trace.n_tokens * len(trace.layers)
     # The resident set changes after the topic switch (token 200) ...
     assert sets[199] != sets[-1]
@@ -306,6 +307,13 @@ def test_static_and_full(trace):
         assert pol.telemetry.counters.loads == 4 * len(trace.layers)      # never swaps
         assert pol.telemetry.counters.redirects > 0
     assert set(sets) == {frozenset({12, 13, 14, 15})}
+    # The telemetry check can fail: an engine selecting an absent expert is counted.
+    with StaticPolicy(FakePool(slots), slots, N_EXPERT, K, scores=scores) as pol:
+        pol.warm()
+        pol.slot_of(0)
+        pol.observe(0, trace.probs[0][:1], trace.x_norm[0][:1], np.array([[15, 3]]))
+        assert pol.telemetry.counters.absent_selected == 1
+        assert "NON-RESIDENT SELECTED 1" in pol.telemetry.summary()
     full_slots = {l: N_EXPERT for l in trace.layers}
     pool = FakePool(full_slots)
     with FullPolicy(pool, N_EXPERT, K, trace.layers) as pol:

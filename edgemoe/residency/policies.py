@@ -4,8 +4,10 @@ What the engine calls, per generated step (one forward pass over n_tokens tokens
   masked policies (full, static, swap) -- routing restricted to resident experts:
     slot_of(layer)              (n_expert,) int32 slot per routable expert, -1 if not routable;
                                 read at the start of the step, never kept across end_step()
-    observe(layer, probs, norms) the unmasked router probabilities (n_tokens, n_expert) and the
-                                hidden-state norms (n_tokens,) feeding the layer's experts
+    observe(layer, probs, norms, selected)  the unmasked router probabilities (n_tokens,
+                                n_expert), the hidden-state norms (n_tokens,) feeding the layer's
+                                experts, and optionally the masked selection the graph made
+                                (n_tokens, k), checked against the step's table
   exact policy (ondemand) -- routing as the model says, experts loaded when missing:
     gate(layer, ids, weights, decode)  the engine's top-k (n_tokens, k); returns the selection to
                                 run (adaptive gating may drop experts: id -1, weight 0)
@@ -89,8 +91,10 @@ class Policy:
     def resident_mask(self, layer: int) -> np.ndarray:
         return self.slot_of(layer) >= 0
 
-    def observe(self, layer: int, probs: np.ndarray, x_norm: np.ndarray) -> None:
-        """Masked policies: the unmasked router output feeding this layer."""
+    def observe(self, layer: int, probs: np.ndarray, x_norm: np.ndarray,
+                selected: np.ndarray | None = None) -> None:
+        """Masked policies: the unmasked router output feeding this layer, and optionally what
+        masked gating selected from it."""
 
     def gate(self, layer: int, ids: np.ndarray, weights: np.ndarray,
              decode: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -125,6 +129,9 @@ class MaskedPolicy(Policy):
     def __init__(self, pool, slots, n_expert, n_expert_used, telemetry=None):
         super().__init__(pool, slots, n_expert, n_expert_used, telemetry)
         self._slot_of = {l: np.full(n_expert, -1, dtype=np.int32) for l in self.layers}
+        # The table each layer's routing used this step (what slot_of() last returned): during a
+        # step experts can only become routable, so telemetry judges a step by its own table.
+        self._view: dict[int, np.ndarray] = {}
         self._free = {l: list(range(self.slots[l] - 1, -1, -1)) for l in self.layers}
 
     def initial_experts(self, layer: int) -> Sequence[int]:
@@ -147,18 +154,24 @@ class MaskedPolicy(Policy):
 
     def slot_of(self, layer: int) -> np.ndarray:
         with self._lock:
-            return self._slot_of[layer].copy()
+            self._view[layer] = self._slot_of[layer].copy()
+        return self._view[layer].copy()
 
-    def count_routing(self, layer: int, wanted: np.ndarray) -> None:
-        """Telemetry for one layer-step: wanted (n_tokens, k) unmasked top-k ids."""
+    def count_routing(self, layer: int, wanted: np.ndarray, selected: np.ndarray | None) -> None:
+        """Telemetry for one layer-step: wanted (n_tokens, k) unmasked top-k ids; selected
+        (n_tokens, k) the masked choice, each of which must have been routable."""
         with self._lock:
-            resident = self._slot_of[layer][wanted] >= 0            # (n_tokens, k)
-        hits = int(resident.sum())
+            table = self._view.get(layer, self._slot_of[layer])
+        hits = int((table[wanted] >= 0).sum())
+        absent = 0
+        if selected is not None:
+            selected = np.asarray(selected)
+            absent = int((table[selected[selected >= 0]] < 0).sum())
         self.telemetry.add(layer_steps=wanted.shape[0], experts_run=wanted.size, hits=hits,
-                           redirects=wanted.size - hits)
+                           redirects=wanted.size - hits, absent_selected=absent)
 
-    def observe(self, layer: int, probs: np.ndarray, x_norm: np.ndarray) -> None:
-        self.count_routing(layer, topk(probs, self.k)[0])
+    def observe(self, layer, probs, x_norm, selected=None) -> None:
+        self.count_routing(layer, topk(probs, self.k)[0], selected)
 
 
 class StaticPolicy(MaskedPolicy):
@@ -223,8 +236,8 @@ class SwapPolicy(MaskedPolicy):
             return self._initial[layer]
         return np.argsort(-self.tracker.norms[layer], kind="stable")
 
-    def observe(self, layer: int, probs: np.ndarray, x_norm: np.ndarray) -> None:
-        self.count_routing(layer, self.tracker.observe(layer, probs, x_norm))
+    def observe(self, layer, probs, x_norm, selected=None) -> None:
+        self.count_routing(layer, self.tracker.observe(layer, probs, x_norm), selected)
 
     def end_step(self, n_tokens: int = 1) -> dict:
         self._tokens += n_tokens

@@ -22,6 +22,7 @@ class Counters:
     hits: int = 0                 # wanted and resident
     misses: int = 0               # wanted, not resident, loaded before running (ondemand)
     redirects: int = 0            # wanted, not resident, routed elsewhere (swap/static)
+    absent_selected: int = 0      # masked gating chose a non-routable expert: a bug, must stay 0
     prefetch_issued: int = 0
     prefetch_used: int = 0        # prefetched experts that the next routing selected
     swaps: int = 0                # completed swap loads (swap)
@@ -92,6 +93,8 @@ def summary_line(c: Counters, resident_bytes: int) -> str:
         parts.append(f"hit {r['hit_rate'] * 100:.1f}%")
     if r["prefetch_accuracy"] is not None:
         parts.append(f"prefetch {r['prefetch_accuracy'] * 100:.1f}% of {c.prefetch_issued}")
+    if c.absent_selected:
+        parts.append(f"NON-RESIDENT SELECTED {c.absent_selected}")
     if c.redirects:
         parts.append(f"redirected {r['redirect_rate'] * 100:.1f}%")
     parts.append(f"swaps {c.swaps}")
