@@ -86,3 +86,20 @@ def test_swap_on_the_real_pool(shards, pool):
             pol.end_step()
         pol.wait_idle()
         assert pol.telemetry.counters.swaps > 0
+
+
+def test_measure_reads_and_record_a_trace(shards):
+    from edgemoe.residency.planner import measure_reads
+    from edgemoe.residency.traces import TraceRecorder
+
+    bandwidth, latency = measure_reads(shards, samples=4)
+    assert bandwidth > 1e6 and 0.0 <= latency < 0.1
+    rec = TraceRecorder()
+    rng = np.random.default_rng(0)
+    for step in range(3):
+        for l in shards.expert_layers:
+            rec.add(l, rng.random((2, N_EXPERT)), rng.random(2),
+                    rng.random((2, N_EXPERT)) if l else None)
+    tr = rec.trace()
+    assert tr.n_tokens == 6 and tr.layers == list(shards.expert_layers)
+    assert list(tr.predicted) == [1] and tr.predicted[1].shape == (6, N_EXPERT)

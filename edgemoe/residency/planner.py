@@ -23,6 +23,8 @@ Time per decoded token:
 from __future__ import annotations
 
 import math
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -47,6 +49,35 @@ class Profile:
 
     def read_seconds(self, nbytes: int) -> float:
         return self.read_latency_s + nbytes / self.read_bytes_per_s
+
+
+def measure_reads(shards, samples: int = 8) -> tuple[float, float]:
+    """(bytes/s, seconds per read) of cold expert reads from the device holding `shards` (an
+    edgemoe.shardset.ShardSet), as the pool reads them: one pread of a data run, page cache
+    dropped before and after. Reading whole experts and single tensors of the same experts
+    separates the fixed cost per read from the bandwidth (least squares on time = a + bytes / b)."""
+    experts = list(shards.experts())
+    picks = [experts[i] for i in np.linspace(0, len(experts) - 1, min(samples, len(experts)),
+                                              dtype=int)]
+    sizes, seconds = [], []
+    for shard in picks:
+        first = shard.tensors["ffn_gate"]
+        for offset, nbytes in ((shard.data_offset, shard.data_bytes), (first.offset, first.nbytes)):
+            buf = np.empty(nbytes, dtype=np.uint8)
+            fd = os.open(shard.path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                t0 = time.perf_counter()
+                os.preadv(fd, [buf], offset)
+                seconds.append(time.perf_counter() - t0)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            sizes.append(nbytes)
+    slope, intercept = np.polyfit(np.asarray(sizes, float), np.asarray(seconds), 1)
+    if slope <= 0:   # too few or too noisy samples to separate the two: all of it is bandwidth
+        return float(sum(sizes) / sum(seconds)), 0.0
+    return float(1.0 / slope), float(max(intercept, 0.0))
 
 
 @dataclass(frozen=True)

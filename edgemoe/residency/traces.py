@@ -68,6 +68,26 @@ class RoutingTrace:
         return cls(**tables)
 
 
+class TraceRecorder:
+    """Collects a RoutingTrace step by step while the engine decodes calibration text."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, dict[int, list[np.ndarray]]] = {"probs": {}, "x_norm": {},
+                                                              "predicted": {}}
+
+    def add(self, layer: int, probs: np.ndarray, x_norm: np.ndarray,
+            predicted: np.ndarray | None = None) -> None:
+        """One step of one layer: probs (n_tokens, n_expert), x_norm (n_tokens,), predicted
+        (n_tokens, n_expert) or None for a layer without a predictor."""
+        for name, a in (("probs", probs), ("x_norm", x_norm), ("predicted", predicted)):
+            if a is not None:
+                self._rows[name].setdefault(layer, []).append(np.asarray(a, dtype=np.float32))
+
+    def trace(self) -> RoutingTrace:
+        return RoutingTrace(**{name: {l: np.concatenate(rows) for l, rows in table.items()}
+                               for name, table in self._rows.items()})
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return z / z.sum(axis=-1, keepdims=True)
