@@ -107,7 +107,8 @@ def _write_configs(
 def make_bpe_tokenizer(
     directory: Path, *, pre: str = "qwen2", vocab_size: int = 384, chat_template: str = CHATML_TEMPLATE
 ) -> TinyTokenizer:
-    """Byte-level BPE with the pre-tokenizer llama.cpp calls `pre` ("gpt-2", "llama-bpe", "qwen2").
+    """Byte-level BPE with the pre-tokenizer llama.cpp calls `pre` ("gpt-2", "starcoder", or a
+    regex one: "llama-bpe", "qwen2", ...).
 
     Special tokens follow Qwen2: <|endoftext|> (eos, pad), <|im_start|>, <|im_end|>; no BOS.
     """
@@ -116,16 +117,22 @@ def make_bpe_tokenizer(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(models.BPE())
-    # The GPT-2 pre-tokenizer is ByteLevel's own regex; the others are a Split before ByteLevel.
+    # The GPT-2 pre-tokenizer is ByteLevel's own regex (StarCoder isolates digits first); the
+    # others are a Split before ByteLevel.
     if pre == "gpt-2":
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    elif pre == "starcoder":
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
     elif pre in PRE_TOKENIZER_REGEXES:
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(PRE_TOKENIZER_REGEXES[pre]), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
     else:
-        raise ValueError(f"pre {pre!r}: expected 'gpt-2' or one of {sorted(PRE_TOKENIZER_REGEXES)}")
+        raise ValueError(f"pre {pre!r}: expected 'gpt-2', 'starcoder' or one of {sorted(PRE_TOKENIZER_REGEXES)}")
     tokenizer.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(
