@@ -347,3 +347,40 @@ def test_make_policy_names():
         make_policy("lru", pool, slots, N_EXPERT, K)
     with pytest.raises(ValueError, match="norms"):
         make_policy("swap", pool, slots, N_EXPERT, K)
+
+
+class GatedPool(FakePool):
+    """Reads block until the test opens the gate: shows who waits for a read."""
+
+    def __init__(self, slots):
+        super().__init__(slots)
+        self.gate = threading.Event()
+
+    def load(self, layer, expert, slot=None):
+        assert self.gate.wait(10), "a read was never released"
+        return super().load(layer, expert, slot)
+
+
+def test_swap_decode_never_waits_for_a_read(trace):
+    slots = {l: 5 for l in trace.layers}
+    pool = GatedPool(slots)
+    pool.gate.set()
+    with SwapPolicy(pool, slots, N_EXPERT, K, norms=expert_norms(trace), interval=4) as pol:
+        pol.warm()
+        pool.gate.clear()                  # from now on every read hangs until released
+        done = threading.Event()
+
+        def decode():
+            run_masked(pol, pool, RoutingTrace({l: p[150:260] for l, p in trace.probs.items()},
+                                               {l: x[150:260] for l, x in trace.x_norm.items()},
+                                               {}))
+            done.set()
+
+        threading.Thread(target=decode, daemon=True).start()
+        assert done.wait(10), "decode blocked on a swap read"
+        stalled = sum(len(s) for s in pol._in_flight.values())
+        assert stalled > 0 and pol.telemetry.counters.swaps == 0   # swaps planned, none landed
+        pool.gate.set()
+        pol.wait_idle()
+        assert pol.telemetry.counters.swaps == stalled
+        assert pol.telemetry.counters.absent_selected == 0

@@ -64,7 +64,8 @@ class ImportanceTracker:
         (n_tokens, k) so callers can count what the router wanted."""
         ids, g = topk(probs, self.k)                                 # (n_tokens, k) each
         contrib = np.asarray(x_norm, dtype=np.float64)[:, None] * g * self.norms[layer][ids]
-        np.add.at(self.current[layer], ids.ravel(), contrib.ravel())
+        cur = self.current[layer]
+        cur += np.bincount(ids.ravel(), weights=contrib.ravel(), minlength=cur.shape[0])
         return ids
 
     def close_window(self) -> dict[int, np.ndarray]:

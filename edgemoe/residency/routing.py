@@ -13,7 +13,7 @@ def topk(probs: np.ndarray, k: int, renormalize: bool = False) -> tuple[np.ndarr
     Ties go to the lower expert id, as a stable descending sort gives."""
     probs = np.asarray(probs, dtype=np.float32)
     ids = np.argsort(-probs, axis=1, kind="stable")[:, :k].astype(np.int32)  # (n_tokens, k)
-    weights = np.take_along_axis(probs, ids, axis=1)                        # (n_tokens, k)
+    weights = probs[np.arange(probs.shape[0])[:, None], ids]                # (n_tokens, k)
     if renormalize:
         weights = weights / weights.sum(axis=1, keepdims=True)
     return ids, weights

@@ -9,7 +9,7 @@ thread adds reads and swaps while the engine thread adds selections.
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 
 from edgemoe.residency.budget import format_bytes
 
@@ -43,25 +43,26 @@ def _ratio(a: float, b: float) -> float | None:
 class Telemetry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._now = Counters()
+        # A plain dict on the hot path (add() runs per layer and step); Counters on reading.
+        self._now = {f.name: 0 for f in fields(Counters)}
         self._last_token = Counters()
         self.resident_bytes = 0   # gauge, set by the policy whenever its slots change
 
     def add(self, **deltas: float) -> None:
         with self._lock:
-            self._now = replace(self._now, **{k: getattr(self._now, k) + v
-                                              for k, v in deltas.items()})
+            for name, v in deltas.items():
+                self._now[name] += v
 
     @property
     def counters(self) -> Counters:
         with self._lock:
-            return self._now
+            return Counters(**self._now)
 
     def token_done(self, n_tokens: int = 1) -> dict:
         """Close one engine step (n_tokens tokens) and return its per-token JSON record."""
         self.add(tokens=n_tokens)
-        with self._lock:
-            delta, self._last_token = self._now - self._last_token, self._now
+        now = self.counters
+        delta, self._last_token = now - self._last_token, now
         return record(delta, self.resident_bytes)
 
     def summary(self) -> str:
