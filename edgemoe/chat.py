@@ -78,14 +78,16 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def reply(self, user_text: str) -> None:
-        """Stream the assistant's reply to `user_text`; Ctrl-C cuts it short."""
+        """Stream the assistant's reply to `user_text`; Ctrl-C at any point cuts it short and
+        keeps what was said so far."""
         self.messages.append({"role": "user", "content": user_text})
-        chunks = self._start()
-        if chunks is None:
-            self.messages.pop()
-            return
         pieces: list[str] = []
+        chunks = None
         try:
+            chunks = self._start()
+            if chunks is None:
+                self.messages.pop()
+                return
             for chunk in chunks:
                 delta = chunk["choices"][0]["delta"].get("content")
                 if delta:
@@ -94,7 +96,8 @@ class ChatSession:
                     self.out.flush()
             self.say("")
         except KeyboardInterrupt:
-            chunks.close()
+            if chunks is not None:
+                chunks.close()
             self.say(" [interrupted]")
         self.messages.append({"role": "assistant", "content": "".join(pieces)})
         self.say(self.status_line())
