@@ -333,6 +333,15 @@ def test_vocab_bad_files(tmp_path):
     writer.close()
     with pytest.raises(ShardSetError, match=r"no_tokenizer.gguf: libllama could not load the vocabulary \(.*tokenizer.ggml.model"):
         Vocab(no_tokenizer)
+    # an expert shard has no vocabulary (and an architecture libllama does not know)
+    shard = tmp_path / "blk.0.0.gguf"
+    writer = gguf.GGUFWriter(str(shard), "edgemoe.expert")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ShardSetError, match=r"blk.0.0.gguf: .*unknown model architecture: 'edgemoe.expert'"):
+        Vocab(shard)
 
 
 def test_vocab_bad_ids_and_close(cases, tmp_path):
