@@ -27,7 +27,8 @@ def shards(tmp_path_factory) -> ShardSet:
     out = tmp_path_factory.mktemp("residency_pool")
     ms.make_synthetic(out / "hf", ms.SynthSpec(arch="mixtral", n_layer=2, n_expert=N_EXPERT,
                                                n_expert_used=K, n_embd=128, n_ff_exp=128,
-                                               n_vocab=512), shard_bytes=1 << 20)
+                                               n_vocab=512, dtype="f32"),
+                      shard_bytes=1 << 20)
     converters.convert(out / "hf", out / "shards", expert_type="Q8_0", progress=False)
     return ShardSet.open(out / "shards")
 
@@ -103,3 +104,33 @@ def test_measure_reads_and_record_a_trace(shards):
     tr = rec.trace()
     assert tr.n_tokens == 6 and tr.layers == list(shards.expert_layers)
     assert list(tr.predicted) == [1] and tr.predicted[1].shape == (6, N_EXPERT)
+
+
+def test_calibration_file_roundtrip(shards, tmp_path):
+    from edgemoe.errors import ShardSetError
+    from edgemoe.residency.calibration import Calibration, compute_norms
+    from edgemoe.residency.importance import expert_norm
+
+    norms = compute_norms(shards)
+    assert set(norms) == set(shards.expert_layers) and (norms[0] > 0).all()
+    # Oracle: the norm of the safetensors weights the shard was quantized from (Q8_0: ~0.5%).
+    from safetensors.numpy import load_file
+    hf = {}
+    for f in sorted((shards.root.parent / "hf").glob("*.safetensors")):
+        hf.update(load_file(f))
+    w = [hf[f"model.layers.0.block_sparse_moe.experts.3.{p}.weight"].astype(np.float32)
+         for p in ("w1", "w3", "w2")]
+    assert norms[0][3] == pytest.approx(expert_norm(w), rel=0.01)
+    cal = Calibration(norms=norms, usage={l: np.arange(N_EXPERT) for l in norms},
+                      sensitivity={l: 0.5 * (l + 1) for l in norms}, sensitivity_method="kl",
+                      tokens=1000)
+    cal.save(tmp_path)
+    back = Calibration.load(tmp_path)
+    np.testing.assert_allclose(back.norms[1], norms[1])
+    assert back.usage[0].tolist() == list(range(N_EXPERT))
+    assert back.sensitivity == {0: 0.5, 1: 1.0} and back.sensitivity_method == "kl"
+    with pytest.raises(ShardSetError, match="run `edgemoe calibrate`"):
+        Calibration.load(tmp_path / "nowhere")
+    (tmp_path / "calibration.json").write_text('{"format": "other", "version": 1}')
+    with pytest.raises(ShardSetError, match="expected format edgemoe.calibration"):
+        Calibration.load(tmp_path)
