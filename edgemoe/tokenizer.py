@@ -106,6 +106,7 @@ class _Api:
 
 _api: _Api | None = None
 _api_lock = threading.Lock()
+_load_lock = threading.Lock()
 _errors: list[str] = []  # libllama's error lines since the last clear, for our exception messages
 _log_state = {"level": 0}
 
@@ -163,8 +164,9 @@ class Vocab:
         self._model: int | None = None
         params = self._api.model_default_params()
         params.vocab_only = True
-        _errors.clear()
-        model = self._api.model_load_from_file(os.fsencode(self.path), params)
+        with _load_lock:  # one load at a time, so that the error lines are this load's
+            _errors.clear()
+            model = self._api.model_load_from_file(os.fsencode(self.path), params)
         if not model:
             # The first error line is the specific one; later ones only report the failure.
             why = _errors[0] if _errors else "see libllama's log above"

@@ -366,6 +366,20 @@ def test_vocab_bad_ids_and_close(cases, tmp_path):
         scoped.detokenize([1])
 
 
+def test_vocab_from_threads(cases):
+    """libllama's tokenizer is thread-safe; so are our buffers (one per call)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    vocab = cases["spm"].vocab
+    texts = TEST_STRINGS * 10
+    expected = [vocab.tokenize(t) for t in texts]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(vocab.tokenize, texts))
+        text_back = list(pool.map(lambda ids: vocab.detokenize(ids, skip_special=True), got))
+    assert got == expected
+    assert text_back == texts
+
+
 def test_model_params_layout_matches_llama_cpp():
     """Our ctypes mirror of struct llama_model_params, field by field, against llama-cpp-python's."""
     import llama_cpp
