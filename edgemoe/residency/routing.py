@@ -7,6 +7,14 @@ from __future__ import annotations
 import numpy as np
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Router logits (n_tokens, n_expert) -> probabilities, over all experts (unmasked): what
+    observe() and the importance of Eq. 1 take."""
+    logits = np.asarray(logits, dtype=np.float32)
+    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
 def topk(probs: np.ndarray, k: int, renormalize: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """probs (n_tokens, n_expert) -> ids (n_tokens, k) int32 best first, weights (n_tokens, k).
 

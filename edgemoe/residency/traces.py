@@ -10,7 +10,7 @@ from typing import Mapping
 
 import numpy as np
 
-from edgemoe.residency.routing import adaptive_gate, topk
+from edgemoe.residency.routing import adaptive_gate, softmax, topk
 
 
 @dataclass(frozen=True)
@@ -88,11 +88,6 @@ class TraceRecorder:
                                for name, table in self._rows.items()})
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return z / z.sum(axis=-1, keepdims=True)
-
-
 def topic_trace(n_layer: int, n_expert: int, n_tokens: int, n_topics: int = 2,
                 switch_every: int | None = None, sharpness: float | Mapping[int, float] = 3.0,
                 predictor_noise: float = 0.5, seed: int = 0) -> RoutingTrace:
@@ -108,7 +103,7 @@ def topic_trace(n_layer: int, n_expert: int, n_tokens: int, n_topics: int = 2,
     for l in range(n_layer):
         sharp = sharpness[l] if isinstance(sharpness, Mapping) else sharpness
         logits = sharp * bias[topic, l] + rng.standard_normal((n_tokens, n_expert))
-        probs[l] = _softmax(logits).astype(np.float32)                        # (n_tokens, n_expert)
+        probs[l] = softmax(logits)                        # (n_tokens, n_expert)
         x_norm[l] = rng.lognormal(0.0, 0.25, n_tokens).astype(np.float32)      # (n_tokens,)
         if l > 0:
             noisy = logits + predictor_noise * rng.standard_normal(logits.shape)
