@@ -172,6 +172,30 @@ def test_bad_sentencepiece_model(cases, tmp_path):
         read_tokenizer(model_dir)
 
 
+@pytest.mark.parametrize("arch, kind", [("qwen2_moe", "bpe"), ("mixtral", "spm")])
+def test_converted_shard_set_tokenizes_like_hf(tmp_path, arch, kind):
+    """Through the real converter: base.gguf (our Vocab) and the exported single GGUF (llama-cpp-
+    python's own Llama, vocab only) both tokenize as HF does."""
+    import llama_cpp
+
+    import converters
+    from converters.exporter import export_gguf
+    from tiny_models import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(arch, tmp_path / "ckpt", tokenizer=kind)
+    converters.convert(ckpt, tmp_path / "shards", expert_type="Q8_0", dense_type="Q8_0", progress=False)
+    exported = export_gguf(tmp_path / "shards", tmp_path / "model.gguf")
+    hf = AutoTokenizer.from_pretrained(ckpt)
+    reference = llama_cpp.Llama(str(exported), vocab_only=True, verbose=False)
+    with Vocab(tmp_path / "shards" / "base.gguf") as vocab:
+        assert vocab.apply_chat_template(CONVERSATIONS[1]) == hf.apply_chat_template(
+            CONVERSATIONS[1], tokenize=False, add_generation_prompt=True)
+        for text in TEST_STRINGS + SPECIAL_STRINGS:
+            expected = hf.encode(text)
+            assert vocab.tokenize(text, parse_special=True) == expected, repr(text)
+            assert reference.tokenize(text.encode(), add_bos=vocab.add_bos, special=True) == expected, repr(text)
+
+
 def test_saved_by_transformers_converts_the_same(cases, tmp_path):
     """A checkpoint re-saved by transformers (its own file layout, chat_template.jinja) converts to
     the same tokenizer."""
