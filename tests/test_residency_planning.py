@@ -312,3 +312,22 @@ def test_telemetry_counts_from_threads():
     assert rec["experts_per_token"] == 1.5 and rec["hit_rate"] == pytest.approx(2 / 3)
     assert tel.token_done(1)["loads"] == 0            # records are per step, counters per run
     assert tel.counters.loads == 4000
+
+
+def test_plan_report(topics):
+    from edgemoe.residency.planner import plan
+
+    eb = {l: 4 * MiB for l in topics.layers}
+    needs = MemoryNeeds(base_bytes=100 * MiB, kv_bytes=10 * MiB, compute_bytes=10 * MiB,
+                        expert_bytes=eb, n_expert=16, n_expert_used=2)
+    norms = {l: np.ones(16) for l in topics.layers}
+    preds, lines = plan(parse_budget("50%"), needs, topics, _profile(topics.layers), norms)
+    assert [p.policy for p in preds] == ["static", "swap", "ondemand"]
+    assert lines[0].startswith("budget 50% of expert bytes: 96 MiB for expert slots of 192 MiB")
+    assert "full      does not fit" in lines[1]
+    for p in preds:
+        assert sum(p.slots[l] * eb[l] for l in p.slots) <= 96 * MiB
+    preds, _ = plan(parse_budget("1GiB"), needs, topics, _profile(topics.layers), None)
+    assert [p.policy for p in preds] == ["full", "static", "ondemand"]
+    with pytest.raises(BudgetError, match="minimum"):
+        plan(parse_budget("100MiB"), needs, topics, _profile(topics.layers), norms)

@@ -31,6 +31,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from edgemoe.residency.allocation import allocate_slots, loads_table
+from edgemoe.residency.budget import Budget, MemoryNeeds, expert_allowance, format_bytes
 from edgemoe.residency.cache import simulate_layer
 from edgemoe.residency.importance import ImportanceTracker, plan_swaps
 from edgemoe.residency.routing import topk
@@ -104,6 +105,8 @@ class Prediction:
             extra += f", prefetch {self.prefetch_accuracy * 100:.0f}%"
         if self.swap_interval is not None:
             extra += f", swap every {self.swap_interval} tok ({self.swaps_per_token:.2f}/tok)"
+        if self.notes:
+            extra += f" [{'; '.join(self.notes)}]"
         return (f"{self.policy:9s} {self.tok_per_s:8.2f} tok/s  hit {self.hit_rate * 100:5.1f}%  "
                 f"{self.experts_per_token:.2f} experts/layer  "
                 f"read {self.bytes_read_per_token / 2**20:.2f} MiB/tok  "
@@ -303,3 +306,40 @@ def predict(policy: str, trace: RoutingTrace, slots: Mapping[int, int], k: int,
     if policy == "ondemand":
         return predict_ondemand(trace, slots, k, profile, expert_bytes, **options)
     raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
+
+
+def plan(budget: Budget, needs: MemoryNeeds, trace: RoutingTrace, profile: Profile,
+         norms: Mapping[int, np.ndarray] | None = None, n_prefetch: int = 1,
+         sensitivity: Mapping[int, float] | None = None,
+         threshold: float | None = None) -> tuple[list[Prediction], list[str]]:
+    """`edgemoe plan`: will it fit, how, how fast. Returns the predictions of every policy that
+    can run under the budget (each with its own DP allocation) and the report's lines.
+    Raises BudgetError (stating the minimum) when nothing can run."""
+    allowance = expert_allowance(budget, needs)
+    k = needs.n_expert_used
+    fits_all = allowance >= needs.expert_bytes_total
+    lines = [f"budget {budget}: {format_bytes(allowance)} for expert slots of "
+             f"{format_bytes(needs.expert_bytes_total)} "
+             f"({allowance / needs.expert_bytes_total * 100:.0f}%); fixed "
+             f"{format_bytes(needs.fixed_bytes)} (base {format_bytes(needs.base_bytes)}, KV "
+             f"{format_bytes(needs.kv_bytes)}, compute {format_bytes(needs.compute_bytes)})"]
+    preds = []
+    if fits_all:
+        preds.append(predict_full(trace, k, profile))
+    else:
+        lines.append("full      does not fit: every expert needs "
+                     f"{format_bytes(needs.fixed_bytes + needs.expert_bytes_total)}")
+    gating = dict(sensitivity=sensitivity, threshold=threshold)
+    for policy in ("static", "swap", "ondemand"):
+        if policy == "swap" and norms is None:
+            lines.append("swap      needs expert norms (run `edgemoe calibrate`)")
+            continue
+        opts = gating if policy == "ondemand" else {}
+        slots = allocate_for(policy, trace, k, needs.expert_bytes, allowance, n_prefetch, **opts)
+        extra = dict(n_prefetch=n_prefetch, **opts) if policy == "ondemand" else {}
+        preds.append(predict(policy, trace, slots, k, profile, needs.expert_bytes, norms,
+                             **extra))
+    for p in preds:
+        lines.append(p.line())
+        lines.append(f"          slots per layer: {' '.join(str(p.slots[l]) for l in sorted(p.slots))}")
+    return preds, lines
