@@ -26,7 +26,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 
@@ -34,7 +34,6 @@ from edgemoe.residency.allocation import allocate_slots, loads_table
 from edgemoe.residency.budget import Budget, MemoryNeeds, expert_allowance, format_bytes
 from edgemoe.residency.cache import simulate_layer
 from edgemoe.residency.importance import ImportanceTracker, plan_swaps
-from edgemoe.residency.routing import topk
 from edgemoe.residency.traces import RoutingTrace
 
 POLICIES = ("full", "static", "swap", "ondemand")
