@@ -81,7 +81,9 @@ class _Api:
             return fn
 
         self.backend_init = bind("llama_backend_init", None)
-        self.log_set = bind("llama_log_set", None, _log_callback_t, p)
+        # The log callback travels as a plain pointer so that any previous one can be restored.
+        self.log_get = bind("llama_log_get", None, ctypes.POINTER(p), ctypes.POINTER(p))
+        self.log_set = bind("llama_log_set", None, p, p)
         self.model_default_params = bind("llama_model_default_params", llama_model_params)
         self.model_load_from_file = bind("llama_model_load_from_file", p, char_p, llama_model_params)
         self.model_free = bind("llama_model_free", None, p)
@@ -113,25 +115,26 @@ _log_state = {"level": 0}
 
 @_log_callback_t
 def _log(level: int, text: bytes | None, _user: Any) -> None:
-    # Vocab loading logs every metadata key at INFO; keep warnings and errors only.
+    # Installed while a vocabulary loads, which logs every metadata key at INFO: show warnings,
+    # keep errors for the exception that reports the failed load (not printed twice).
     if level == _LOG_CONT:
         level = _log_state["level"]
     _log_state["level"] = level
     if text is None or level < _LOG_WARN:
         return
     message = text.decode("utf-8", errors="replace")
-    if level >= _LOG_ERROR and message.strip():
+    if level < _LOG_ERROR:
+        sys.stderr.write(message)
+    elif message.strip():
         _errors.append(message.strip())
-    sys.stderr.write(message)
 
 
 def api() -> _Api:
-    """Bind libllama once, initialise its backend once, route its log through `_log`."""
+    """Bind libllama and initialise its backend, once."""
     global _api
     with _api_lock:
         if _api is None:
             bound = _Api()
-            bound.log_set(_log, None)
             bound.backend_init()
             _api = bound
         return _api
@@ -164,9 +167,16 @@ class Vocab:
         self._model: int | None = None
         params = self._api.model_default_params()
         params.vocab_only = True
-        with _load_lock:  # one load at a time, so that the error lines are this load's
+        # One load at a time, under our log callback (the process's own is restored after).
+        with _load_lock:
+            previous, previous_data = ctypes.c_void_p(), ctypes.c_void_p()
+            self._api.log_get(ctypes.byref(previous), ctypes.byref(previous_data))
             _errors.clear()
-            model = self._api.model_load_from_file(os.fsencode(self.path), params)
+            self._api.log_set(ctypes.cast(_log, ctypes.c_void_p), None)
+            try:
+                model = self._api.model_load_from_file(os.fsencode(self.path), params)
+            finally:
+                self._api.log_set(previous, previous_data)
         if not model:
             # The first error line is the specific one; later ones only report the failure.
             why = _errors[0] if _errors else "see libllama's log above"
