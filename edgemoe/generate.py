@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from edgemoe.errors import ContextOverflow, ShardSetError
+from edgemoe.errors import ContextOverflow, EdgeMoeError, ShardSetError
 from edgemoe.sampling import Sampler, SamplingParams
 
 # OpenAI's finish reasons: a stop string, EOS/EOT -> "stop"; max_tokens or a full context ->
@@ -162,12 +162,12 @@ class _StopMatcher:
 class Generation:
     """One request in flight. Iterate it for text pieces; afterwards read the results."""
 
-    _pieces: Iterator[str]
     prompt_tokens: list[int]
     tokens: list[int] = field(default_factory=list)   # generated, including a final EOG token
     text: str = ""                                    # everything yielded so far
     finish_reason: str | None = None
     stats: GenerationStats | None = None
+    _pieces: Iterator[str] | None = field(default=None, repr=False)  # set by Generator
 
     def __iter__(self) -> Iterator[str]:
         for piece in self._pieces:
@@ -229,7 +229,7 @@ class Generator:
 
     def _eval(self, tokens: Sequence[int]) -> np.ndarray:
         """Evaluate tokens (appending to the KV cache); return the last position's logits."""
-        batch = max(1, int(getattr(self.engine, "n_batch", 512)))
+        batch = int(self.engine.n_batch)
         logits = None
         for start in range(0, len(tokens), batch):
             chunk = list(tokens[start : start + batch])
@@ -271,7 +271,7 @@ class Generator:
         prompt_tokens = self.tokenize_prompt(prompt, special=special)
         n_ctx = int(self.engine.n_ctx)
         if not prompt_tokens:
-            raise ValueError("the prompt is empty and the model adds no BOS token")
+            raise EdgeMoeError("the prompt is empty and the model adds no BOS token")
         if len(prompt_tokens) >= n_ctx:
             raise ContextOverflow(
                 f"the prompt has {len(prompt_tokens)} tokens but the context holds {n_ctx} "
@@ -280,9 +280,10 @@ class Generator:
             )
         bad = [t for t in prompt_tokens if not 0 <= t < self.vocab.n_vocab]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab.n_vocab - 1})")
+            raise EdgeMoeError(f"prompt token id {bad[0]} is outside the vocabulary "
+                               f"(0..{self.vocab.n_vocab - 1})")
         stops = (stop,) if isinstance(stop, str) else tuple(s for s in (stop or ()) if s)
-        generation = Generation(_pieces=iter(()), prompt_tokens=prompt_tokens)
+        generation = Generation(prompt_tokens=prompt_tokens)
         generation._pieces = self._run(generation, max_tokens, sampling, stops)
         return generation
 

@@ -37,9 +37,8 @@ class _TokenDataArray(ctypes.Structure):
 @pytest.fixture(scope="module")
 def llama_chain():
     lib = _lib.llama()
-    lib.llama_sampler_chain_default_params.restype = ctypes.c_bool  # struct {bool no_perf}
-    lib.llama_sampler_chain_default_params.argtypes = []
     lib.llama_sampler_chain_init.restype = ctypes.c_void_p
+    # by value: struct llama_sampler_chain_params { bool no_perf; }, passed like a lone bool
     lib.llama_sampler_chain_init.argtypes = [ctypes.c_bool]
     lib.llama_sampler_chain_add.restype = None
     lib.llama_sampler_chain_add.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
@@ -50,8 +49,9 @@ def llama_chain():
     lib.llama_sampler_init_min_p.restype = ctypes.c_void_p
     lib.llama_sampler_init_min_p.argtypes = [ctypes.c_float, ctypes.c_size_t]
     lib.llama_sampler_init_penalties.restype = ctypes.c_void_p
+    # (n_vocab, penalty_last_n, penalty_repeat, penalty_freq, penalty_present)
     lib.llama_sampler_init_penalties.argtypes = [
-        ctypes.c_int32, ctypes.c_float, ctypes.c_float, ctypes.c_float]
+        ctypes.c_int32, ctypes.c_int32, ctypes.c_float, ctypes.c_float, ctypes.c_float]
     lib.llama_sampler_accept.restype = None
     lib.llama_sampler_accept.argtypes = [ctypes.c_void_p, ctypes.c_int32]
     lib.llama_sampler_apply.restype = None
@@ -63,7 +63,7 @@ def llama_chain():
         """Candidates (ids, logits) after llama.cpp's penalties -> top_k -> top_p -> min_p."""
         chain = lib.llama_sampler_chain_init(True)
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_penalties(
-            params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
+            logits.size, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(params.top_k))
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(params.top_p, 1))
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(params.min_p, 1))
