@@ -179,7 +179,7 @@ class Vocab:
                 self._api.log_set(previous, previous_data)
         if not model:
             # The first error line is the specific one; later ones only report the failure.
-            why = _errors[0] if _errors else "see libllama's log above"
+            why = _errors[0] if _errors else "libllama gave no reason"
             raise ShardSetError(f"{self.path}: libllama could not load the vocabulary ({why})")
         self._model = model
         self._vocab = self._api.model_get_vocab(model)

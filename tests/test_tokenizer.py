@@ -138,6 +138,24 @@ def test_detected_pre_tokenizers(cases):
         assert (meta.model, meta.pre) == (("llama", "default") if kind == "spm" else ("gpt2", kind))
 
 
+def test_metaspace_pre_tokenizer(cases, tmp_path):
+    """The same SentencePiece vocabulary with its spaces marked by a Metaspace pre-tokenizer
+    instead of normalizers converts to the same GGUF vocabulary and tokenizes plain text as HF.
+    Two HF Metaspace behaviours have no GGUF key, so llama.cpp differs on them and they are not
+    compared: no "▁" is prepended to text already starting with a space, nor (prepend_scheme
+    "first") to text after a special token."""
+    spec = make_spm_tokenizer(tmp_path / "metaspace", metaspace=True)
+    meta, reference = read_tokenizer(spec.path), read_tokenizer(cases["spm"].spec.path)
+    assert (meta.tokens, meta.token_types, meta.scores, meta.add_space_prefix) == (
+        reference.tokens, reference.token_types, reference.scores, True)
+    hf = AutoTokenizer.from_pretrained(spec.path)
+    with Vocab(write_vocab_gguf(spec.path, tmp_path / "metaspace.gguf")) as vocab:
+        for text in TEST_STRINGS + fuzz_strings(100, seed=5):
+            if text[:1].isspace():
+                continue
+            assert vocab.tokenize(text) == hf.encode(text), repr(text)
+
+
 def test_sentencepiece_model_file(cases, tmp_path):
     """A checkpoint with only tokenizer.model (SentencePiece's protobuf) and tokenizer_config.json
     gives the same vocabulary as its tokenizer.json and tokenizes as HF does."""

@@ -153,10 +153,15 @@ def make_bpe_tokenizer(
 
 
 def make_spm_tokenizer(
-    directory: Path, *, vocab_size: int = 448, chat_template: str = CHATML_TEMPLATE
+    directory: Path, *, vocab_size: int = 448, chat_template: str = CHATML_TEMPLATE, metaspace: bool = False
 ) -> TinyTokenizer:
     """A Llama/Mixtral-style tokenizer: <unk>=0, <s>=1, </s>=2, byte pieces <0x00>..<0xFF>, then
     "▁"-prefixed pieces, with <|im_start|>/<|im_end|> added for the ChatML template; adds BOS.
+
+    Spaces become "▁" through the normalizer (Prepend + Replace, as Mixtral's tokenizer.json has
+    it) or, with `metaspace`, through a Metaspace pre-tokenizer (prepend_scheme "first", the form
+    of newer conversions; it prefixes only the text's first section, not text after a special
+    token as llama.cpp does).
 
     SentencePiece's BPE merges whichever adjacent pair forms the highest-scoring piece; HF expresses
     that as a merge list holding every pair (a, b) whose concatenation is in the vocabulary, ranked
@@ -190,7 +195,10 @@ def make_spm_tokenizer(
     ]
 
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    if metaspace:
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    else:
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tokenizer.decoder = decoders.Sequence([
         decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
     ])
