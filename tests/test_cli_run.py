@@ -110,3 +110,16 @@ def test_chat_from_a_pipe(shards, reference):
     assert "memory:" in out and "expert_slots" in out
     assert "(conversation cleared)" in out
     assert "unknown command /bogus" in out
+
+
+def test_chat_drops_the_oldest_turns_when_the_context_is_full(shards):
+    turns = "".join(f"message number {i} with a few more words\n" for i in range(6))
+    proc = edgemoe_cmd("chat", shards, "--temp", 0, "-n", 12, "-c", 96, "--system", "Be brief.",
+                       input=(turns + "/stats\n").encode())
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = proc.stdout.decode("utf-8")
+    assert "dropped the oldest turn" in out
+    assert len(re.findall(r"\[mem ", out)) == 6  # every turn was answered
+    # whole exchanges were dropped and the system message kept: 1 + 2 * (exchanges left)
+    n_messages = int(re.search(r"conversation: (\d+) messages", out).group(1))
+    assert n_messages % 2 == 1 and 3 <= n_messages < 13
