@@ -207,7 +207,11 @@ def _vocab_from_tokenizer_json(path: Path, data: dict[str, Any]) -> _Vocab:
             merges=_merges(path, model.get("merges")), add_space_prefix=None, remove_extra_whitespaces=None,
             post_bos=bos, post_eos=eos,
         )
-    if model.get("byte_fallback") or _has_space_mark(data.get("normalizer")) or _has_space_mark(pre_tokenizer):
+    if (
+        model.get("byte_fallback")
+        or _has_space_mark(data.get("normalizer"), "normalizers")
+        or _has_space_mark(pre_tokenizer, "pretokenizers")
+    ):
         return _spm_from_bpe(path, data, model, pieces, types, bos, eos)
     raise ConvertError(
         f"{path}: BPE without a ByteLevel pre-tokenizer nor SentencePiece-style byte fallback / '▁' "
@@ -228,11 +232,12 @@ def _has_byte_level(pre_tokenizer: Any) -> bool:
     return any(c.get("type") == "ByteLevel" for c in _components(pre_tokenizer, "pretokenizers"))
 
 
-def _has_space_mark(node: Any) -> bool:
-    for c in _components(node, "normalizers") + _components(node, "pretokenizers"):
-        if c.get("type") == "Metaspace" or (c.get("type") == "Replace" and c.get("content") == _SPACE_MARK):
-            return True
-    return False
+def _has_space_mark(node: Any, list_key: str) -> bool:
+    """Whether a normalizer / pre-tokenizer writes spaces as SentencePiece's "▁"."""
+    return any(
+        c.get("type") == "Metaspace" or (c.get("type") == "Replace" and c.get("content") == _SPACE_MARK)
+        for c in _components(node, list_key)
+    )
 
 
 def _detect_pre(path: Path, pre_tokenizer: Any) -> str:

@@ -214,6 +214,22 @@ def test_converted_shard_set_tokenizes_like_hf(tmp_path, arch, kind):
             assert reference.tokenize(text.encode(), add_bos=vocab.add_bos, special=True) == expected, repr(text)
 
 
+@pytest.mark.parametrize("kind", ["gpt-2", "qwen2", "spm"])
+def test_specials_agree_with_gguf_py(cases, kind):
+    """gguf-py's own reader of checkpoint special tokens (gguf.SpecialVocab, used by llama.cpp's
+    converter) as a second oracle for the special ids, add_bos/add_eos, merges and template."""
+    path = cases[kind].spec.path
+    theirs = gguf.SpecialVocab(path, load_merges=True)
+    ours = read_tokenizer(path)
+    ours_ids = {"bos": ours.bos_id, "eos": ours.eos_id, "unk": ours.unk_id, "pad": ours.pad_id}
+    assert theirs.special_token_ids == {k: v for k, v in ours_ids.items() if v is not None}
+    for flag in ("bos", "eos"):
+        assert theirs.add_special_token.get(flag, False) == getattr(ours, f"add_{flag}")
+    assert theirs.chat_template == ours.chat_template
+    if kind != "spm":
+        assert tuple(theirs.merges) == ours.merges
+
+
 def test_saved_by_transformers_converts_the_same(cases, tmp_path):
     """A checkpoint re-saved by transformers (its own file layout, chat_template.jinja) converts to
     the same tokenizer."""
