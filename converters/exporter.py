@@ -6,36 +6,25 @@ expert e's bytes become the e-th slice along the outermost ggml axis.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterator
 
-from gguf import GGMLQuantizationType, GGUFWriter, MODEL_TENSOR
+from gguf import GGMLQuantizationType, GGUFWriter
 
 from converters.arch.base import tensor_name
-from converters.gguf_source import (COPY_BLOCK, numpy_shape, byte_chunks, copy_metadata,
+from converters.gguf_source import (FUSED_EXPERTS, byte_chunks, copy_metadata, numpy_shape,
                                     open_gguf)
 from converters.writer import OutFile, OutTensor, Progress, write_gguf
 from edgemoe.errors import ShardSetError
 from edgemoe.quant import parse_type
 from edgemoe.shardset import EXPERT_TENSORS, ExpertShard, ShardSet
 
-_FUSED = {"ffn_gate": MODEL_TENSOR.FFN_GATE_EXP, "ffn_up": MODEL_TENSOR.FFN_UP_EXP,
-          "ffn_down": MODEL_TENSOR.FFN_DOWN_EXP}
 
 
 def _expert_bytes(shards: list[ExpertShard], proj: str) -> Iterator[bytes]:
     for shard in shards:
         info = shard.tensors[proj]
-        with open(shard.path, "rb") as f:
-            done = 0
-            while done < info.nbytes:
-                n = min(COPY_BLOCK, info.nbytes - done)
-                block = os.pread(f.fileno(), n, info.offset + done)
-                if len(block) != n:
-                    raise ShardSetError(f"{shard.path}: truncated in tensor {proj}")
-                done += n
-                yield block
+        yield from byte_chunks(shard.path, info.offset, info.offset + info.nbytes)
 
 
 def _fused(ss: ShardSet, layer: int, proj: str) -> OutTensor:
@@ -46,7 +35,7 @@ def _fused(ss: ShardSet, layer: int, proj: str) -> OutTensor:
         raise ShardSetError(f"{ss.root}: layer {layer} {proj} differs across experts "
                             f"({sorted(kinds)}); a fused tensor needs one type and shape")
     type_name, ne = kinds.pop()
-    return OutTensor(name=tensor_name(_FUSED[proj], layer),
+    return OutTensor(name=tensor_name(FUSED_EXPERTS[proj], layer),
                      shape=(ss.n_expert, *reversed(ne)), type=parse_type(type_name),
                      nbytes=sum(i.nbytes for i in infos),
                      chunks=lambda: _expert_bytes(shards, proj))
@@ -57,7 +46,7 @@ def export_gguf(shards: Path, out_gguf: Path, progress: bool = False) -> Path:
     reader = open_gguf(ss.base_path)
     tensors = [OutTensor(name=t.name, shape=numpy_shape(t.shape),
                          type=GGMLQuantizationType(t.tensor_type), nbytes=int(t.n_bytes),
-                         chunks=lambda t=t: byte_chunks(reader.data, t.data_offset,
+                         chunks=lambda t=t: byte_chunks(ss.base_path, t.data_offset,
                                                         t.data_offset + t.n_bytes))
                for t in reader.tensors]
     tensors += [_fused(ss, layer, proj) for layer in ss.expert_layers for proj in EXPERT_TENSORS]

@@ -7,11 +7,11 @@ tensor and every metadata key (tokenizer included) into the base GGUF unchanged.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 from gguf import (GGUFReader, GGUFValueType, GGUFWriter, Keys, MODEL_TENSOR,
                   GGMLQuantizationType)
 
@@ -28,7 +28,8 @@ _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf$")
 COPY_BLOCK = 32 << 20
 # Keys that describe a file rather than the model; the writer sets its own.
 _FILE_KEYS = (Keys.General.ARCHITECTURE, Keys.General.ALIGNMENT)
-_FUSED = {"ffn_gate": MODEL_TENSOR.FFN_GATE_EXP, "ffn_up": MODEL_TENSOR.FFN_UP_EXP,
+# The fused tensor holding all experts of a layer, per expert projection.
+FUSED_EXPERTS = {"ffn_gate": MODEL_TENSOR.FFN_GATE_EXP, "ffn_up": MODEL_TENSOR.FFN_UP_EXP,
           "ffn_down": MODEL_TENSOR.FFN_DOWN_EXP}
 
 
@@ -81,10 +82,16 @@ def copy_metadata(reader: GGUFReader, w: GGUFWriter, skip: Callable[[str], bool]
         w.add_key_value(name, f.contents(), vtype, sub_type=sub)
 
 
-def byte_chunks(data: np.ndarray, start: int, stop: int) -> Iterator[np.ndarray]:
-    """data[start:stop] (a uint8 memory map) in COPY_BLOCK pieces."""
-    for first in range(start, stop, COPY_BLOCK):
-        yield data[first:min(first + COPY_BLOCK, stop)]
+def byte_chunks(path: Path, start: int, stop: int) -> Iterator[bytes]:
+    """Bytes [start, stop) of a file in COPY_BLOCK pieces. Read with pread rather than through
+    GGUFReader's memory map, whose touched pages would stay in our resident set."""
+    with open(path, "rb") as f:
+        for first in range(start, stop, COPY_BLOCK):
+            n = min(COPY_BLOCK, stop - first)
+            block = os.pread(f.fileno(), n, first)
+            if len(block) != n:
+                raise ConvertError(f"{path}: truncated at byte {first + len(block)}")
+            yield block
 
 
 def numpy_shape(ne) -> tuple[int, ...]:
@@ -120,10 +127,10 @@ def plan_gguf(path: Path) -> Plan:
     for layer in hp.expert_layers:
         fused = {}
         for proj in EXPERT_TENSORS:
-            name = tensor_name(_FUSED[proj], layer)
+            name = tensor_name(FUSED_EXPERTS[proj], layer)
             if name not in tensors:
                 raise ConvertError(f"{parts[0]}: tensor {name} missing (layer {layer} has "
-                                   f"{tensor_name(_FUSED['ffn_gate'], layer)})")
+                                   f"{tensor_name(FUSED_EXPERTS['ffn_gate'], layer)})")
             r, t = tensors[name]
             shape = shapes[name]
             if len(shape) != 3 or shape[0] != hp.n_expert or t.n_bytes % hp.n_expert:
@@ -140,7 +147,8 @@ def plan_gguf(path: Path) -> Plan:
                 outs.append(OutTensor(
                     name=f"blk.{layer}.{proj}.{e}.weight", shape=shape[1:],
                     type=GGMLQuantizationType(t.tensor_type), nbytes=per,
-                    chunks=lambda r=r, s=start, n=per: byte_chunks(r.data, s, s + n)))
+                    chunks=lambda r=r, s=start, n=per: byte_chunks(Path(r.data.filename), s,
+                                                                   s + n)))
                 expert_types.add(GGMLQuantizationType(t.tensor_type).name)
             experts.append(OutFile(rel=expert_file(layer, e), arch="edgemoe.expert",
                                    metadata=edgemoe_expert_metadata(layer, e),
@@ -157,7 +165,7 @@ def plan_gguf(path: Path) -> Plan:
             dense_types[ttype.name] = dense_types.get(ttype.name, 0) + 1
         base_tensors.append(OutTensor(
             name=name, shape=shapes[name], type=ttype, nbytes=int(t.n_bytes),
-            chunks=lambda r=r, t=t: byte_chunks(r.data, t.data_offset,
+            chunks=lambda r=r, t=t: byte_chunks(Path(r.data.filename), t.data_offset,
                                                 t.data_offset + t.n_bytes)))
     # Types are kept, not chosen: report what the source uses.
     expert_type = "/".join(sorted(expert_types))
