@@ -6,6 +6,8 @@ run and chat take llama.cpp's flags (-p, -n, -c, -t, --temp, --top-k, --top-p, -
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import re
 import secrets
 import sys
@@ -19,7 +21,10 @@ _DEFAULTS = SamplingParams()
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("shards", metavar="SHARDS", help="shard-set directory (from `edgemoe convert`)")
+    p.add_argument("shards", metavar="MODEL",
+                   help="shard-set directory (from `edgemoe convert`), or a Hugging Face "
+                   "checkpoint directory or GGUF file, converted on first use into the cache "
+                   "($EDGEMOE_CACHE, default ~/.cache/edgemoe) and reused afterwards")
     p.add_argument("-c", "--ctx-size", type=int, default=2048, metavar="N",
                    help="context window in tokens (default: %(default)s)")
     p.add_argument("-b", "--batch-size", type=int, default=512, metavar="N",
@@ -63,11 +68,50 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
         raise EdgeMoeError(str(exc)) from None
 
 
+def cache_root() -> Path:
+    env = os.environ.get("EDGEMOE_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "edgemoe"
+
+
+def _source_key(src: Path) -> str:
+    """Changes whenever the checkpoint's files do (names, sizes, modification times)."""
+    files = [src] if src.is_file() else sorted(f for f in src.iterdir() if f.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def resolve_shards(path: str | Path) -> Path:
+    """The shard set to open for MODEL: a shard set as it is; a Hugging Face checkpoint
+    directory or a GGUF file is converted once into the cache (a conversion cut short resumes)
+    and the cached set is reused while the checkpoint is unchanged."""
+    from edgemoe.shardset import MANIFEST_FILE
+
+    src = Path(path)
+    is_checkpoint = (src.is_dir() and (src / "config.json").is_file()
+                     and not (src / MANIFEST_FILE).exists())
+    if not (is_checkpoint or (src.is_file() and src.suffix == ".gguf")):
+        return src  # a shard set, or nothing: ShardSet.open says what is wrong
+    out = cache_root() / "shards" / f"{src.resolve().name}-{_source_key(src)}"
+    if (out / MANIFEST_FILE).is_file():
+        return out
+    import converters
+
+    print(f"edgemoe: converting {src} into {out} (once; later runs reuse it)", file=sys.stderr)
+    converters.convert(src, out, resume=out.exists(), progress=sys.stderr.isatty())
+    return out
+
+
 def open_model(args: argparse.Namespace):
     from edgemoe.api import Model
 
-    return Model(args.shards, n_ctx=args.ctx_size, n_threads=args.threads, device=args.device,
-                 n_batch=args.batch_size)
+    return Model(resolve_shards(args.shards), n_ctx=args.ctx_size, n_threads=args.threads,
+                 device=args.device, n_batch=args.batch_size)
 
 
 def register(subparsers) -> None:

@@ -3,6 +3,7 @@ them: through the installed `edgemoe` command, in a subprocess."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -123,3 +124,17 @@ def test_chat_drops_the_oldest_turns_when_the_context_is_full(shards):
     # whole exchanges were dropped and the system message kept: 1 + 2 * (exchanges left)
     n_messages = int(re.search(r"conversation: (\d+) messages", out).group(1))
     assert n_messages % 2 == 1 and 3 <= n_messages < 13
+
+
+def test_run_converts_a_checkpoint_once_and_reuses_it(shards, tmp_path):
+    checkpoint = Path(shards).parent / "ckpt"  # the HF checkpoint the shard set came from
+    env = {**os.environ, "EDGEMOE_CACHE": str(tmp_path / "cache")}
+    args = [*EDGEMOE, "run", str(checkpoint), "-p", "Hello", "-n", "6", "--temp", "0"]
+    first = subprocess.run(args, capture_output=True, env=env, timeout=300)
+    second = subprocess.run(args, capture_output=True, env=env, timeout=300)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr.decode()
+    assert "converting" in first.stderr.decode()
+    assert "converting" not in second.stderr.decode()
+    assert first.stdout == second.stdout and first.stdout.startswith(b"Hello")
+    (cached,) = (tmp_path / "cache" / "shards").iterdir()
+    assert cached.name.startswith("ckpt-") and (cached / "manifest.json").is_file()
