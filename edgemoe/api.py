@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+import psutil
 
 from edgemoe.engine import Engine
 from edgemoe.errors import EdgeMoeError
@@ -119,8 +120,9 @@ class Model:
         return int(self.engine.n_ctx)
 
     def status(self) -> dict:
-        """What the chat status line shows: backend memory by part and in all (bytes), resident
-        experts, the expert hit rate since the model was opened, tokens in the KV cache."""
+        """What the chat status line shows: backend memory by part and in all, the process's
+        resident set (bytes; it adds Python and the libraries), resident experts, the expert hit
+        rate since the model was opened, tokens in the KV cache."""
         with self._exclusive():
             self._check_open()
             memory = self.engine.memory()
@@ -128,6 +130,7 @@ class Model:
             return {
                 "memory": memory,
                 "memory_bytes": sum(memory.values()),
+                "rss_bytes": psutil.Process().memory_info().rss,
                 "resident_experts": sum(len(pool.resident(l)) for l in pool.layers),
                 "total_experts": len(pool.layers) * pool.n_expert,
                 "hit_rate": self._hits.hit_rate,

@@ -46,7 +46,7 @@ class ChatSession:
 
     def status_line(self) -> str:
         s = self.model.status()
-        parts = [f"mem {_mib(s['memory_bytes'])}",
+        parts = [f"mem {_mib(s['memory_bytes'])} (RSS {_mib(s['rss_bytes'])})",
                  f"experts {s['resident_experts']}/{s['total_experts']} resident"]
         if s["hit_rate"] is not None:
             parts.append(f"hit rate {100 * s['hit_rate']:.1f}%")
@@ -62,6 +62,7 @@ class ChatSession:
         for key, value in s["memory"].items():
             lines.append(f"  {key:<16}{_mib(value):>14}")
         lines.append(f"  {'total':<16}{_mib(s['memory_bytes']):>14}")
+        lines.append(f"  {'process RSS':<16}{_mib(s['rss_bytes']):>14}")
         hit = "n/a" if s["hit_rate"] is None else f"{100 * s['hit_rate']:.1f}%"
         lines.append(f"experts: {s['resident_experts']}/{s['total_experts']} resident, "
                      f"hit rate {hit}")

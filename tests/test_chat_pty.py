@@ -16,7 +16,7 @@ from test_generate import converted_tiny
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pty")
 
-STATUS = re.compile(rb"\[mem [\d.]+ MiB \| experts \d+/\d+ resident \| hit rate [\d.]+% \| "
+STATUS = re.compile(rb"\[mem [\d.]+ MiB \(RSS [\d.]+ MiB\) \| experts \d+/\d+ resident \| hit rate [\d.]+% \| "
                     rb"[\d.]+ tok/s \| ctx \d+/\d+\]")
 
 

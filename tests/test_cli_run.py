@@ -106,7 +106,7 @@ def test_chat_from_a_pipe(shards, reference):
                                              max_tokens=8, temperature=0)
     text = reply["choices"][0]["message"]["content"]
     # the same first reply before and after /reset, each followed by its status line
-    status = r"\[mem [\d.]+ MiB \| experts 8/8 resident \| hit rate 100\.0% \| [\d.]+ tok/s"
+    status = r"\[mem [\d.]+ MiB \(RSS [\d.]+ MiB\) \| experts 8/8 resident \| hit rate 100\.0% \| [\d.]+ tok/s"
     assert len(re.findall(re.escape(text) + r"\n" + status, out)) == 2, out
     assert "memory:" in out and "expert_slots" in out
     assert "(conversation cleared)" in out
