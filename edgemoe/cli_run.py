@@ -189,6 +189,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     sampling = sampling_from_args(args)
     with open_model(args) as model:
+        if model.vocab.chat_template is None:
+            raise EdgeMoeError(f"{args.shards}: the model has no chat template "
+                               "(tokenizer.chat_template); use `edgemoe run` for raw prompts")
         return ChatSession(model, sampling, max_tokens=args.n_predict, system=args.system,
                            stop=args.stop).repl(sys.stdin)
 
