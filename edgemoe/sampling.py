@@ -79,7 +79,7 @@ def top_k(ids: np.ndarray, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     if k < logits.size:
         # argpartition first: sorting a 150k vocabulary every token costs more than the model
         # step on small models.
-        part = np.argpartition(-logits, k - 1)[:k]
+        part = np.argpartition(logits, logits.size - k)[logits.size - k:]
         ids, logits = ids[part], logits[part]
     return _sort_descending(ids, logits)
 
@@ -117,6 +117,7 @@ class Sampler:
     def __init__(self, params: SamplingParams = SamplingParams()) -> None:
         self.params = params
         self._rng = np.random.default_rng(params.seed)
+        self._all_ids = np.arange(0, dtype=np.int64)  # 0..n_vocab-1, made once per vocab size
 
     def candidates(
         self, logits: np.ndarray, history: Sequence[int] = ()
@@ -131,7 +132,9 @@ class Sampler:
         if window != 0 and params.repeat_penalty != 1.0:
             recent = history if window < 0 else history[-window:]
             apply_repeat_penalty(logits, recent, params.repeat_penalty)
-        ids = np.arange(logits.size, dtype=np.int64)
+        if self._all_ids.size != logits.size:
+            self._all_ids = np.arange(logits.size, dtype=np.int64)
+        ids = self._all_ids
         if params.greedy:
             # Every filter keeps the best token, and temperature <= 0 keeps only it.
             best = int(np.argmax(logits))
