@@ -301,7 +301,7 @@ class Generator:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         matcher = _StopMatcher(stops)
         history = list(gen.prompt_tokens)
-        n_reused = 0
+        n_evaluated = 0  # prompt tokens evaluated (the rest came from the KV cache)
         # Timers count our work only, not the time the consumer spends between pieces.
         # prefill = the prompt's evaluation plus sampling the first token;
         # decode = each later step: evaluating the previous token plus sampling the next one.
@@ -317,6 +317,7 @@ class Generator:
                 t0 = time.perf_counter()
                 n_reused = self._reuse_prefix(gen.prompt_tokens)
                 logits = self._eval(gen.prompt_tokens[n_reused:])
+                n_evaluated = len(gen.prompt_tokens) - n_reused
                 token = sampler.sample(logits, history)
                 t_prefill = time.perf_counter() - t0
                 while True:
@@ -349,7 +350,7 @@ class Generator:
             gen.finish_reason = finish
             gen.stats = GenerationStats(
                 n_prompt=len(gen.prompt_tokens),
-                n_prompt_evaluated=len(gen.prompt_tokens) - n_reused,
+                n_prompt_evaluated=n_evaluated,
                 n_generated=len(gen.tokens),
                 n_decode_steps=n_decode,
                 prefill_seconds=t_prefill,

@@ -282,3 +282,10 @@ def test_context_limits_on_a_real_model(real):
     assert g.finish_reason == FINISH_LENGTH
     assert real.engine.n_past == real.engine.n_ctx
     assert len(g.prompt_tokens) + len(g.tokens) == real.engine.n_ctx + 1
+
+
+def test_zero_max_tokens_evaluates_nothing():
+    gen, engine = make({})
+    g = gen.generate("ab", 0, GREEDY)
+    assert g.run() == "" and g.finish_reason == FINISH_LENGTH
+    assert engine.calls == [] and g.stats.n_prompt_evaluated == 0
