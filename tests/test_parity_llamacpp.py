@@ -1,0 +1,80 @@
+"""Acceptance 2 of the runtime: a shard set and the same weights exported as one GGUF, run by
+llama-cpp-python, give the same greedy 64-token continuation and logits within 1e-2 of the
+logit range (same quant types, same KV cache type).
+
+llama.cpp is run with flash attention on, the attention kernel edgemoe uses (llama-cpp-python
+defaults to the soft_max path, whose F16 rounding of the attention probabilities differs by
+~0.5% of the logit range on Q8_0 weights), and without extra buffer types: on this machine's CPU
+llama.cpp picks its AMX Q8_0 kernels for them and crashes in ggml_backend_amx_mul_mat.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tiny_models import ARCHS, make_tiny_checkpoint
+
+llama_cpp = pytest.importorskip("llama_cpp")
+pytest.importorskip("transformers")
+
+import llama_cpp.llama_cpp as llama_capi  # noqa: E402
+
+import converters  # noqa: E402
+from edgemoe.engine import Engine  # noqa: E402
+
+N_GENERATE = 64
+PROMPT = [3, 17, 42, 99, 7, 250, 31, 8]
+
+
+def _llama(path, n_ctx: int):
+    """llama-cpp-python's Llama on `path`, built with use_extra_bufts off."""
+    default = llama_capi.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(llama_capi, "llama_model_default_params", params)
+        return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=2,
+                               logits_all=True, flash_attn=True, verbose=False)
+
+
+def _greedy_llamacpp(path) -> tuple[list[int], np.ndarray]:
+    llm = _llama(path, 128)
+    llm.eval(PROMPT)
+    out, logits = [], []
+    for _ in range(N_GENERATE):
+        row = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        logits.append(row)
+        out.append(int(row.argmax()))
+        llm.eval([out[-1]])
+    llm.close()
+    return out, np.stack(logits)
+
+
+def _greedy_edgemoe(shards) -> tuple[list[int], np.ndarray]:
+    with Engine(shards, n_ctx=128, n_threads=2) as engine:
+        row = engine.eval(PROMPT)[-1]
+        out, logits = [], []
+        for _ in range(N_GENERATE):
+            logits.append(row)
+            out.append(int(row.argmax()))
+            row = engine.eval([out[-1]])[-1]
+    return out, np.stack(logits)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_same_greedy_continuation_and_logits(tmp_path, arch):
+    ckpt = make_tiny_checkpoint(arch, tmp_path / "hf", seed=2)
+    shards = tmp_path / "shards"
+    converters.convert(ckpt, shards, expert_type="Q8_0", dense_type="Q8_0", progress=False)
+    gguf_path = converters.export(shards, tmp_path / "model.gguf")
+
+    ref_tokens, ref_logits = _greedy_llamacpp(gguf_path)
+    tokens, logits = _greedy_edgemoe(shards)
+
+    assert tokens == ref_tokens
+    span = float(ref_logits.max() - ref_logits.min())
+    assert np.abs(logits - ref_logits).max() <= 1e-2 * span
