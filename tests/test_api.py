@@ -146,3 +146,44 @@ def test_close_and_context_manager(shards):
 def test_missing_shard_set_is_a_clear_error(tmp_path):
     with pytest.raises(ShardSetError, match="not a directory"):
         edgemoe.Model(tmp_path / "nope")
+
+
+def test_greedy_text_matches_llama_cpp_python(shards, model, tmp_path):
+    """The whole path (tokenize with BOS as the model asks, prefill, decode, stream text)
+    against llama-cpp-python's Llama on the same weights exported as one GGUF."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp.llama_cpp as capi
+
+    import converters
+
+    gguf = converters.export(shards, tmp_path / "model.gguf")
+    default = capi.llama_model_default_params
+
+    def params():
+        # llama.cpp's AMX/repack weight buffers crash on these tiny Q8_0 shapes on this CPU
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(capi, "llama_model_default_params", params)
+        llm = llama_cpp.Llama(str(gguf), n_ctx=128, n_threads=2, flash_attn=True, verbose=False)
+    try:
+        for prompt in ("The sea", "Hello world, hello", "Once upon a time"):
+            tokens = llm.tokenize(prompt.encode(), add_bos=True, special=False)
+            assert tokens == model.tokenize(prompt)
+            reference = []
+            for t in llm.generate(tokens, temp=0.0, top_k=1, reset=True):
+                if llm.token_eos() == t or len(reference) == 24:
+                    break
+                reference.append(t)
+            # bytes joined, then decoded as we stream: invalid UTF-8 shows as U+FFFD
+            # (llama-cpp-python's own create_completion drops such bytes instead)
+            text = b"".join(llm.detokenize([t]) for t in reference).decode("utf-8", "replace")
+            assert model.generate(prompt, max_tokens=24, temperature=0) == text
+        messages = [{"role": "user", "content": "Hi there"}]
+        prompt = model.chat_prompt(messages)
+        assert model.tokenize(prompt, parse_special=True) == llm.tokenize(
+            prompt.encode(), add_bos=True, special=True)
+    finally:
+        llm.close()
