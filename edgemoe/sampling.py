@@ -3,8 +3,10 @@
 llama.cpp's default chain (common/common.h, common/sampling.cpp) is
     penalties -> top_k -> top_p -> min_p -> temperature -> dist
 and we run the same steps in the same order, so that a setting means here what it means there:
-- repetition penalty over the last `repeat_last_n` tokens: a positive logit is divided by the
-  penalty, a non-positive one multiplied (dividing a negative logit would *raise* it);
+- repetition penalty over the last `repeat_last_n` tokens of the context, prompt included (as
+  llama.cpp's completion tool pushes the prompt into its sampler; llama-cpp-python counts only
+  generated tokens): a positive logit is divided by the penalty, a non-positive one multiplied
+  (dividing a negative logit would *raise* it);
 - top_p and min_p look at the distribution *before* temperature (temperature comes last);
 - temperature <= 0 keeps only the best token, which makes sampling greedy.
 
