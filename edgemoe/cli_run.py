@@ -133,7 +133,7 @@ def register(subparsers) -> None:
         description="Multi-turn chat with the model's chat template, streamed. Commands: "
         "/reset, /stats, /help, /exit. Ctrl-C ends a reply; Ctrl-D or /exit quits.")
     _add_model_args(chat)
-    _add_sampling_args(chat, n_default=-1)
+    _add_sampling_args(chat, n_default=256)
     chat.add_argument("--system", default=None, help="system message for the conversation")
     chat.set_defaults(func=cmd_chat)
 
