@@ -341,9 +341,12 @@ class Generator:
                     t_decode += time.perf_counter() - t0
                     n_decode += 1
             if not stopped:
-                # An incomplete UTF-8 sequence at the very end becomes U+FFFD, as in llama.cpp.
+                # An incomplete UTF-8 sequence at the very end becomes U+FFFD (what a terminal
+                # shows for the raw bytes llama.cpp prints); held-back text is released.
                 text, stopped = matcher.feed(decoder.decode(b"", final=True))
-                text += "" if stopped else matcher.flush()
+                if stopped:
+                    finish = FINISH_STOP
+                text += matcher.flush()
                 if text:
                     yield text
         finally:
