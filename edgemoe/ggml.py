@@ -216,6 +216,8 @@ class Context:
 class Buffer:
     """Backend memory holding every tensor of a context (weights, expert slots, KV cache)."""
 
+    ptr = None
+
     def __init__(self, ctx: Context, buffer_type: int, what: str):
         self.ptr = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx.ptr, buffer_type)
         if not self.ptr:
@@ -272,6 +274,8 @@ class Backend:
     then the CPU) unless `device` names one (a device name such as 'CPU' or 'Vulkan0', or a kind
     such as 'cpu'/'gpu'). When that device is not the CPU, a CPU backend is kept too, for ops the
     device does not support (the scheduler routes them)."""
+
+    backends: list[int] = []
 
     def __init__(self, device: str | None = None, n_threads: int | None = None):
         devices = list_devices()

@@ -150,8 +150,8 @@ class ExpertPool:
         """Bytes of backend memory the slots occupy (resident or not)."""
         return self.buffer.nbytes
 
-    def expert_bytes(self, layer: int) -> int:
-        """Bytes one expert of `layer` occupies in its slot."""
+    def expert_bytes(self, layer: int, expert: int | None = None) -> int:
+        """Bytes one expert of `layer` occupies in its slot (all experts of a layer are alike)."""
         return sum(self.slot_bytes[layer].values())
 
     def evict(self, layer: int, expert: int) -> int | None:

@@ -388,8 +388,9 @@ class GraphBuilder:
         if hp.expert_weights_scale not in (0.0, 1.0):
             weights = o.scale(weights, hp.expert_weights_scale)
         if routing == "masked":
-            ids = o.get_rows(inp.slot_map[il], selected)  # (1, k, n_tokens) slot of each choice
-            ids = o.reshape_2d(ids, k, n_tokens)
+            # One map for all tokens: look the k*n_tokens choices up as a flat list of rows.
+            flat = o.reshape_2d(o.cont(selected), k * n_tokens, 1)
+            ids = o.reshape_2d(o.get_rows(inp.slot_map[il], flat), k, n_tokens)  # slot per choice
         else:
             ids = selected
 

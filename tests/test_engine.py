@@ -1,0 +1,226 @@
+"""Engine and expert pool behaviour: context bookkeeping, errors, threads, memory, masked routing."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+from tiny_models import make_tiny_checkpoint
+
+pytest.importorskip("transformers")
+
+import converters  # noqa: E402
+from edgemoe import arch as arch_registry  # noqa: E402
+from edgemoe.engine import Engine  # noqa: E402
+from edgemoe.errors import (ContextOverflow, EdgeMoeError, ShardSetError,  # noqa: E402
+                            UnsupportedArchitecture)
+
+TOKENS = [5, 9, 33, 2, 100, 7, 8, 61, 12, 90, 4, 77]
+
+
+@pytest.fixture(scope="module")
+def shard_sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    out = {}
+    for arch in ("qwen3_moe", "olmoe"):
+        ckpt = make_tiny_checkpoint(arch, root / f"{arch}_hf", seed=3)
+        out[arch] = root / arch
+        converters.convert(ckpt, out[arch], expert_type="F32", dense_type="F32", progress=False)
+    out["hf_qwen3_moe"] = root / "qwen3_moe_hf"
+    return out
+
+
+@pytest.fixture()
+def qwen3(shard_sets, tmp_path):
+    """A private copy of the qwen3_moe shard set that a test may damage."""
+    dst = tmp_path / "set"
+    shutil.copytree(shard_sets["qwen3_moe"], dst)
+    return dst
+
+
+def _relerr(a, b):
+    return float(np.abs(a - b).max() / (b.max() - b.min()))
+
+
+def test_truncate_then_reevaluate_gives_the_same_logits(shard_sets):
+    with Engine(shard_sets["qwen3_moe"], n_ctx=32, kv_type="f32") as engine:
+        full = engine.eval(TOKENS)
+        assert engine.n_past == len(TOKENS)
+        engine.truncate(6)
+        again = engine.eval(TOKENS[6:])
+        assert engine.n_past == len(TOKENS)
+        assert _relerr(again, full[6:]) < 1e-5
+        with pytest.raises(EdgeMoeError, match="truncate"):
+            engine.truncate(len(TOKENS) + 1)
+
+
+def test_context_overflow_leaves_the_context_intact(shard_sets):
+    with Engine(shard_sets["qwen3_moe"], n_ctx=16) as engine:
+        engine.eval(TOKENS[:10])
+        with pytest.raises(ContextOverflow, match="n_ctx=16"):
+            engine.eval(TOKENS[:10])
+        assert engine.n_past == 10
+        assert engine.eval(TOKENS[:6]).shape == (6, engine.n_vocab)
+
+
+def test_bad_tokens_are_refused_before_compute(shard_sets):
+    with Engine(shard_sets["qwen3_moe"], n_ctx=16) as engine:
+        with pytest.raises(EdgeMoeError, match="outside the vocabulary"):
+            engine.eval([1, engine.n_vocab])
+        with pytest.raises(EdgeMoeError, match="at least one token"):
+            engine.eval([])
+        assert engine.n_past == 0
+
+
+def test_closed_engine_refuses_eval(shard_sets):
+    engine = Engine(shard_sets["qwen3_moe"], n_ctx=16)
+    engine.close()
+    engine.close()  # idempotent
+    with pytest.raises(EdgeMoeError, match="closed"):
+        engine.eval([1])
+
+
+def test_concurrent_evals_are_serialised(shard_sets):
+    with Engine(shard_sets["olmoe"], n_ctx=64) as engine:
+        errors = []
+
+        def worker(tokens):
+            try:
+                for t in tokens:
+                    engine.eval([t])
+            except Exception as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(TOKENS,)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert engine.n_past == 3 * len(TOKENS)
+
+
+def test_memory_reports_every_part(shard_sets):
+    with Engine(shard_sets["qwen3_moe"], n_ctx=64, kv_type="f32") as engine:
+        mem = engine.memory()
+        hp = engine.hparams
+        assert mem["kv_cache"] >= 2 * hp.n_layer * hp.n_embd_kv * 64 * 4
+        tensor_bytes = sum(info.nbytes for s in engine.shards.experts() for info in s.tensors.values())
+        assert mem["expert_slots"] >= tensor_bytes
+        assert mem["base_weights"] > 0 and mem["compute"] > 0
+        assert engine.device
+
+
+def test_router_logits_match_transformers(shard_sets):
+    """With masked routing the unmasked router logits are an output (for importance scores)."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(shard_sets["hf_qwen3_moe"],
+                                                              dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor([TOKENS]), output_router_logits=True).router_logits
+    with Engine(shard_sets["qwen3_moe"], n_ctx=32, kv_type="f32", routing="masked") as engine:
+        engine.eval(TOKENS)
+        for layer, got in engine.router_logits.items():
+            want = ref[layer].reshape(len(TOKENS), -1).numpy()
+            assert got.shape == want.shape
+            assert _relerr(got, want) < 1e-4
+
+
+def test_masked_routing_follows_the_slot_map(shard_sets):
+    path = shard_sets["qwen3_moe"]
+    with Engine(path, n_ctx=32, kv_type="f32") as full:
+        want = full.eval(TOKENS)
+    with Engine(path, n_ctx=32, kv_type="f32", routing="masked", load_experts=False) as engine:
+        pool = engine.pool
+        for layer in pool.layers:  # every expert resident, in reversed slots
+            for e in range(pool.n_expert):
+                assert pool.load(layer, e, pool.n_expert - 1 - e) == pool.n_expert - 1 - e
+        assert _relerr(engine.eval(TOKENS), want) < 1e-5
+
+        # Only experts 1 and 2 resident (top-2 of 4): routing is restricted to them, wherever
+        # they sit, and the result differs from unrestricted routing.
+        restricted = []
+        for placement in ({1: 0, 2: 1}, {1: 3, 2: 2}):
+            for layer in pool.layers:
+                for e in list(pool.resident(layer)):
+                    pool.evict(layer, e)
+                for e, slot in placement.items():
+                    pool.load(layer, e, slot)
+                assert pool.resident(layer) == placement
+            engine.reset()
+            restricted.append(engine.eval(TOKENS))
+        assert _relerr(restricted[0], restricted[1]) < 1e-5
+        assert _relerr(restricted[0], want) > 1e-3
+
+
+def test_pool_slots_loads_and_evictions(shard_sets):
+    with Engine(shard_sets["qwen3_moe"], n_ctx=16, routing="masked", n_slots=2,
+                load_experts=False) as engine:
+        pool = engine.pool
+        assert pool.n_slots(0) == 2 and pool.resident(0) == {}
+        assert pool.load(0, 3) == 0
+        assert pool.load(0, 3) == 0  # resident already: no read
+        assert pool.loads == 1 and pool.bytes_read == engine.shards.expert(0, 3).data_bytes
+        assert pool.load(0, 1) == 1
+        with pytest.raises(EdgeMoeError, match="evict one first"):
+            pool.load(0, 2)
+        assert pool.load(0, 2, slot=0) == 0  # an explicit slot replaces its expert
+        assert pool.resident(0) == {2: 0, 1: 1} and pool.slot_of(0, 3) is None
+        assert pool.evict(0, 1) == 1 and pool.free_slots(0) == [1]
+        assert list(pool.route_mask(0)) == [-np.inf, -np.inf, 0.0, -np.inf]
+        assert pool.slot_map(0)[2] == 0
+        with pytest.raises(EdgeMoeError, match="between top-k"):
+            Engine(shard_sets["qwen3_moe"], n_slots=1, routing="masked", load_experts=False)
+
+
+def test_unreadable_expert_shard_names_the_file(qwen3):
+    with Engine(qwen3, n_ctx=16, routing="masked", n_slots=2, load_experts=False) as engine:
+        shard = engine.shards.expert(1, 2)
+        with open(shard.path, "r+b") as f:
+            f.truncate(shard.data_offset + 100)
+        with pytest.raises(ShardSetError, match=r"blk\.1\.2\.gguf.*truncated"):
+            engine.pool.load(1, 2)
+        assert engine.pool.resident(1) == {}
+
+
+def test_missing_or_resized_shard_is_refused_at_open(qwen3):
+    (qwen3 / "experts" / "blk.0.1.gguf").unlink()
+    with pytest.raises(ShardSetError, match=r"blk\.0\.1\.gguf: missing"):
+        Engine(qwen3)
+
+
+def test_base_from_another_model_is_refused(qwen3, shard_sets):
+    base = qwen3 / "base.gguf"
+    shutil.copyfile(shard_sets["olmoe"] / "base.gguf", base)
+    manifest = json.loads((qwen3 / "manifest.json").read_text())
+    manifest["base"].update(bytes=base.stat().st_size,
+                            sha256=hashlib.sha256(base.read_bytes()).hexdigest())
+    (qwen3 / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardSetError, match="do not match"):
+        Engine(qwen3)
+
+
+def test_corrupt_base_is_a_clear_error(qwen3):
+    base = qwen3 / "base.gguf"
+    data = bytearray(base.read_bytes())
+    data[:4] = b"XXXX"
+    base.write_bytes(bytes(data))
+    with pytest.raises(ShardSetError, match="base.gguf: not a readable GGUF"):
+        Engine(qwen3)
+
+
+def test_unsupported_architecture_lists_the_supported_ones():
+    with pytest.raises(UnsupportedArchitecture, match="qwen3moe") as info:
+        arch_registry.get("gpt2")
+    assert "'gpt2'" in str(info.value)
+
+
+def test_unknown_device_lists_the_available_ones(shard_sets):
+    with pytest.raises(EdgeMoeError, match="CPU"):
+        Engine(shard_sets["qwen3_moe"], device="NoSuchDevice0")
