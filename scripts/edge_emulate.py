@@ -461,6 +461,7 @@ class LimitedResult:
     disks: list[str]          # throttled devices, "MAJ:MIN name"
     peak_bytes: int | None    # the group's peak usage (RSS + page cache), None without a limit
     peak_rss_bytes: int | None  # the command process's peak RSS (VmHWM, polled until exit)
+    sampled_rss_bytes: int | None  # largest RSS (VmRSS) seen by polling every 5 ms
     limit_hits: int | None
     oom_kills: int | None
     read_bytes: int | None    # bytes the group read from the throttled disks
@@ -585,7 +586,7 @@ def run_limited(cmd: list[str], profile: str | None = None, mem: int | str | Non
         cgroup_version=group.version if group else 0, mem_limit=mem, read_bps=read_bps,
         disks=[f"{d.dev} {d.name}" for d in disks],
         peak_bytes=stats.peak_bytes if stats else None,
-        peak_rss_bytes=sampler.peak,
+        peak_rss_bytes=sampler.peak, sampled_rss_bytes=sampler.sampled,
         limit_hits=stats.limit_hits if stats else None,
         oom_kills=stats.oom_kills if stats else None,
         read_bytes=sum(stats.read_bytes.get(d.dev, 0) for d in disks) if stats and disks else None,
@@ -604,26 +605,27 @@ class _PeakRss:
     and never decreases, so polling misses at most the growth in the last interval before exit."""
 
     def __init__(self, pid: int, interval: float = 0.005):
-        self.pid, self.interval, self.peak = pid, interval, None
+        self.pid, self.interval = pid, interval
+        self.peak = self.sampled = None  # VmHWM; largest VmRSS seen
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _read(self) -> int | None:
+    def _read(self) -> tuple[int, int] | None:
+        """(VmHWM, VmRSS) in bytes, None once the process has exited (a zombie has no memory)."""
         try:
             with open(f"/proc/{self.pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-        return None  # exited (a zombie has no memory map)
+                fields = dict(line.split(":", 1) for line in f if line.startswith(("VmHWM", "VmRSS")))
+            return int(fields["VmHWM"].split()[0]) * 1024, int(fields["VmRSS"].split()[0]) * 1024
+        except (FileNotFoundError, ProcessLookupError, KeyError):
+            return None
 
     def _run(self) -> None:
         while True:
-            hwm = self._read()
-            if hwm is not None and (self.peak is None or hwm > self.peak):
-                self.peak = hwm
+            sample = self._read()
+            if sample is not None:
+                self.peak = max(self.peak or 0, sample[0])
+                self.sampled = max(self.sampled or 0, sample[1])
             if self._done.wait(self.interval):
                 return
 

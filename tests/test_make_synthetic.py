@@ -146,3 +146,16 @@ def test_cli_refuses_a_non_empty_output(tmp_path):
                            "--ffn", "256", "--vocab", "512"], capture_output=True, text=True)
     assert proc.returncode == 2 and "not empty" in proc.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_bench_reads_the_sizes_the_limit_is_computed_from(tiny):
+    """bench_convert_memory's limit (2 x largest tensor + 400 MB) rests on these two figures."""
+    import bench_convert_memory
+
+    arch, out = tiny
+    total, largest, name = bench_convert_memory.checkpoint_sizes(out)
+    spec = ms.SynthSpec(arch=arch, **TINY)
+    assert total == sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    assert total > spec.nbytes()  # headers on top of the tensor bytes
+    assert largest == spec.largest_tensor_nbytes() == 512 * 256 * 2
+    assert name in ("model.embed_tokens.weight", "lm_head.weight")
