@@ -122,13 +122,13 @@ def test_calibration_file_roundtrip(shards, tmp_path):
          for p in ("w1", "w3", "w2")]
     assert norms[0][3] == pytest.approx(expert_norm(w), rel=0.01)
     cal = Calibration(norms=norms, usage={l: np.arange(N_EXPERT) for l in norms},
-                      sensitivity={l: 0.5 * (l + 1) for l in norms}, sensitivity_method="kl",
+                      sensitivity={l: 0.5 * (l + 1) for l in norms}, sensitivity_method="isolated",
                       tokens=1000)
     cal.save(tmp_path)
     back = Calibration.load(tmp_path)
     np.testing.assert_allclose(back.norms[1], norms[1])
     assert back.usage[0].tolist() == list(range(N_EXPERT))
-    assert back.sensitivity == {0: 0.5, 1: 1.0} and back.sensitivity_method == "kl"
+    assert back.sensitivity == {0: 0.5, 1: 1.0} and back.sensitivity_method == "isolated"
     with pytest.raises(ShardSetError, match="run `edgemoe calibrate`"):
         Calibration.load(tmp_path / "nowhere")
     (tmp_path / "calibration.json").write_text('{"format": "other", "version": 1}')

@@ -26,7 +26,7 @@ class Calibration:
     norms: Mapping[int, np.ndarray]                 # layer -> (n_expert,)
     usage: Mapping[int, np.ndarray] | None = None   # layer -> (n_expert,) counts
     sensitivity: Mapping[int, float] | None = None  # layer -> s_l
-    sensitivity_method: str | None = None           # "kl" (measured) or "proxy" (isotropic)
+    sensitivity_method: str | None = None           # "isolated", "one-pass" or "proxy"
     tokens: int = 0                                 # calibration tokens behind usage/sensitivity
 
     def save(self, shards_dir: str | Path) -> Path:
