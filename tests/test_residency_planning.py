@@ -48,24 +48,28 @@ NEEDS = MemoryNeeds(base_bytes=300 * MiB, kv_bytes=64 * MiB, compute_bytes=36 * 
 
 
 def test_budget_to_slots():
-    assert NEEDS.minimum_bytes == 400 * MiB + 80 * MiB
+    # Fixed: base, KV, compute and one read in flight (2 x 10 MiB) = 420 MiB.
+    assert NEEDS.fixed_bytes == 420 * MiB and NEEDS.minimum_bytes == 420 * MiB + 80 * MiB
     plan = uniform_slots(parse_budget("50%"), NEEDS)
     assert plan.slots == {0: 4, 1: 4, 2: 4, 3: 4} and plan.slot_bytes == 160 * MiB
-    # 400 MiB fixed + 150 MiB: 3 slots everywhere (120 MiB), 30 MiB more gives layers 0-2 a 4th.
-    plan = uniform_slots(parse_budget("550MiB"), NEEDS)
+    # 420 MiB fixed + 150 MiB: 3 slots everywhere (120 MiB), 30 MiB more gives layers 0-2 a 4th.
+    plan = uniform_slots(parse_budget("570MiB"), NEEDS)
     assert plan.slots == {0: 4, 1: 4, 2: 4, 3: 3}
-    assert plan.total_bytes == 550 * MiB
+    assert plan.total_bytes == 570 * MiB
     # Never more than every expert, whatever the budget.
     assert uniform_slots(parse_budget("100GiB"), NEEDS).slots == {l: 8 for l in range(4)}
-    assert make_plan({0: 2, 1: 8, 2: 2, 3: 2}, NEEDS).total_bytes == 400 * MiB + 140 * MiB
+    assert make_plan({0: 2, 1: 8, 2: 2, 3: 2}, NEEDS).total_bytes == 420 * MiB + 140 * MiB
+    # A pool that reads straight into its slots declares no transient bytes.
+    from dataclasses import replace
+    assert replace(NEEDS, read_bytes=0).minimum_bytes == 480 * MiB
 
 
 def test_budget_refusal_states_the_minimum():
-    with pytest.raises(BudgetError, match=r"below the minimum of 480 MiB \(503316480 bytes\).*"
+    with pytest.raises(BudgetError, match=r"below the minimum of 500 MiB \(524288000 bytes\).*"
                                           r"base 300 MiB \+ KV 64 MiB \+ compute 36 MiB \+ "
-                                          r"2 expert slots per layer 80 MiB"):
-        uniform_slots(parse_budget("479MiB"), NEEDS)
-    uniform_slots(parse_budget("480MiB"), NEEDS)           # exactly the minimum runs
+                                          r"reads 20 MiB \+ 2 expert slots per layer 80 MiB"):
+        uniform_slots(parse_budget("499MiB"), NEEDS)
+    uniform_slots(parse_budget("500MiB"), NEEDS)           # exactly the minimum runs
     with pytest.raises(BudgetError, match=r"below the minimum of 25%"):
         uniform_slots(parse_budget("20%"), NEEDS)
 
@@ -324,6 +328,7 @@ def test_plan_report(topics):
     preds, lines = plan(parse_budget("50%"), needs, topics, _profile(topics.layers), norms)
     assert [p.policy for p in preds] == ["static", "swap", "ondemand"]
     assert lines[0].startswith("budget 50% of expert bytes: 96 MiB for expert slots of 192 MiB")
+    assert "reads 8 MiB" in lines[0]
     assert "full      does not fit" in lines[1]
     for p in preds:
         assert sum(p.slots[l] * eb[l] for l in p.slots) <= 96 * MiB

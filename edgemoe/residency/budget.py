@@ -83,10 +83,20 @@ class MemoryNeeds:
     expert_bytes: Mapping[int, int]  # layer -> bytes of one expert slot (gate + up + down)
     n_expert: int
     n_expert_used: int               # top-k: every expert layer needs at least k slots
+    # Transient bytes of the one read in flight (reads are serialised): edgemoe.pool reads an
+    # expert into a host buffer before copying it into its slot, and the page cache the read
+    # filled lives until it is dropped. None: twice the largest expert, the pool's worst case.
+    read_bytes: int | None = None
+
+    @property
+    def io_bytes(self) -> int:
+        if self.read_bytes is not None:
+            return self.read_bytes
+        return 2 * max(self.expert_bytes.values())
 
     @property
     def fixed_bytes(self) -> int:
-        return self.base_bytes + self.kv_bytes + self.compute_bytes
+        return self.base_bytes + self.kv_bytes + self.compute_bytes + self.io_bytes
 
     @property
     def expert_bytes_total(self) -> int:
@@ -127,7 +137,8 @@ def expert_allowance(budget: Budget, needs: MemoryNeeds) -> int:
             f"memory budget {format_bytes(budget.bytes)} ({budget.bytes} bytes) is below the minimum "
             f"of {format_bytes(needs.minimum_bytes)} ({needs.minimum_bytes} bytes): base "
             f"{format_bytes(needs.base_bytes)} + KV {format_bytes(needs.kv_bytes)} + compute "
-            f"{format_bytes(needs.compute_bytes)} + {needs.n_expert_used} expert slots per layer "
+            f"{format_bytes(needs.compute_bytes)} + reads {format_bytes(needs.io_bytes)} + "
+            f"{needs.n_expert_used} expert slots per layer "
             f"{format_bytes(needs.n_expert_used * sum(needs.expert_bytes.values()))}")
     return budget.bytes - needs.fixed_bytes
 

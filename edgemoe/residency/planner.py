@@ -321,7 +321,8 @@ def plan(budget: Budget, needs: MemoryNeeds, trace: RoutingTrace, profile: Profi
              f"{format_bytes(needs.expert_bytes_total)} "
              f"({allowance / needs.expert_bytes_total * 100:.0f}%); fixed "
              f"{format_bytes(needs.fixed_bytes)} (base {format_bytes(needs.base_bytes)}, KV "
-             f"{format_bytes(needs.kv_bytes)}, compute {format_bytes(needs.compute_bytes)})"]
+             f"{format_bytes(needs.kv_bytes)}, compute {format_bytes(needs.compute_bytes)}, "
+             f"reads {format_bytes(needs.io_bytes)})"]
     preds = []
     if fits_all:
         preds.append(predict_full(trace, k, profile))
