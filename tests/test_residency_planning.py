@@ -62,11 +62,16 @@ def test_budget_to_slots():
     # A pool that reads straight into its slots declares no transient bytes.
     from dataclasses import replace
     assert replace(NEEDS, read_bytes=0).minimum_bytes == 480 * MiB
+    # The interpreter and libraries count too (the engine measures them before loading).
+    from edgemoe.residency.budget import process_baseline_bytes
+    baseline = process_baseline_bytes()
+    assert 10 * MiB < baseline < 4096 * MiB
+    assert replace(NEEDS, runtime_bytes=baseline).minimum_bytes == 500 * MiB + baseline
 
 
 def test_budget_refusal_states_the_minimum():
     with pytest.raises(BudgetError, match=r"below the minimum of 500 MiB \(524288000 bytes\).*"
-                                          r"base 300 MiB \+ KV 64 MiB \+ compute 36 MiB \+ "
+                                          r"runtime 0 B \+ base 300 MiB \+ KV 64 MiB \+ compute 36 MiB \+ "
                                           r"reads 20 MiB \+ 2 expert slots per layer 80 MiB"):
         uniform_slots(parse_budget("499MiB"), NEEDS)
     uniform_slots(parse_budget("500MiB"), NEEDS)           # exactly the minimum runs

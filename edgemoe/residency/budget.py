@@ -87,6 +87,9 @@ class MemoryNeeds:
     # expert into a host buffer before copying it into its slot, and the page cache the read
     # filled lives until it is dropped. None: twice the largest expert, the pool's worst case.
     read_bytes: int | None = None
+    # The process before any model memory: interpreter, numpy, the ggml libraries, tokenizer.
+    # The engine passes process_baseline_bytes() taken before it loads anything.
+    runtime_bytes: int = 0
 
     @property
     def io_bytes(self) -> int:
@@ -96,7 +99,8 @@ class MemoryNeeds:
 
     @property
     def fixed_bytes(self) -> int:
-        return self.base_bytes + self.kv_bytes + self.compute_bytes + self.io_bytes
+        return (self.runtime_bytes + self.base_bytes + self.kv_bytes + self.compute_bytes
+                + self.io_bytes)
 
     @property
     def expert_bytes_total(self) -> int:
@@ -110,6 +114,13 @@ class MemoryNeeds:
     @property
     def minimum_fraction(self) -> float:
         return self.n_expert_used / self.n_expert
+
+
+def process_baseline_bytes() -> int:
+    """Resident bytes of this process now (call before loading a model): MemoryNeeds.runtime_bytes."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
 
 
 @dataclass(frozen=True)
@@ -135,7 +146,8 @@ def expert_allowance(budget: Budget, needs: MemoryNeeds) -> int:
     if budget.bytes < needs.minimum_bytes:
         raise BudgetError(
             f"memory budget {format_bytes(budget.bytes)} ({budget.bytes} bytes) is below the minimum "
-            f"of {format_bytes(needs.minimum_bytes)} ({needs.minimum_bytes} bytes): base "
+            f"of {format_bytes(needs.minimum_bytes)} ({needs.minimum_bytes} bytes): runtime "
+            f"{format_bytes(needs.runtime_bytes)} + base "
             f"{format_bytes(needs.base_bytes)} + KV {format_bytes(needs.kv_bytes)} + compute "
             f"{format_bytes(needs.compute_bytes)} + reads {format_bytes(needs.io_bytes)} + "
             f"{needs.n_expert_used} expert slots per layer "

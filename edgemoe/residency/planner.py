@@ -320,7 +320,8 @@ def plan(budget: Budget, needs: MemoryNeeds, trace: RoutingTrace, profile: Profi
     lines = [f"budget {budget}: {format_bytes(allowance)} for expert slots of "
              f"{format_bytes(needs.expert_bytes_total)} "
              f"({allowance / needs.expert_bytes_total * 100:.0f}%); fixed "
-             f"{format_bytes(needs.fixed_bytes)} (base {format_bytes(needs.base_bytes)}, KV "
+             f"{format_bytes(needs.fixed_bytes)} (runtime {format_bytes(needs.runtime_bytes)}, "
+             f"base {format_bytes(needs.base_bytes)}, KV "
              f"{format_bytes(needs.kv_bytes)}, compute {format_bytes(needs.compute_bytes)}, "
              f"reads {format_bytes(needs.io_bytes)})"]
     preds = []
