@@ -18,7 +18,8 @@ from gguf.constants import Keys
 
 from edgemoe import arch as arch_registry
 from edgemoe import ggml
-from edgemoe.arch.common import BaseWeights, Graph, GraphBuilder, HParams, KVCache, kq_mask, kv_cells_for
+from edgemoe.arch.common import (BaseWeights, Graph, GraphBuilder, HParams, KVCache,
+                                 graph_nodes_upper_bound, kq_mask, kv_cells_for)
 from edgemoe.errors import ContextOverflow, EdgeMoeError, ShardSetError
 from edgemoe.ggml import GGMLType
 from edgemoe.pool import ExpertPool
@@ -88,9 +89,10 @@ class Engine:
             self._builder = GraphBuilder(self.spec, hp, self.weights, self.pool, self.kv)
             self._graphs: OrderedDict[tuple, Graph] = OrderedDict()
             worst = self._builder.build(min(n_batch, n_ctx), kv_cells_for(n_ctx, n_ctx), routing)
-            self.sched = self._own(ggml.Scheduler(self.backend, ggml.lib.ggml_graph_n_nodes(worst.graph) + 64))
+            # The scheduler hashes every node and leaf; a graph holds at most this many of each.
+            self.sched = self._own(ggml.Scheduler(self.backend, 2 * graph_nodes_upper_bound(hp)))
             self.sched.reserve(worst.graph)
-            self._graphs[(worst.n_tokens, worst.n_kv)] = worst
+            self._graphs[(worst.n_tokens, worst.n_kv, True)] = worst
         except BaseException:
             self.close()
             raise
@@ -121,8 +123,9 @@ class Engine:
 
     # -- inference -------------------------------------------------------------------------------
 
-    def eval(self, tokens) -> np.ndarray:
-        """Append `tokens` to the context; returns their logits, float32 (n_tokens, n_vocab).
+    def eval(self, tokens, all_logits: bool = True) -> np.ndarray:
+        """Append `tokens` to the context; returns their logits, float32 (n_tokens, n_vocab), or
+        only the last token's (1, n_vocab) with all_logits=False (cheaper prompt processing).
         Batches longer than n_batch are split; each batch runs the experts with ggml_mul_mat_id."""
         toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if toks.size == 0:
@@ -136,17 +139,19 @@ class Engine:
             if self.n_past + toks.size > self.n_ctx:
                 raise ContextOverflow(f"{self.n_past} tokens in context + {toks.size} new exceed "
                                       f"n_ctx={self.n_ctx}")
-            out = np.empty((toks.size, self.n_vocab), dtype=np.float32)
+            out = np.empty((toks.size if all_logits else 1, self.n_vocab), dtype=np.float32)
             for start in range(0, toks.size, self.n_batch):
                 chunk = toks[start:start + self.n_batch].astype(np.int32)
-                self._eval_batch(chunk, out[start:start + chunk.size])
+                self._eval_batch(chunk, out[start:start + chunk.size] if all_logits else out,
+                                 all_logits)
             return out
 
-    def _graph(self, n_tokens: int, n_kv: int) -> Graph:
-        key = (n_tokens, n_kv)
+    def _graph(self, n_tokens: int, n_kv: int, all_logits: bool) -> Graph:
+        # One token has one row of logits either way: share the decode graph.
+        key = (n_tokens, n_kv, all_logits or n_tokens == 1)
         g = self._graphs.get(key)
         if g is None:
-            g = self._builder.build(n_tokens, n_kv, self.routing)
+            g = self._builder.build(n_tokens, n_kv, self.routing, key[2])
             self._graphs[key] = g
             while len(self._graphs) > _MAX_GRAPHS:
                 self._graphs.popitem(last=False)[1].close()
@@ -154,9 +159,9 @@ class Engine:
             self._graphs.move_to_end(key)
         return g
 
-    def _eval_batch(self, tokens: np.ndarray, out: np.ndarray) -> None:
+    def _eval_batch(self, tokens: np.ndarray, out: np.ndarray, all_logits: bool) -> None:
         n = tokens.size
-        g = self._graph(n, kv_cells_for(self.n_past + n, self.n_ctx))
+        g = self._graph(n, kv_cells_for(self.n_past + n, self.n_ctx), all_logits)
         pos = np.arange(self.n_past, self.n_past + n, dtype=np.int32)
         inp = g.inputs
         with self.pool.compute_lock:

@@ -56,6 +56,10 @@ def test_truncate_then_reevaluate_gives_the_same_logits(shard_sets):
         assert _relerr(again, full[6:]) < 1e-5
         with pytest.raises(EdgeMoeError, match="truncate"):
             engine.truncate(len(TOKENS) + 1)
+        engine.reset()
+        last = engine.eval(TOKENS, all_logits=False)
+        assert last.shape == (1, engine.n_vocab)
+        assert _relerr(last[0], full[-1]) < 1e-5
 
 
 def test_context_overflow_leaves_the_context_intact(shard_sets):

@@ -266,8 +266,9 @@ class Graph:
     graph: int
     n_tokens: int
     n_kv: int
+    n_out: int                  # tokens whose logits are computed: n_tokens or 1 (the last)
     inputs: GraphInputs
-    logits: int                 # F32 (n_vocab, n_tokens)
+    logits: int                 # F32 (n_vocab, n_out)
     router_logits: dict[int, int]  # layer -> F32 (n_expert, n_tokens), unmasked (masked routing)
 
     def close(self) -> None:
@@ -285,7 +286,11 @@ class GraphBuilder:
     def __init__(self, spec: ArchSpec, hp: HParams, weights: BaseWeights, slots, kv: KVCache):
         self.spec, self.hp, self.w, self.slots, self.kv = spec, hp, weights, slots, kv
 
-    def build(self, n_tokens: int, n_kv: int, routing: str = "full") -> Graph:
+    def build(self, n_tokens: int, n_kv: int, routing: str = "full",
+              all_logits: bool = True) -> Graph:
+        """The forward graph of a batch of n_tokens attending over n_kv cells; with
+        all_logits=False only the last token's logits are computed (the output projection is
+        the largest matmul of a prompt)."""
         hp, w, M = self.hp, self.w, MODEL_TENSOR
         size = graph_nodes_upper_bound(hp)
         ctx = ggml.Context(2 * size, graph_size=size)
@@ -312,14 +317,18 @@ class GraphBuilder:
                 h = self._ffn(o, h, w.get(M.FFN_GATE, il), w.get(M.FFN_UP, il), w.get(M.FFN_DOWN, il))
             x = o.add(h, x)
 
+        n_out = n_tokens
+        if not all_logits:
+            row = ggml.row_size(GGMLType.F32, hp.n_embd)
+            x, n_out = o.view_2d(x, hp.n_embd, 1, row, row * (n_tokens - 1)), 1
         x = self._norm(o, x, w.get(M.OUTPUT_NORM))
-        logits = o.mul_mat(w.get(M.OUTPUT) or w.get(M.TOKEN_EMBD), x)  # (n_vocab, n_tokens)
+        logits = o.mul_mat(w.get(M.OUTPUT) or w.get(M.TOKEN_EMBD), x)  # (n_vocab, n_out)
         o.output(o.name(logits, "result_output"))
         for t in router_logits.values():
             o.output(t)
             ggml.lib.ggml_build_forward_expand(gf, t)
         ggml.lib.ggml_build_forward_expand(gf, logits)
-        return Graph(ctx, gf, n_tokens, n_kv, inp, logits, router_logits)
+        return Graph(ctx, gf, n_tokens, n_kv, n_out, inp, logits, router_logits)
 
     def _norm(self, o: ggml.Ops, x: int, weight: int) -> int:
         return o.mul(o.rms_norm(x, self.hp.rms_eps), weight)

@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""edgemoe vs llama-cpp-python on the same weights, side by side in one process.
+
+    python scripts/bench_vs_llamacpp.py                       # 16 layers, 32 experts top-4, Q8_0
+    python scripts/bench_vs_llamacpp.py --expert-type Q4_K --threads 2 --repeats 3
+
+Builds (once, cached in --workdir) a synthetic HF checkpoint with scripts/make_synthetic.py,
+converts it to a shard set (`edgemoe convert`) and exports the same weights as one GGUF
+(`edgemoe export`). Then, for each runner, with the same thread count: prefill a prompt of
+--prompt tokens (timed as one eval), then greedy-decode --gen tokens one at a time (timed),
+repeated --repeats times, alternating runners; prints median prefill and decode tok/s and the
+edgemoe / llama.cpp ratios. Both runners produce the next token's logits only after prefill
+(llama.cpp computes the last row; edgemoe is asked for the last row too).
+
+llama.cpp runs with flash attention (the kernel edgemoe uses) and, by default, without its extra
+weight buffer types (--llama-extra-bufts turns them on): on CPUs with AMX its AMX Q8_0 kernel
+crashed in testing here, and edgemoe does not repack weights either.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def prepare(args) -> tuple[Path, Path]:
+    if args.shards and args.gguf:
+        return Path(args.shards), Path(args.gguf)
+    work = Path(args.workdir)
+    name = (f"{args.arch}_L{args.layers}_E{args.experts}_k{args.top_k}_h{args.hidden}_f{args.ffn}")
+    ckpt = work / name
+    shards = work / f"{name}.{args.expert_type}_{args.dense_type}"
+    gguf = work / f"{shards.name}.gguf"
+    if not (ckpt / "config.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_synthetic.py"), str(ckpt),
+                        "--arch", args.arch, "--layers", str(args.layers), "--experts",
+                        str(args.experts), "--top-k", str(args.top_k), "--hidden", str(args.hidden),
+                        "--ffn", str(args.ffn), "--force"], check=True)
+    import converters
+
+    if not (shards / "manifest.json").exists():
+        converters.convert(ckpt, shards, expert_type=args.expert_type, dense_type=args.dense_type,
+                           force=True)
+    if not gguf.exists():
+        converters.export(shards, gguf, progress=True)
+    return shards, gguf
+
+
+class EdgemoeRunner:
+    name = "edgemoe"
+
+    def __init__(self, shards: Path, n_ctx: int, threads: int):
+        from edgemoe.engine import Engine
+
+        self.engine = Engine(shards, n_ctx=n_ctx, n_threads=threads)
+        self.n_vocab = self.engine.n_vocab
+
+    def reset(self):
+        self.engine.reset()
+
+    def prefill(self, tokens) -> np.ndarray:
+        return self.engine.eval(tokens, all_logits=False)[-1]
+
+    def step(self, token: int) -> np.ndarray:
+        return self.engine.eval([token])[-1]
+
+    def close(self):
+        self.engine.close()
+
+
+class LlamaRunner:
+    name = "llama.cpp"
+
+    def __init__(self, gguf: Path, n_ctx: int, threads: int, n_batch: int, extra_bufts: bool):
+        import llama_cpp
+        import llama_cpp.llama_cpp as capi
+
+        default = capi.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = extra_bufts
+            return p
+
+        capi.llama_model_default_params = params
+        try:
+            self.llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                                       n_threads=threads, n_threads_batch=threads,
+                                       flash_attn=True, verbose=False)
+        finally:
+            capi.llama_model_default_params = default
+        self.n_vocab = self.llm.n_vocab()
+
+    def reset(self):
+        self.llm.reset()
+
+    def _last(self) -> np.ndarray:
+        # Without logits_all, Llama.eval keeps no scores; the context holds the last row.
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.n_vocab,)).copy()
+
+    def prefill(self, tokens) -> np.ndarray:
+        self.llm.eval(list(map(int, tokens)))
+        return self._last()
+
+    def step(self, token: int) -> np.ndarray:
+        self.llm.eval([token])
+        return self._last()
+
+    def close(self):
+        self.llm.close()
+
+
+def run_once(runner, prompt, n_gen) -> tuple[float, float, list[int]]:
+    runner.reset()
+    t0 = time.perf_counter()
+    logits = runner.prefill(prompt)
+    t1 = time.perf_counter()
+    out = []
+    for _ in range(n_gen):
+        out.append(int(np.argmax(logits)))
+        logits = runner.step(out[-1])
+    t2 = time.perf_counter()
+    return len(prompt) / (t1 - t0), n_gen / (t2 - t1), out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default="/tmp/edgemoe-bench")
+    ap.add_argument("--arch", default="qwen3_moe")
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--experts", type=int, default=32)
+    ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--ffn", type=int, default=768)
+    ap.add_argument("--expert-type", default="Q8_0")
+    ap.add_argument("--dense-type", default="Q8_0")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--shards", help="an existing shard set (with --gguf: skip building)")
+    ap.add_argument("--gguf", help="the same weights exported as one GGUF")
+    ap.add_argument("--llama-extra-bufts", action="store_true",
+                    help="let llama.cpp repack weights into its extra CPU buffer types")
+    args = ap.parse_args()
+
+    shards, gguf = prepare(args)
+    n_ctx = args.prompt + args.gen + 8
+    size = sum(p.stat().st_size for p in shards.rglob("*.gguf"))
+    print(f"model: {shards.name} ({size / 1e9:.2f} GB of GGUF), threads {args.threads}, "
+          f"prompt {args.prompt}, generate {args.gen}, repeats {args.repeats}")
+
+    t = time.perf_counter()
+    ours = EdgemoeRunner(shards, n_ctx, args.threads)
+    print(f"edgemoe loaded in {time.perf_counter() - t:.1f} s; memory "
+          + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in ours.engine.memory().items()))
+    t = time.perf_counter()
+    theirs = LlamaRunner(gguf, n_ctx, args.threads, args.prompt, args.llama_extra_bufts)
+    print(f"llama.cpp loaded in {time.perf_counter() - t:.1f} s")
+
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, min(ours.n_vocab, theirs.n_vocab), args.prompt).tolist()
+    for r in (ours, theirs):  # warm-up: page in weights, build graphs
+        run_once(r, prompt[:16], 4)
+
+    results = {r.name: {"prefill": [], "decode": []} for r in (ours, theirs)}
+    tokens = {}
+    for i in range(args.repeats):
+        for r in ((ours, theirs) if i % 2 == 0 else (theirs, ours)):
+            pf, dc, out = run_once(r, prompt, args.gen)
+            results[r.name]["prefill"].append(pf)
+            results[r.name]["decode"].append(dc)
+            tokens[r.name] = out
+            print(f"  run {i + 1} {r.name:9s} prefill {pf:8.1f} tok/s   decode {dc:6.2f} tok/s")
+    ours.close()
+    theirs.close()
+
+    med = {n: {k: statistics.median(v) for k, v in d.items()} for n, d in results.items()}
+    print(f"\n{'':10s} {'prefill tok/s':>14s} {'decode tok/s':>13s}")
+    for n in ("edgemoe", "llama.cpp"):
+        print(f"{n:10s} {med[n]['prefill']:14.1f} {med[n]['decode']:13.2f}")
+    pr = med["edgemoe"]["prefill"] / med["llama.cpp"]["prefill"]
+    dr = med["edgemoe"]["decode"] / med["llama.cpp"]["decode"]
+    print(f"{'ratio':10s} {pr:14.3f} {dr:13.3f}   (targets: prefill >= 0.8, decode >= 0.9)")
+    same = sum(a == b for a, b in zip(tokens["edgemoe"], tokens["llama.cpp"]))
+    print(f"greedy tokens identical: {same}/{args.gen}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
