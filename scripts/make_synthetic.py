@@ -4,6 +4,7 @@
     python scripts/make_synthetic.py OUT --size 2GB                 # qwen3_moe, bf16, dims picked
     python scripts/make_synthetic.py OUT --layers 16 --experts 32 --top-k 4 --hidden 1024 --ffn 512
     python scripts/make_synthetic.py OUT --arch mixtral --size 1GB --dtype f32
+    python scripts/make_synthetic.py OUT --experts-size 1GB --expert-type Q4_K  # runtime benchmarks
 
 The output is what `save_pretrained` plus a tokenizer would leave for that architecture, under the
 hub's names and shapes: config.json (hub spelling), model-0000i-of-0000n.safetensors with
@@ -133,8 +134,18 @@ class SynthSpec:
     def nbytes(self) -> int:
         return sum(math.prod(s) for _, s, _ in self.tensors()) * self.itemsize
 
-    def expert_nbytes(self) -> int:
-        return self.n_layer * self.n_expert * 3 * self.n_embd * self.n_ff_exp * self.itemsize
+    def expert_nbytes(self, ggml_type: str | None = None) -> int:
+        """Bytes of all routed experts: as stored here, or once quantized to `ggml_type`."""
+        n = self.n_layer * self.n_expert * 3 * self.n_embd * self.n_ff_exp
+        if ggml_type is None:
+            return n * self.itemsize
+        import gguf  # sizes of ggml's block types, from gguf-py
+
+        try:
+            block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type.upper()]]
+        except KeyError:
+            raise ValueError(f"unknown ggml type {ggml_type!r}") from None
+        return n // block * block_bytes
 
     def largest_tensor_nbytes(self) -> int:
         return max(math.prod(s) for _, s, _ in self.tensors()) * self.itemsize
@@ -163,9 +174,11 @@ class SynthSpec:
                 "router_jitter_noise": 0.0}
 
 
-def plan(target_bytes: int, base: SynthSpec, fixed: set[str]) -> SynthSpec:
-    """The smallest checkpoint of at least `target_bytes`, varying n_embd and n_ff_exp over
-    multiples of 256 (those not in `fixed`) with 1/4 <= n_ff_exp/n_embd <= 2, as MoE models have."""
+def plan(target_bytes: int, base: SynthSpec, fixed: set[str],
+         measure=SynthSpec.nbytes) -> SynthSpec:
+    """The smallest checkpoint whose `measure` (default: its bytes) is at least `target_bytes`,
+    varying n_embd and n_ff_exp over multiples of 256 (those not in `fixed`) with
+    1/4 <= n_ff_exp/n_embd <= 2, as MoE models have."""
     hiddens = [base.n_embd] if "n_embd" in fixed else range(512, 8192 + 1, ROW_ALIGN)
     best = None
     for h in hiddens:
@@ -173,7 +186,7 @@ def plan(target_bytes: int, base: SynthSpec, fixed: set[str]) -> SynthSpec:
             max(ROW_ALIGN, h // 4 // ROW_ALIGN * ROW_ALIGN), 2 * h + 1, ROW_ALIGN)
         for f in ffns:
             spec = replace(base, n_embd=h, n_ff_exp=f)
-            size = spec.nbytes()
+            size = measure(spec)
             if size >= target_bytes and (best is None or size < best[0]):
                 best = (size, spec)
                 break  # larger f only grows the size
@@ -309,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", help="output directory (created; must be empty)")
     ap.add_argument("--arch", default=d.arch, choices=sorted(ARCHS))
     ap.add_argument("--size", help="target checkpoint size (e.g. 2GB); picks hidden/ffn widths")
+    ap.add_argument("--experts-size", metavar="SIZE",
+                    help="instead of --size: bytes the routed experts should take once quantized "
+                    "to --expert-type (e.g. 1GB)")
+    ap.add_argument("--expert-type", default="Q4_K", help="ggml type --experts-size refers to")
     ap.add_argument("--layers", type=int, dest="n_layer")
     ap.add_argument("--experts", type=int, dest="n_expert")
     ap.add_argument("--top-k", type=int, dest="n_expert_used")
@@ -329,16 +346,21 @@ def main(argv: list[str] | None = None) -> int:
                    router_scale=args.router_scale, **given)
     try:
         spec.validate()
+        if args.size and args.experts_size:
+            raise ValueError("give --size or --experts-size, not both")
         if args.size:
             spec = plan(parse_size(args.size), spec, set(given))
+        elif args.experts_size:
+            spec = plan(parse_size(args.experts_size), spec, set(given),
+                        measure=lambda s: s.expert_nbytes(args.expert_type))
     except ValueError as exc:
         print(f"make_synthetic: {exc}", file=sys.stderr)
         return 2
     print(f"{spec.arch} {spec.dtype}: {spec.n_layer} layers, {spec.n_expert} experts top-"
           f"{spec.n_expert_used}, hidden {spec.n_embd}, expert ffn {spec.n_ff_exp}, vocab "
           f"{spec.n_vocab}, heads {spec.n_head}/{spec.n_head_kv}; {fmt_bytes(spec.nbytes())} "
-          f"({fmt_bytes(spec.expert_nbytes())} in experts, largest tensor "
-          f"{fmt_bytes(spec.largest_tensor_nbytes())})")
+          f"({fmt_bytes(spec.expert_nbytes())} in experts, {fmt_bytes(spec.expert_nbytes(args.expert_type))} "
+          f"as {args.expert_type.upper()}; largest tensor {fmt_bytes(spec.largest_tensor_nbytes())})")
     if args.dry_run:
         return 0
     out = Path(args.out)

@@ -123,6 +123,11 @@ def test_plan_picks_aligned_dimensions_of_at_least_the_target():
         assert replace(spec, n_ff_exp=spec.n_ff_exp - 256).nbytes() < 2 * 10**9
     kept = ms.plan(10**9, replace(base, n_embd=768), fixed={"n_embd"})
     assert kept.n_embd == 768 and kept.nbytes() >= 10**9
+    # Sized by quantized expert bytes, as the runtime benchmarks need (>= 1 GB of Q4_K experts).
+    q = ms.plan(10**9, base, fixed=set(), measure=lambda s: s.expert_nbytes("q4_k"))
+    n_weights = q.n_layer * q.n_expert * 3 * q.n_embd * q.n_ff_exp
+    assert q.expert_nbytes("Q4_K") == n_weights // 256 * 144 >= 10**9
+    assert q.expert_nbytes() == n_weights * 2
     with pytest.raises(ValueError, match="no dimensions reach"):
         ms.plan(10**12, replace(base, n_embd=512, n_ff_exp=256), fixed={"n_embd", "n_ff_exp"})
 
