@@ -166,6 +166,12 @@ def _threads() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
+@lru_cache(maxsize=None)
+def _pool() -> ThreadPoolExecutor:
+    # One pool for the process: starting threads per tensor costs more than small tensors take.
+    return ThreadPoolExecutor(_threads(), thread_name_prefix="edgemoe-quant")
+
+
 def quantize(data: np.ndarray, t: GGMLType) -> np.ndarray:
     """Quantize a float32 array (rows along the last axis) to `t`; returns its bytes as uint8."""
     t = parse_type(t)
@@ -194,9 +200,8 @@ def quantize(data: np.ndarray, t: GGMLType) -> np.ndarray:
     else:
         # ctypes drops the GIL during each call, so row chunks quantize in parallel.
         step = -(-nrows // n_tasks)
-        with ThreadPoolExecutor(n_tasks) as pool:
-            written = sum(pool.map(lambda r0: run(r0, min(step, nrows - r0)),
-                                   range(0, nrows, step)))
+        written = sum(_pool().map(lambda r0: run(r0, min(step, nrows - r0)),
+                                  range(0, nrows, step)))
     if written != out.size:
         raise EdgeMoeError(f"ggml_quantize_chunk wrote {written} bytes for {t.name}, "
                            f"expected {out.size}")
