@@ -138,6 +138,9 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.munmap.restype = ctypes.c_int
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
 _libc.mincore.restype = ctypes.c_int
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                       ctypes.c_ulong]
+_libc.prctl.restype = ctypes.c_int
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _PAGE = mmap.PAGESIZE
 
@@ -443,10 +446,34 @@ def unavailable_reason(mem: bool = True, read_bps: bool = True) -> str | None:
     return None
 
 
+_GROUP_PREFIX = "edgemoe-emulate-"
+
+
+def _remove_stale_groups() -> None:
+    """Remove empty groups left by an emulator that was killed outright (SIGKILL leaves no chance
+    to clean up); the pid in a group's name tells whether its creator still runs."""
+    v1, v2 = _cgroup_mounts()
+    for root in {*(v1[c] for c in ("memory", "blkio") if c in v1), *([v2] if v2 else [])}:
+        try:
+            names = os.listdir(root)
+        except OSError:
+            continue
+        for name in names:
+            if not name.startswith(_GROUP_PREFIX):
+                continue
+            pid = name[len(_GROUP_PREFIX):].split("-")[0]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                try:
+                    os.rmdir(os.path.join(root, name))  # fails, harmlessly, if not empty
+                except OSError:
+                    pass
+
+
 def open_cgroup(mem: int | None, read_bps: int | None, disks: list[Disk]) -> _Cgroup:
     """Create this run's groups with the limits set, in whichever cgroup version can do it."""
-    name = f"edgemoe-emulate-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+    name = f"{_GROUP_PREFIX}{os.getpid()}-{time.monotonic_ns() % 10**9}"
     version, v2_root = _pick_version(mem, read_bps)
+    _remove_stale_groups()
     if version == 1:
         return CgroupV1(_cgroup_mounts()[0], name, mem, read_bps, disks)
     return CgroupV2(v2_root, name, mem, read_bps, disks)
@@ -551,8 +578,7 @@ def run_limited(cmd: list[str], profile: str | None = None, mem: int | str | Non
             cmd, env=env, cwd=cwd,
             stdout=subprocess.PIPE if capture else None,
             stderr=subprocess.PIPE if capture else None,
-            # Join the groups in the child before exec, so every byte it touches is accounted.
-            preexec_fn=(lambda: group.attach(os.getpid())) if group else None)
+            preexec_fn=lambda: _enter(group))
         out_chunks: dict[str, bytes] = {}
         readers = []
         if capture:
@@ -599,6 +625,17 @@ def run_limited(cmd: list[str], profile: str | None = None, mem: int | str | Non
         drop=drop_report, timed_out=timed_out,
         stdout=out_chunks.get("stdout", b"").decode(errors="replace") if capture else None,
         stderr=out_chunks.get("stderr", b"").decode(errors="replace") if capture else None)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _enter(group: _Cgroup | None) -> None:
+    """In the child, before exec: die with the emulator (even if it is SIGKILLed, so no command
+    outlives its limits), and join the groups so every byte the command touches is accounted."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if group is not None:
+        group.attach(os.getpid())
 
 
 class _PeakRss:

@@ -174,3 +174,30 @@ def test_interrupt_stops_child_and_removes_groups(tmp_path: Path):
     for root in ("/sys/fs/cgroup/memory", "/sys/fs/cgroup"):
         if os.path.isdir(root):
             assert not any(n.startswith(name) for n in os.listdir(root))
+
+
+@needs_cgroups
+def test_killed_emulator_takes_its_command_along_and_leftovers_are_removed(tmp_path: Path):
+    # SIGKILL gives the emulator no chance to clean up: its command must still die (no process
+    # runs on outside its limits) and the next run removes the empty group it left.
+    marker = tmp_path / "pid"
+    code = f"import os, time, pathlib; pathlib.Path({str(marker)!r}).write_text(str(os.getpid())); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "edge_emulate.py"), "--mem", "64MiB",
+                             "--", sys.executable, "-c", code], stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        if marker.exists() and marker.read_text():
+            break
+        subprocess.run(["sleep", "0.05"])
+    child = int(marker.read_text())
+    proc.kill()
+    proc.wait()
+    for _ in range(100):
+        if not os.path.exists(f"/proc/{child}"):
+            break
+        subprocess.run(["sleep", "0.05"])
+    assert not os.path.exists(f"/proc/{child}"), "the command outlived its emulator"
+    stale = f"edgemoe-emulate-{proc.pid}-"
+    roots = [r for r in ("/sys/fs/cgroup/memory", "/sys/fs/cgroup") if os.path.isdir(r)]
+    assert any(n.startswith(stale) for r in roots for n in os.listdir(r))
+    assert ee.run_limited(["true"], mem="64MiB").rc == 0
+    assert not any(n.startswith(stale) for r in roots for n in os.listdir(r))
