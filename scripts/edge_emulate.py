@@ -512,9 +512,11 @@ class LimitedResult:
         lines = [f"exit code {self.rc}{' (timed out)' if self.timed_out else ''}, "
                  f"elapsed {self.elapsed_s:.2f} s"]
         if self.mem_limit is not None:
+            verdict = ("no peak figure on this kernel" if self.peak_bytes is None
+                       else "held" if self.peak_bytes <= self.mem_limit else "EXCEEDED")
             lines.append(f"peak usage {fmt_bytes(self.peak_bytes)} of {fmt_bytes(self.mem_limit)} "
-                         f"limit ({'held' if self.peak_bytes is not None and self.peak_bytes <= self.mem_limit else 'check'}),"
-                         f" limit hits {self.limit_hits}, OOM kills {self.oom_kills}")
+                         f"limit ({verdict}), limit hits {self.limit_hits}, "
+                         f"OOM kills {self.oom_kills}")
         lines.append(f"command peak RSS {fmt_bytes(self.peak_rss_bytes)} (VmHWM)")
         if self.read_bps is not None and self.read_bytes is not None:
             rate = self.read_bytes / self.elapsed_s / 1e6 if self.elapsed_s > 0 else 0.0
