@@ -18,7 +18,7 @@ from gguf.constants import Keys
 
 from edgemoe import arch as arch_registry
 from edgemoe import ggml
-from edgemoe.arch.common import (BaseWeights, Graph, GraphBuilder, HParams, KVCache,
+from edgemoe.arch.common import (BaseWeights, Graph, GraphBuilder, HParams, KVCache, SplitState,
                                  graph_nodes_upper_bound, kq_mask, kv_cells_for)
 from edgemoe.errors import ContextOverflow, EdgeMoeError, ShardSetError
 from edgemoe.ggml import GGMLType
@@ -26,7 +26,13 @@ from edgemoe.pool import ExpertPool
 from edgemoe.shardset import ShardSet
 
 KV_TYPES = {"f16": GGMLType.F16, "f32": GGMLType.F32}
-_MAX_GRAPHS = 8  # cached graph shapes (prefill sizes seen recently + the current decode shape)
+# Cached graphs: recent prompt shapes and the current decode shape (per layer under exact routing).
+_MAX_GRAPHS = 256
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def _drop_page_cache(path: Path) -> None:
@@ -42,10 +48,15 @@ def _drop_page_cache(path: Path) -> None:
 class Engine:
     """Run a shard set. One eval at a time (a lock makes it safe to call from any thread).
 
-    `routing` is "full" (experts index their own slots; needs every expert resident) or
-    "masked" (router restricted to the pool's resident experts through per-layer mask and
-    expert->slot inputs; used by the swap/static policies). `n_slots` sizes the pool (see
-    ExpertPool); `load_experts=False` leaves the slots empty for a policy to fill.
+    `routing` is one of
+    - "full": one graph per step; experts index their own slots (every expert resident);
+    - "masked": one graph per step; the router is restricted to routable experts through
+      per-layer mask and expert->slot inputs (the swap/static/full policies), and its unmasked
+      logits and the experts' input norms are outputs;
+    - "exact": per layer, an attention+router graph, then the host maps the chosen experts to
+      slots (loading misses), then an expert graph (the ondemand policy).
+    `n_slots` sizes the pool (see ExpertPool); `load_experts=False` leaves the slots empty for
+    a residency policy (`set_policy`) to fill.
     """
 
     def __init__(self, shards_path: str | Path, n_ctx: int = 2048, n_threads: int | None = None,
@@ -55,8 +66,8 @@ class Engine:
             raise EdgeMoeError(f"n_ctx ({n_ctx}) and n_batch ({n_batch}) must be positive")
         if kv_type not in KV_TYPES:
             raise EdgeMoeError(f"kv_type {kv_type!r}: expected one of {sorted(KV_TYPES)}")
-        if routing not in ("full", "masked"):
-            raise EdgeMoeError(f"routing {routing!r}: expected 'full' or 'masked'")
+        if routing not in ("full", "masked", "exact"):
+            raise EdgeMoeError(f"routing {routing!r}: expected 'full', 'masked' or 'exact'")
         self._lock = threading.RLock()
         self._closed = False
         self._parts: list = []  # owned handles, closed in reverse order
@@ -86,17 +97,31 @@ class Engine:
             if load_experts:
                 self.pool.load_all()
             self.kv = self._own(KVCache(hp, n_ctx, KV_TYPES[kv_type], self.backend))
-            self._builder = GraphBuilder(self.spec, hp, self.weights, self.pool, self.kv)
+            self.state = (self._own(SplitState(hp, min(n_batch, n_ctx), self.backend))
+                          if routing == "exact" else None)
+            self._builder = GraphBuilder(self.spec, hp, self.weights, self.pool, self.kv, self.state)
             self._graphs: OrderedDict[tuple, Graph] = OrderedDict()
-            worst = self._builder.build(min(n_batch, n_ctx), kv_cells_for(n_ctx, n_ctx), routing)
             # The scheduler hashes every node and leaf; a graph holds at most this many of each.
             self.sched = self._own(ggml.Scheduler(self.backend, 2 * graph_nodes_upper_bound(hp)))
-            self.sched.reserve(worst.graph)
-            self._graphs[(worst.n_tokens, worst.n_kv, True)] = worst
+            # Size the compute buffers for the largest graph now, so memory() is known up front.
+            n, n_kv = min(n_batch, n_ctx), kv_cells_for(n_ctx, n_ctx)
+            if routing == "exact":
+                for il in range(hp.n_layer):
+                    self.sched.reserve(self._graph(("attention", il, n, n_kv)).graph)
+                    if il in hp.expert_layers:
+                        self.sched.reserve(self._graph(("experts", il, n, True)).graph)
+                self.sched.reserve(self._graph(("output", n, True)).graph)
+            else:
+                self.sched.reserve(self._graph(("forward", n, n_kv, True)).graph)
         except BaseException:
             self.close()
             raise
+        self.policy = None
+        # Per MoE layer, of the last step: unmasked router logits (n_tokens, n_expert) (masked
+        # and exact routing) and the chosen experts (n_tokens, k) (exact routing).
         self.router_logits: dict[int, np.ndarray] = {}
+        self.selected: dict[int, np.ndarray] = {}
+        self.last_step: dict | None = None  # the policy's telemetry record of the last step
 
     def _own(self, obj):
         self._parts.append(obj)
@@ -146,12 +171,19 @@ class Engine:
                                  all_logits)
             return out
 
-    def _graph(self, n_tokens: int, n_kv: int, all_logits: bool) -> Graph:
-        # One token has one row of logits either way: share the decode graph.
-        key = (n_tokens, n_kv, all_logits or n_tokens == 1)
+    def _graph(self, key: tuple) -> Graph:
+        """The graph for `key` (kind, ...shape), built on first use and kept while recent."""
         g = self._graphs.get(key)
         if g is None:
-            g = self._builder.build(n_tokens, n_kv, self.routing, key[2])
+            kind, b = key[0], self._builder
+            if kind == "forward":
+                g = b.build(key[1], key[2], self.routing, key[3])
+            elif kind == "attention":
+                g = b.build_attention(key[1], key[2], key[3])
+            elif kind == "experts":
+                g = b.build_experts(key[1], key[2], key[3])
+            else:
+                g = b.build_output(key[1], key[2])
             self._graphs[key] = g
             while len(self._graphs) > _MAX_GRAPHS:
                 self._graphs.popitem(last=False)[1].close()
@@ -159,26 +191,116 @@ class Engine:
             self._graphs.move_to_end(key)
         return g
 
-    def _eval_batch(self, tokens: np.ndarray, out: np.ndarray, all_logits: bool) -> None:
-        n = tokens.size
-        g = self._graph(n, kv_cells_for(self.n_past + n, self.n_ctx), all_logits)
-        pos = np.arange(self.n_past, self.n_past + n, dtype=np.int32)
-        inp = g.inputs
+    def set_policy(self, policy) -> None:
+        """Let a residency policy (edgemoe.residency) drive the pool: it is warmed now, asked
+        for routable experts (masked) or for slots of chosen experts (exact) every step, fed
+        the router outputs, and told when each step ends."""
+        if self.routing == "full":
+            raise EdgeMoeError("a residency policy needs masked or exact routing")
+        if policy.masked != (self.routing == "masked"):
+            raise EdgeMoeError(f"policy {policy.name!r} needs "
+                               f"{'masked' if policy.masked else 'exact'} routing, the engine "
+                               f"was opened with {self.routing!r}")
+        with self._lock:
+            policy.warm()
+            self.policy = policy
+
+    def _run(self, g: Graph, values: dict[str, np.ndarray]) -> None:
+        """Allocate `g`, fill its inputs from `values`, compute it. The pool's compute_lock is
+        held only while a graph runs, so a loader thread can fill slots between the graphs of
+        one step (exact routing waits on such loads)."""
         with self.pool.compute_lock:
             self.sched.alloc(g.graph)
-            ggml.tensor_set(inp.tokens, tokens)
-            ggml.tensor_set(inp.pos, pos)
-            ggml.tensor_set(inp.kv_idx, pos.astype(np.int64))
-            ggml.tensor_set(inp.kq_mask, kq_mask(pos, g.n_kv))
-            for layer, t in inp.route_mask.items():
-                ggml.tensor_set(t, self.pool.route_mask(layer))
-                ggml.tensor_set(inp.slot_map[layer], self.pool.slot_map(layer))
+            for name, t in g.inputs.items():
+                ggml.tensor_set(t, values[name])
             self.sched.compute(g.graph)
-            ggml.tensor_get(g.logits, out)
-            self.router_logits = {
-                layer: ggml.tensor_get(t, np.empty((n, self.hparams.n_expert), dtype=np.float32))
-                for layer, t in g.router_logits.items()}
+
+    def _get(self, g: Graph, name: str, shape: tuple, dtype=np.float32) -> np.ndarray:
+        return ggml.tensor_get(g.outputs[name], np.empty(shape, dtype=dtype))
+
+    def _slot_table(self, layer: int) -> np.ndarray:
+        """int32 (n_expert,): the slot of each routable expert, -1 for the others."""
+        if self.policy is not None:
+            return np.asarray(self.policy.slot_of(layer), dtype=np.int32)
+        table = np.full(self.hparams.n_expert, -1, dtype=np.int32)
+        for e, slot in self.pool.resident(layer).items():
+            table[e] = slot
+        return table
+
+    def _eval_batch(self, tokens: np.ndarray, out: np.ndarray, all_logits: bool) -> None:
+        n = tokens.size
+        n_kv = kv_cells_for(self.n_past + n, self.n_ctx)
+        pos = np.arange(self.n_past, self.n_past + n, dtype=np.int32)
+        values = {"tokens": tokens, "pos": pos, "kv_idx": pos.astype(np.int64),
+                  "kq_mask": kq_mask(pos, n_kv)}
+        # One token has one row of logits either way: share the decode graph.
+        last_only = not all_logits and n > 1
+        if self.routing == "exact":
+            self._eval_exact(n, n_kv, values, not last_only, out)
+        else:
+            self._eval_forward(n, n_kv, values, not last_only, out)
         self.n_past += n
+        if self.policy is not None:
+            self.last_step = self.policy.end_step(n)
+
+    def _eval_forward(self, n, n_kv, values, all_logits, out) -> None:
+        g = self._graph(("forward", n, n_kv, all_logits))
+        moe_layers = self._builder.moe_layers if self.routing == "masked" else []
+        for layer in moe_layers:
+            table = self._slot_table(layer)
+            values[f"route_mask-{layer}"] = np.where(table >= 0, 0.0, -np.inf).astype(np.float32)
+            values[f"slot_map-{layer}"] = np.maximum(table, 0)
+        self._run(g, values)
+        ggml.tensor_get(g.outputs["logits"], out)
+        n_expert = self.hparams.n_expert
+        self.router_logits = {l: self._get(g, f"router_logits-{l}", (n, n_expert)) for l in moe_layers}
+        if self.policy is not None:
+            for layer in moe_layers:
+                x_norm = self._get(g, f"x_norm-{layer}", (n,))
+                self.policy.observe(layer, _softmax(self.router_logits[layer]), x_norm)
+
+    def _eval_exact(self, n, n_kv, values, all_logits, out) -> None:
+        hp, k = self.hparams, self.hparams.n_expert_used
+        self.router_logits, self.selected = {}, {}
+        for il in range(hp.n_layer):
+            g = self._graph(("attention", il, n, n_kv))
+            self._run(g, values)
+            if il not in hp.expert_layers:
+                continue
+            ids = self._get(g, "selected", (n, k), np.int32)        # (n_tokens, k) expert ids
+            weights = self._get(g, "weights", (n, k))
+            self.router_logits[il] = self._get(g, f"router_logits-{il}", (n, hp.n_expert))
+            next_logits = (self._get(g, "next_logits", (n, hp.n_expert))
+                           if "next_logits" in g.outputs else None)
+            if self.policy is not None:
+                ids, weights = self.policy.gate(il, ids, weights, n == 1)
+                ids, weights = np.asarray(ids, dtype=np.int32), np.asarray(weights, np.float32)
+                groups = self.policy.groups(il, ids)
+            else:
+                groups = [np.unique(ids[ids >= 0])]
+            self.selected[il] = ids
+            for i, group in enumerate(groups):
+                slots = self._ensure(il, group)
+                in_group = np.isin(ids, group)
+                slot_ids = np.zeros_like(ids)
+                for e, slot in slots.items():
+                    slot_ids[ids == e] = slot
+                # Choices outside this group (or dropped: id -1) weigh 0 on an arbitrary slot.
+                w = np.where(in_group, weights, 0.0).astype(np.float32)
+                self._run(self._graph(("experts", il, n, i == 0)),
+                          {"ids": slot_ids, "weights": w.reshape(n, k, 1)})
+            if self.policy is not None and next_logits is not None:
+                following = [l for l in self._builder.moe_layers if l > il][0]
+                self.policy.prefetch(following, next_logits)
+        g = self._graph(("output", n, all_logits))
+        self._run(g, {})
+        ggml.tensor_get(g.outputs["logits"], out)
+
+    def _ensure(self, layer: int, experts: np.ndarray) -> dict[int, int]:
+        """{expert: slot} for `experts`, loading those not resident (through the policy if any)."""
+        if self.policy is not None:
+            return self.policy.ensure(layer, experts)
+        return {int(e): self.pool.load(layer, int(e)) for e in experts}
 
     def reset(self) -> None:
         """Forget the context (the cache cells are masked, so nothing needs clearing)."""
@@ -206,6 +328,8 @@ class Engine:
             if self._closed:
                 return
             self._closed = True
+            if getattr(self, "policy", None) is not None:
+                self.policy.close()  # its loader thread must stop before the pool is freed
             for g in getattr(self, "_graphs", {}).values():
                 g.close()
             self._graphs = OrderedDict()

@@ -84,6 +84,9 @@ _SIGNATURES = {
     "ggml_clamp": (_lib.ggml_base, T, [c_void_p, T, c_float, c_float]),
     "ggml_scale": (_lib.ggml_base, T, [c_void_p, T, c_float]),
     "ggml_silu": (_lib.ggml_base, T, [c_void_p, T]),
+    "ggml_sqr": (_lib.ggml_base, T, [c_void_p, T]),
+    "ggml_sqrt": (_lib.ggml_base, T, [c_void_p, T]),
+    "ggml_cpy": (_lib.ggml_base, T, [c_void_p, T, T]),
     "ggml_sigmoid": (_lib.ggml_base, T, [c_void_p, T]),
     "ggml_swiglu_split": (_lib.ggml_base, T, [c_void_p, T, T]),
     "ggml_reshape_2d": (_lib.ggml_base, T, [c_void_p, T, c_int64, c_int64]),
@@ -403,6 +406,9 @@ class Ops:
     def scale(self, a, s): return lib.ggml_scale(self.ctx, a, s)
     def silu(self, a): return lib.ggml_silu(self.ctx, a)
     def sigmoid(self, a): return lib.ggml_sigmoid(self.ctx, a)
+    def sqr(self, a): return lib.ggml_sqr(self.ctx, a)
+    def sqrt(self, a): return lib.ggml_sqrt(self.ctx, a)
+    def cpy(self, src, dst): return lib.ggml_cpy(self.ctx, src, dst)
     def swiglu_split(self, gate, up): return lib.ggml_swiglu_split(self.ctx, gate, up)
     def cont(self, a): return lib.ggml_cont(self.ctx, a)
     def reshape_2d(self, a, ne0, ne1): return lib.ggml_reshape_2d(self.ctx, a, ne0, ne1)

@@ -57,6 +57,8 @@ class ExpertPool:
                     t, (ne0, ne1, n), f"blk.{layer}.{proj}_exps.weight")
                 self.slot_bytes[layer][proj] = ggml.row_size(t, ne0) * ne1
         self.buffer = ggml.Buffer(self.ctx, backend.weights_buffer_type, "the expert slots")
+        # An empty slot may be indexed with weight 0 (dropped or masked choices): 0 * NaN = NaN.
+        self.buffer.clear(0)
 
         self.compute_lock = threading.RLock()
         self._lock = threading.Lock()

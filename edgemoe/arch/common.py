@@ -246,30 +246,44 @@ class KVCache:
         self.ctx.close()
 
 
-@dataclass
-class GraphInputs:
-    """The input tensors of one built graph, to be filled before each compute."""
+class SplitState:
+    """Persistent (n_embd, n_batch) F32 tensors carrying the residual stream `x` and the
+    normalised FFN input `h` between the per-layer graphs of exact routing."""
 
-    tokens: int         # I32 (n_tokens,)
-    pos: int            # I32 (n_tokens,)
-    kv_idx: int         # I64 (n_tokens,) cells written by this batch
-    kq_mask: int        # F16 (n_kv, n_tokens): 0 where a token may attend, -inf elsewhere
-    route_mask: dict[int, int]  # layer -> F32 (n_expert,) (masked routing only)
-    slot_map: dict[int, int]    # layer -> I32 (n_expert,) expert -> slot (masked routing only)
+    def __init__(self, hp: HParams, n_batch: int, backend: ggml.Backend):
+        self.ctx = ggml.Context(2)
+        self.x = self.ctx.new_tensor(GGMLType.F32, (hp.n_embd, n_batch), "state_x")
+        self.h = self.ctx.new_tensor(GGMLType.F32, (hp.n_embd, n_batch), "state_h")
+        self.buffer = ggml.Buffer(self.ctx, backend.weights_buffer_type, "the layer state")
+        self.nbytes = self.buffer.nbytes
+
+    def close(self) -> None:
+        self.buffer.close()
+        self.ctx.close()
 
 
 @dataclass
 class Graph:
-    """A built forward graph for one (n_tokens, n_kv) shape and its tensors."""
+    """A built graph for one shape, with its input tensors (filled before each compute) and
+    output tensors (read after), both by name:
+    inputs:  tokens I32 (n_tokens,); pos I32 (n_tokens,); kv_idx I64 (n_tokens,) cells written;
+             kq_mask F16 (n_kv, n_tokens) 0 where a token may attend, -inf elsewhere;
+             masked routing, per MoE layer L: route_mask-L F32 (n_expert,) 0 / -inf and
+             slot_map-L I32 (1, n_expert) expert -> slot;
+             exact routing, expert graphs: ids I32 (k, n_tokens) slots, weights F32 (1, k, n_tokens).
+    outputs: logits F32 (n_vocab, n_out); masked routing: router_logits-L F32 (n_expert, n_tokens)
+             unmasked, x_norm-L F32 (n_tokens,) L2 norm of the experts' input; exact routing,
+             attention graphs: selected I32 (k, n_tokens), weights F32 (k, n_tokens),
+             router_logits-L, and next_logits F32 (n_expert, n_tokens) the next MoE layer's router
+             applied to this layer's expert input (a prefetch prediction)."""
 
     ctx: ggml.Context
     graph: int
     n_tokens: int
     n_kv: int
-    n_out: int                  # tokens whose logits are computed: n_tokens or 1 (the last)
-    inputs: GraphInputs
-    logits: int                 # F32 (n_vocab, n_out)
-    router_logits: dict[int, int]  # layer -> F32 (n_expert, n_tokens), unmasked (masked routing)
+    n_out: int
+    inputs: dict[str, int]
+    outputs: dict[str, int]
 
     def close(self) -> None:
         self.ctx.close()
@@ -281,10 +295,32 @@ def graph_nodes_upper_bound(hp: HParams) -> int:
 
 
 class GraphBuilder:
-    """Builds the forward graph of one architecture over base weights, slot tensors and a cache."""
+    """Builds the graphs of one architecture over base weights, slot tensors and a KV cache.
 
-    def __init__(self, spec: ArchSpec, hp: HParams, weights: BaseWeights, slots, kv: KVCache):
-        self.spec, self.hp, self.w, self.slots, self.kv = spec, hp, weights, slots, kv
+    `build` makes the whole forward pass (routing "full" or "masked"). Exact routing splits it:
+    `build_attention(L)` (attention, residual, FFN norm, router; experts of a dense layer),
+    `build_experts(L)` (the experts chosen by the host), `build_output()`, linked by SplitState.
+    """
+
+    def __init__(self, spec: ArchSpec, hp: HParams, weights: BaseWeights, slots, kv: KVCache,
+                 state: SplitState | None = None):
+        self.spec, self.hp, self.w, self.slots, self.kv, self.state = spec, hp, weights, slots, kv, state
+        self.moe_layers = [l for l in range(hp.n_layer) if l in hp.expert_layers]
+
+    def _begin(self, n_nodes: int):
+        ctx = ggml.Context(2 * n_nodes, graph_size=n_nodes)
+        return ctx, ggml.Ops(ctx), ctx.new_graph()
+
+    def _finish(self, ctx, o, gf, n_tokens, n_kv, n_out, inputs, outputs) -> Graph:
+        for t in outputs.values():
+            o.output(t)
+            ggml.lib.ggml_build_forward_expand(gf, t)
+        return Graph(ctx, gf, n_tokens, n_kv, n_out, inputs, outputs)
+
+    def _attn_inputs(self, o: ggml.Ops, n_tokens: int, n_kv: int) -> dict[str, int]:
+        return {"pos": o.input(GGMLType.I32, (n_tokens,), "inp_pos"),
+                "kv_idx": o.input(GGMLType.I64, (n_tokens,), "inp_kv_idx"),
+                "kq_mask": o.input(GGMLType.F16, (n_kv, n_tokens), "inp_kq_mask")}
 
     def build(self, n_tokens: int, n_kv: int, routing: str = "full",
               all_logits: bool = True) -> Graph:
@@ -292,43 +328,94 @@ class GraphBuilder:
         all_logits=False only the last token's logits are computed (the output projection is
         the largest matmul of a prompt)."""
         hp, w, M = self.hp, self.w, MODEL_TENSOR
-        size = graph_nodes_upper_bound(hp)
-        ctx = ggml.Context(2 * size, graph_size=size)
-        o = ggml.Ops(ctx)
-        inp = GraphInputs(
-            tokens=o.input(GGMLType.I32, (n_tokens,), "inp_tokens"),
-            pos=o.input(GGMLType.I32, (n_tokens,), "inp_pos"),
-            kv_idx=o.input(GGMLType.I64, (n_tokens,), "inp_kv_idx"),
-            kq_mask=o.input(GGMLType.F16, (n_kv, n_tokens), "inp_kq_mask"),
-            route_mask={}, slot_map={},
-        )
-        router_logits: dict[int, int] = {}
-        gf = ctx.new_graph()
-
-        x = o.get_rows(w.get(M.TOKEN_EMBD), inp.tokens)  # (n_embd, n_tokens)
+        ctx, o, gf = self._begin(graph_nodes_upper_bound(hp))
+        inputs = {"tokens": o.input(GGMLType.I32, (n_tokens,), "inp_tokens"),
+                  **self._attn_inputs(o, n_tokens, n_kv)}
+        outputs: dict[str, int] = {}
+        x = o.get_rows(w.get(M.TOKEN_EMBD), inputs["tokens"])  # (n_embd, n_tokens)
         for il in range(hp.n_layer):
-            h = self._norm(o, x, w.get(M.ATTN_NORM, il))
-            h = self._attention(o, gf, h, il, inp, n_tokens, n_kv)
-            x = o.add(h, x)
-            h = self._norm(o, x, w.get(M.FFN_NORM, il))
+            x, h = self._attention_block(o, gf, x, il, inputs, n_tokens, n_kv)
             if il in hp.expert_layers:
-                h = self._moe(o, h, il, n_tokens, routing, inp, router_logits)
+                ids, weights = self._route(o, h, il, n_tokens, routing, inputs, outputs)
+                ffn = self._experts(o, h, il, ids, weights, n_tokens)
             else:
-                h = self._ffn(o, h, w.get(M.FFN_GATE, il), w.get(M.FFN_UP, il), w.get(M.FFN_DOWN, il))
-            x = o.add(h, x)
+                ffn = self._dense_ffn(o, h, il)
+            x = o.add(ffn, x)
+        logits, n_out = self._output(o, x, n_tokens, all_logits)
+        outputs["logits"] = logits
+        return self._finish(ctx, o, gf, n_tokens, n_kv, n_out, inputs, outputs)
 
+    # -- exact routing: one graph per stage ------------------------------------------------------
+
+    def _state_view(self, o: ggml.Ops, t: int, n_tokens: int) -> int:
+        return o.view_2d(t, self.hp.n_embd, n_tokens, ggml.row_size(GGMLType.F32, self.hp.n_embd), 0)
+
+    def _store(self, o: ggml.Ops, value: int, state: int, n_tokens: int) -> int:
+        return o.cpy(value, self._state_view(o, state, n_tokens))
+
+    def build_attention(self, il: int, n_tokens: int, n_kv: int) -> Graph:
+        """Layer il up to its router (a dense layer: through its FFN); x and h go to SplitState."""
+        hp, w, M, st = self.hp, self.w, MODEL_TENSOR, self.state
+        ctx, o, gf = self._begin(128)
+        inputs = self._attn_inputs(o, n_tokens, n_kv)
+        outputs: dict[str, int] = {}
+        if il == 0:
+            inputs["tokens"] = o.input(GGMLType.I32, (n_tokens,), "inp_tokens")
+            x = o.get_rows(w.get(M.TOKEN_EMBD), inputs["tokens"])
+        else:
+            x = self._state_view(o, st.x, n_tokens)
+        x, h = self._attention_block(o, gf, x, il, inputs, n_tokens, n_kv)
+        if il in hp.expert_layers:
+            outputs["store_x"] = self._store(o, x, st.x, n_tokens)
+            outputs["store_h"] = self._store(o, h, st.h, n_tokens)
+            # The host maps these experts to slots (loading misses) before the expert graph.
+            selected, weights = self._route(o, h, il, n_tokens, "exact", inputs, outputs)
+            outputs["selected"] = o.cont(selected)
+            outputs["weights"] = o.reshape_2d(weights, hp.n_expert_used, n_tokens)
+            later = [l for l in self.moe_layers if l > il]
+            if later:
+                outputs["next_logits"] = o.mul_mat(w.get(M.FFN_GATE_INP, later[0]), h)
+        else:
+            outputs["store_x"] = self._store(o, o.add(self._dense_ffn(o, h, il), x), st.x, n_tokens)
+        return self._finish(ctx, o, gf, n_tokens, n_kv, 0, inputs, outputs)
+
+    def build_experts(self, il: int, n_tokens: int, shared: bool = True) -> Graph:
+        """The experts of MoE layer il on the slots the host chose, added to the residual in
+        state. A selection run in several groups adds the shared expert with the first only."""
+        hp, st, k = self.hp, self.state, self.hp.n_expert_used
+        ctx, o, gf = self._begin(64)
+        inputs = {"ids": o.input(GGMLType.I32, (k, n_tokens), "inp_ids"),
+                  "weights": o.input(GGMLType.F32, (1, k, n_tokens), "inp_weights")}
+        x = self._state_view(o, st.x, n_tokens)
+        h = self._state_view(o, st.h, n_tokens)
+        ffn = self._experts(o, h, il, inputs["ids"], inputs["weights"], n_tokens, shared)
+        outputs = {"store_x": self._store(o, o.add(ffn, x), st.x, n_tokens)}
+        return self._finish(ctx, o, gf, n_tokens, 0, 0, inputs, outputs)
+
+    def build_output(self, n_tokens: int, all_logits: bool) -> Graph:
+        ctx, o, gf = self._begin(16)
+        logits, n_out = self._output(o, self._state_view(o, self.state.x, n_tokens), n_tokens,
+                                     all_logits)
+        return self._finish(ctx, o, gf, n_tokens, 0, n_out, {}, {"logits": logits})
+
+    # -- pieces ------------------------------------------------------------------------------------
+
+    def _output(self, o: ggml.Ops, x: int, n_tokens: int, all_logits: bool) -> tuple[int, int]:
+        hp, w, M = self.hp, self.w, MODEL_TENSOR
         n_out = n_tokens
         if not all_logits:
             row = ggml.row_size(GGMLType.F32, hp.n_embd)
             x, n_out = o.view_2d(x, hp.n_embd, 1, row, row * (n_tokens - 1)), 1
         x = self._norm(o, x, w.get(M.OUTPUT_NORM))
         logits = o.mul_mat(w.get(M.OUTPUT) or w.get(M.TOKEN_EMBD), x)  # (n_vocab, n_out)
-        o.output(o.name(logits, "result_output"))
-        for t in router_logits.values():
-            o.output(t)
-            ggml.lib.ggml_build_forward_expand(gf, t)
-        ggml.lib.ggml_build_forward_expand(gf, logits)
-        return Graph(ctx, gf, n_tokens, n_kv, n_out, inp, logits, router_logits)
+        return o.name(logits, "result_output"), n_out
+
+    def _attention_block(self, o, gf, x, il, inputs, n_tokens, n_kv) -> tuple[int, int]:
+        """Pre-norm attention with its residual; returns (x, ffn-normalised x)."""
+        w, M = self.w, MODEL_TENSOR
+        h = self._norm(o, x, w.get(M.ATTN_NORM, il))
+        x = o.add(self._attention(o, gf, h, il, inputs, n_tokens, n_kv), x)
+        return x, self._norm(o, x, w.get(M.FFN_NORM, il))
 
     def _norm(self, o: ggml.Ops, x: int, weight: int) -> int:
         return o.mul(o.rms_norm(x, self.hp.rms_eps), weight)
@@ -337,7 +424,7 @@ class GraphBuilder:
         y = o.mul_mat(weight, x)
         return o.add(y, bias) if bias else y
 
-    def _attention(self, o: ggml.Ops, gf: int, x: int, il: int, inp: GraphInputs,
+    def _attention(self, o: ggml.Ops, gf: int, x: int, il: int, inputs: dict[str, int],
                    n_tokens: int, n_kv: int) -> int:
         hp, w, spec, M = self.hp, self.w, self.spec, MODEL_TENSOR
         D, H, HKV = hp.head_dim, hp.n_head, hp.n_head_kv
@@ -352,40 +439,50 @@ class GraphBuilder:
         if spec.qk_norm == "head":
             q = self._norm(o, q, w.get(M.ATTN_Q_NORM, il))
             k = self._norm(o, k, w.get(M.ATTN_K_NORM, il))
-        q = o.rope(q, inp.pos, hp.n_rot, spec.rope_mode, hp.n_ctx_train, hp.rope_freq_base,
+        pos = inputs["pos"]
+        q = o.rope(q, pos, hp.n_rot, spec.rope_mode, hp.n_ctx_train, hp.rope_freq_base,
                    hp.rope_freq_scale)
-        k = o.rope(k, inp.pos, hp.n_rot, spec.rope_mode, hp.n_ctx_train, hp.rope_freq_base,
+        k = o.rope(k, pos, hp.n_rot, spec.rope_mode, hp.n_ctx_train, hp.rope_freq_base,
                    hp.rope_freq_scale)
 
         # Write this batch's K and V into their cells, then attend over the first n_kv cells
         # through views of the written caches (which orders the writes before the reads).
         kv_t = self.kv.type
         row = ggml.row_size(kv_t, hp.n_embd_kv)
-        k_all = o.set_rows(self.kv.k[il], o.reshape_2d(k, hp.n_embd_kv, n_tokens), inp.kv_idx)
-        v_all = o.set_rows(self.kv.v[il], o.reshape_2d(v, hp.n_embd_kv, n_tokens), inp.kv_idx)
+        k_all = o.set_rows(self.kv.k[il], o.reshape_2d(k, hp.n_embd_kv, n_tokens), inputs["kv_idx"])
+        v_all = o.set_rows(self.kv.v[il], o.reshape_2d(v, hp.n_embd_kv, n_tokens), inputs["kv_idx"])
         ggml.lib.ggml_build_forward_expand(gf, k_all)
         ggml.lib.ggml_build_forward_expand(gf, v_all)
         head = ggml.row_size(kv_t, D)
         k_view = o.view_3d(k_all, D, n_kv, HKV, row, head, 0)  # (head_dim, n_kv, n_head_kv)
         v_view = o.view_3d(v_all, D, n_kv, HKV, row, head, 0)
         q = o.permute(q, 0, 2, 1, 3)                           # (head_dim, n_tokens, n_head)
-        att = o.flash_attn(q, k_view, v_view, inp.kq_mask, 1.0 / math.sqrt(D))
+        att = o.flash_attn(q, k_view, v_view, inputs["kq_mask"], 1.0 / math.sqrt(D))
         att = o.reshape_2d(att, hp.n_embd_q, n_tokens)         # (n_embd_q, n_tokens)
         return self._linear(o, w.get(M.ATTN_OUT, il), att)
 
     def _ffn(self, o: ggml.Ops, x: int, gate: int, up: int, down: int) -> int:
         return o.mul_mat(down, o.swiglu_split(o.mul_mat(gate, x), o.mul_mat(up, x)))
 
-    def _moe(self, o: ggml.Ops, x: int, il: int, n_tokens: int, routing: str,
-             inp: GraphInputs, router_logits: dict[int, int]) -> int:
+    def _dense_ffn(self, o: ggml.Ops, h: int, il: int) -> int:
+        w, M = self.w, MODEL_TENSOR
+        return self._ffn(o, h, w.get(M.FFN_GATE, il), w.get(M.FFN_UP, il), w.get(M.FFN_DOWN, il))
+
+    def _route(self, o: ggml.Ops, h: int, il: int, n_tokens: int, routing: str,
+               inputs: dict[str, int], outputs: dict[str, int]) -> tuple[int, int]:
+        """Router of MoE layer il: (slot ids I32 (k, n_tokens), weights F32 (1, k, n_tokens)).
+        Except under full routing, its unmasked logits are an output (policies score them)."""
         hp, w, M = self.hp, self.w, MODEL_TENSOR
         n_expert, k = hp.n_expert, hp.n_expert_used
-        logits = o.mul_mat(w.get(M.FFN_GATE_INP, il), x)  # (n_expert, n_tokens)
+        logits = o.mul_mat(w.get(M.FFN_GATE_INP, il), h)  # (n_expert, n_tokens)
+        if routing != "full":
+            outputs[f"router_logits-{il}"] = logits
         if routing == "masked":
-            router_logits[il] = o.name(logits, f"ffn_moe_logits-{il}")
+            # The experts' input norm feeds importance scores (SwapMoE Eq. 1).
+            outputs[f"x_norm-{il}"] = o.sqrt(o.sum_rows(o.sqr(h)))  # (1, n_tokens)
             mask = o.input(GGMLType.F32, (n_expert,), f"inp_route_mask-{il}")
             slot_map = o.input(GGMLType.I32, (1, n_expert), f"inp_slot_map-{il}")
-            inp.route_mask[il], inp.slot_map[il] = mask, slot_map
+            inputs[f"route_mask-{il}"], inputs[f"slot_map-{il}"] = mask, slot_map
             logits = o.add(logits, mask)  # -inf hides non-resident experts from softmax and top-k
         probs = o.soft_max(logits)                       # (n_expert, n_tokens)
         selected = o.argsort_top_k(probs, k)             # I32 (k, n_tokens)
@@ -399,16 +496,18 @@ class GraphBuilder:
         if routing == "masked":
             # One map for all tokens: look the k*n_tokens choices up as a flat list of rows.
             flat = o.reshape_2d(o.cont(selected), k * n_tokens, 1)
-            ids = o.reshape_2d(o.get_rows(inp.slot_map[il], flat), k, n_tokens)  # slot per choice
-        else:
-            ids = selected
+            selected = o.reshape_2d(o.get_rows(inputs[f"slot_map-{il}"], flat), k, n_tokens)
+        return selected, weights
 
+    def _experts(self, o: ggml.Ops, h: int, il: int, ids: int, weights: int, n_tokens: int,
+                 shared: bool = True) -> int:
+        """Weighted sum of the experts in slots `ids` (+ the shared expert): (n_embd, n_tokens)."""
+        hp, w, M, k = self.hp, self.w, MODEL_TENSOR, self.hp.n_expert_used
         slots = self.slots.tensors(il)  # ffn_gate/ffn_up: (n_embd, n_ff_exp, n_slots)
-        x3 = o.reshape_3d(x, hp.n_embd, 1, n_tokens)
+        x3 = o.reshape_3d(h, hp.n_embd, 1, n_tokens)
         gate = o.mul_mat_id(slots["ffn_gate"], x3, ids)  # (n_ff_exp, k, n_tokens)
         up = o.mul_mat_id(slots["ffn_up"], x3, ids)
-        act = o.swiglu_split(gate, up)
-        out = o.mul_mat_id(slots["ffn_down"], act, ids)  # (n_embd, k, n_tokens)
+        out = o.mul_mat_id(slots["ffn_down"], o.swiglu_split(gate, up), ids)  # (n_embd, k, n_tokens)
         out = o.mul(out, weights)
         # Sum the k weighted expert outputs: views of the (n_embd, k, n_tokens) tensor.
         row = ggml.row_size(GGMLType.F32, hp.n_embd)
@@ -416,11 +515,10 @@ class GraphBuilder:
         for j in range(k):
             part = o.view_2d(out, hp.n_embd, n_tokens, row * k, row * j)
             moe = part if moe is None else o.add(moe, part)
-
-        if self.spec.shared_expert:
-            shexp = self._ffn(o, x, w.get(M.FFN_GATE_SHEXP, il), w.get(M.FFN_UP_SHEXP, il),
+        if self.spec.shared_expert and shared:
+            shexp = self._ffn(o, h, w.get(M.FFN_GATE_SHEXP, il), w.get(M.FFN_UP_SHEXP, il),
                               w.get(M.FFN_DOWN_SHEXP, il))
-            gate_w = o.sigmoid(o.mul_mat(w.get(M.FFN_GATE_INP_SHEXP, il), x))  # (1, n_tokens)
+            gate_w = o.sigmoid(o.mul_mat(w.get(M.FFN_GATE_INP_SHEXP, il), h))  # (1, n_tokens)
             moe = o.add(moe, o.mul(shexp, gate_w))
         return moe
 
