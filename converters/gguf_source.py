@@ -21,7 +21,8 @@ from converters.plan import Plan, fingerprint
 from converters.writer import (OutFile, OutTensor, add_edgemoe_base_keys,
                                edgemoe_expert_metadata)
 from edgemoe.errors import ConvertError
-from edgemoe.shardset import ALIGNMENT, BASE_FILE, EXPERT_TENSORS, expert_file
+from edgemoe.shardset import (ALIGNMENT, BASE_FILE, EXPERT_TENSORS, expert_file,
+                              expert_tensor_name)
 
 _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf$")
 # Bytes copied per write when streaming tensor data out of the memory map.
@@ -63,10 +64,11 @@ def open_gguf(path: Path) -> GGUFReader:
     return reader
 
 
-def field_values(reader: GGUFReader) -> dict:
-    """Metadata as plain Python values (GGUF.* pseudo-fields excluded)."""
+def scalar_fields(reader: GGUFReader) -> dict:
+    """Scalar and string metadata as Python values (arrays such as the vocabulary are skipped:
+    hyper-parameters are scalars, and decoding 100k tokens here would be wasted time)."""
     return {name: f.contents() for name, f in reader.fields.items()
-            if not name.startswith("GGUF.")}
+            if not name.startswith("GGUF.") and f.types and f.types[0] != GGUFValueType.ARRAY}
 
 
 def copy_metadata(reader: GGUFReader, w: GGUFWriter, skip: Callable[[str], bool]) -> None:
@@ -101,7 +103,7 @@ def numpy_shape(ne) -> tuple[int, ...]:
 def plan_gguf(path: Path) -> Plan:
     parts = split_parts(Path(path))
     readers = [open_gguf(p) for p in parts]
-    kv = field_values(readers[0])
+    kv = scalar_fields(readers[0])
     general_arch = kv.get(Keys.General.ARCHITECTURE)
     if general_arch is None:
         raise ConvertError(f"{parts[0]}: GGUF metadata key {Keys.General.ARCHITECTURE} missing")
@@ -145,7 +147,7 @@ def plan_gguf(path: Path) -> Plan:
                 per = t.n_bytes // hp.n_expert
                 start = t.data_offset + e * per
                 outs.append(OutTensor(
-                    name=f"blk.{layer}.{proj}.{e}.weight", shape=shape[1:],
+                    name=expert_tensor_name(layer, e, proj), shape=shape[1:],
                     type=GGMLQuantizationType(t.tensor_type), nbytes=per,
                     chunks=lambda r=r, s=start, n=per: byte_chunks(Path(r.data.filename), s,
                                                                    s + n)))

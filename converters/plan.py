@@ -31,7 +31,6 @@ from edgemoe.shardset import ALIGNMENT, BASE_FILE, FORMAT_VERSION, expert_file
 CHUNK_ELEMENTS = 8 << 20
 
 
-
 @dataclass(frozen=True)
 class Plan:
     source: dict                      # kind, path, hf_architecture

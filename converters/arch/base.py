@@ -17,7 +17,7 @@ from gguf import (TENSOR_NAMES, ExpertGatingFuncType, GGUFWriter, MODEL_ARCH, MO
                   MODEL_TENSOR)
 
 from edgemoe.errors import ConvertError
-from edgemoe.shardset import EXPERT_TENSORS
+from edgemoe.shardset import EXPERT_TENSORS, expert_tensor_name
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ class MoeArchitecture:
             for proj in EXPERT_TENSORS:
                 specs.append(TensorSpec(
                     f"{p}.experts.{e}.{self.expert_proj[proj]}.weight",
-                    f"blk.{layer}.{proj}.{e}.weight", shapes[proj], EXPERT,
+                    expert_tensor_name(layer, e, proj), shapes[proj], EXPERT,
                     layer=layer, expert=e, proj=proj))
         return specs
 
