@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
 def _convert(args: argparse.Namespace) -> int:
     from converters import convert
 
-    plan = convert(args.src, args.out, expert_type=args.expert_type, dense_type=args.dense_type,
+    if Path(args.src).is_file() and (args.expert_type or args.dense_type):
+        print("edgemoe convert: note: a GGUF source keeps its tensor types; --expert-type and "
+              "--dense-type apply to safetensors checkpoints only", file=sys.stderr)
+    plan = convert(args.src, args.out, expert_type=args.expert_type or "Q4_K",
+                   dense_type=args.dense_type or "Q8_0",
                    dry_run=args.dry_run, resume=args.resume, force=args.force,
                    progress=not args.quiet)
     if args.dry_run:
@@ -48,10 +53,10 @@ def register(subparsers) -> None:
         "tensor types (experts are sliced, not requantized).")
     p.add_argument("src", help="HF checkpoint directory or .gguf file")
     p.add_argument("out", help="output directory (must be empty unless --resume or --force)")
-    p.add_argument("--expert-type", default="Q4_K", metavar="TYPE",
+    p.add_argument("--expert-type", metavar="TYPE",
                    help="ggml type of routed expert weights (default Q4_K; F32 F16 BF16 Q8_0 "
                    "Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q4_K Q5_K Q6_K, any case)")
-    p.add_argument("--dense-type", default="Q8_0", metavar="TYPE",
+    p.add_argument("--dense-type", metavar="TYPE",
                    help="ggml type of the other matrices (default Q8_0); norms and routers stay F32")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (tensors, types, output sizes) and write nothing")
