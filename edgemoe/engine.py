@@ -117,8 +117,8 @@ class Engine:
             self.close()
             raise
         self.policy = None
-        # Per MoE layer, of the last step: unmasked router logits (n_tokens, n_expert) (masked
-        # and exact routing) and the chosen experts (n_tokens, k) (exact routing).
+        # Per MoE layer, of the last step (masked and exact routing): unmasked router logits
+        # (n_tokens, n_expert) and the experts that ran (n_tokens, k; -1: dropped by gating).
         self.router_logits: dict[int, np.ndarray] = {}
         self.selected: dict[int, np.ndarray] = {}
         self.last_step: dict | None = None  # the policy's telemetry record of the last step
@@ -253,11 +253,14 @@ class Engine:
         self._run(g, values)
         ggml.tensor_get(g.outputs["logits"], out)
         n_expert = self.hparams.n_expert
+        k = self.hparams.n_expert_used
         self.router_logits = {l: self._get(g, f"router_logits-{l}", (n, n_expert)) for l in moe_layers}
+        self.selected = {l: self._get(g, f"selected-{l}", (n, k), np.int32) for l in moe_layers}
         if self.policy is not None:
             for layer in moe_layers:
                 x_norm = self._get(g, f"x_norm-{layer}", (n,))
-                self.policy.observe(layer, _softmax(self.router_logits[layer]), x_norm)
+                self.policy.observe(layer, _softmax(self.router_logits[layer]), x_norm,
+                                    self.selected[layer])
 
     def _eval_exact(self, n, n_kv, values, all_logits, out) -> None:
         hp, k = self.hparams, self.hparams.n_expert_used

@@ -47,7 +47,7 @@ def _relerr(a, b):
 
 
 def test_truncate_then_reevaluate_gives_the_same_logits(shard_sets):
-    with Engine(shard_sets["qwen3_moe"], n_ctx=32, kv_type="f32") as engine:
+    with Engine(shard_sets["qwen3_moe"], n_ctx=32, n_threads=1, kv_type="f32") as engine:
         full = engine.eval(TOKENS)
         assert engine.n_past == len(TOKENS)
         engine.truncate(6)
@@ -63,7 +63,7 @@ def test_truncate_then_reevaluate_gives_the_same_logits(shard_sets):
 
 
 def test_context_overflow_leaves_the_context_intact(shard_sets):
-    with Engine(shard_sets["qwen3_moe"], n_ctx=16) as engine:
+    with Engine(shard_sets["qwen3_moe"], n_ctx=16, n_threads=1) as engine:
         engine.eval(TOKENS[:10])
         with pytest.raises(ContextOverflow, match="n_ctx=16"):
             engine.eval(TOKENS[:10])
@@ -72,7 +72,7 @@ def test_context_overflow_leaves_the_context_intact(shard_sets):
 
 
 def test_bad_tokens_are_refused_before_compute(shard_sets):
-    with Engine(shard_sets["qwen3_moe"], n_ctx=16) as engine:
+    with Engine(shard_sets["qwen3_moe"], n_ctx=16, n_threads=1) as engine:
         with pytest.raises(EdgeMoeError, match="outside the vocabulary"):
             engine.eval([1, engine.n_vocab])
         with pytest.raises(EdgeMoeError, match="at least one token"):
@@ -81,7 +81,7 @@ def test_bad_tokens_are_refused_before_compute(shard_sets):
 
 
 def test_closed_engine_refuses_eval(shard_sets):
-    engine = Engine(shard_sets["qwen3_moe"], n_ctx=16)
+    engine = Engine(shard_sets["qwen3_moe"], n_ctx=16, n_threads=1)
     engine.close()
     engine.close()  # idempotent
     with pytest.raises(EdgeMoeError, match="closed"):
@@ -89,7 +89,7 @@ def test_closed_engine_refuses_eval(shard_sets):
 
 
 def test_concurrent_evals_are_serialised(shard_sets):
-    with Engine(shard_sets["olmoe"], n_ctx=64) as engine:
+    with Engine(shard_sets["olmoe"], n_ctx=64, n_threads=1) as engine:
         errors = []
 
         def worker(tokens):
@@ -109,7 +109,7 @@ def test_concurrent_evals_are_serialised(shard_sets):
 
 
 def test_memory_reports_every_part(shard_sets):
-    with Engine(shard_sets["qwen3_moe"], n_ctx=64, kv_type="f32") as engine:
+    with Engine(shard_sets["qwen3_moe"], n_ctx=64, n_threads=1, kv_type="f32") as engine:
         mem = engine.memory()
         hp = engine.hparams
         assert mem["kv_cache"] >= 2 * hp.n_layer * hp.n_embd_kv * 64 * 4
@@ -128,7 +128,7 @@ def test_router_logits_match_transformers(shard_sets):
                                                               dtype=torch.float32).eval()
     with torch.no_grad():
         ref = model(torch.tensor([TOKENS]), output_router_logits=True).router_logits
-    with Engine(shard_sets["qwen3_moe"], n_ctx=32, kv_type="f32", routing="masked") as engine:
+    with Engine(shard_sets["qwen3_moe"], n_ctx=32, n_threads=1, kv_type="f32", routing="masked") as engine:
         engine.eval(TOKENS)
         for layer, got in engine.router_logits.items():
             want = ref[layer].reshape(len(TOKENS), -1).numpy()
@@ -138,9 +138,9 @@ def test_router_logits_match_transformers(shard_sets):
 
 def test_masked_routing_follows_the_slot_map(shard_sets):
     path = shard_sets["qwen3_moe"]
-    with Engine(path, n_ctx=32, kv_type="f32") as full:
+    with Engine(path, n_ctx=32, n_threads=1, kv_type="f32") as full:
         want = full.eval(TOKENS)
-    with Engine(path, n_ctx=32, kv_type="f32", routing="masked", load_experts=False) as engine:
+    with Engine(path, n_ctx=32, n_threads=1, kv_type="f32", routing="masked", load_experts=False) as engine:
         pool = engine.pool
         for layer in pool.layers:  # every expert resident, in reversed slots
             for e in range(pool.n_expert):
@@ -164,7 +164,7 @@ def test_masked_routing_follows_the_slot_map(shard_sets):
 
 
 def test_pool_slots_loads_and_evictions(shard_sets):
-    with Engine(shard_sets["qwen3_moe"], n_ctx=16, routing="masked", n_slots=2,
+    with Engine(shard_sets["qwen3_moe"], n_ctx=16, n_threads=1, routing="masked", n_slots=2,
                 load_experts=False) as engine:
         pool = engine.pool
         assert pool.n_slots(0) == 2 and pool.resident(0) == {}
@@ -184,7 +184,7 @@ def test_pool_slots_loads_and_evictions(shard_sets):
 
 
 def test_unreadable_expert_shard_names_the_file(qwen3):
-    with Engine(qwen3, n_ctx=16, routing="masked", n_slots=2, load_experts=False) as engine:
+    with Engine(qwen3, n_ctx=16, n_threads=1, routing="masked", n_slots=2, load_experts=False) as engine:
         shard = engine.shards.expert(1, 2)
         with open(shard.path, "r+b") as f:
             f.truncate(shard.data_offset + 100)

@@ -37,7 +37,7 @@ def _llama(path, n_ctx: int):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(llama_capi, "llama_model_default_params", params)
-        return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=2,
+        return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=1,
                                logits_all=True, flash_attn=True, verbose=False)
 
 
@@ -55,7 +55,7 @@ def _greedy_llamacpp(path) -> tuple[list[int], np.ndarray]:
 
 
 def _greedy_edgemoe(shards) -> tuple[list[int], np.ndarray]:
-    with Engine(shards, n_ctx=128, n_threads=2) as engine:
+    with Engine(shards, n_ctx=128, n_threads=1) as engine:
         row = engine.eval(PROMPT)[-1]
         out, logits = [], []
         for _ in range(N_GENERATE):

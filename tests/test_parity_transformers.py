@@ -60,7 +60,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_f32_logits_match_transformers(reference, arch):
     seqs, ref, shards = reference(arch)
-    with Engine(shards["F32"], n_ctx=64, kv_type="f32", n_threads=2) as engine:
+    with Engine(shards["F32"], n_ctx=64, kv_type="f32", n_threads=1) as engine:
         engine.eval(seqs[0, :5])  # a stale context must not leak into the next sequence
         engine.reset()
         prefill = engine.eval(seqs[0])
@@ -78,7 +78,7 @@ def test_f32_logits_match_transformers(reference, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_q8_0_agrees_with_f32_reference(reference, arch):
     seqs, ref, shards = reference(arch)
-    with Engine(shards["Q8_0"], n_ctx=64, n_threads=2) as engine:
+    with Engine(shards["Q8_0"], n_ctx=64, n_threads=1) as engine:
         got = []
         for seq in seqs:
             engine.reset()
@@ -94,7 +94,7 @@ def test_q8_0_agrees_with_f32_reference(reference, arch):
 def test_prefill_split_into_batches_equals_one_batch(reference):
     """n_batch smaller than the prompt: the prompt runs as several graphs over the cache."""
     seqs, _, shards = reference("qwen3_moe")
-    with Engine(shards["F32"], n_ctx=64, kv_type="f32", n_batch=7, n_threads=2) as split, \
-            Engine(shards["F32"], n_ctx=64, kv_type="f32", n_threads=2) as whole:
+    with Engine(shards["F32"], n_ctx=64, kv_type="f32", n_batch=7, n_threads=1) as split, \
+            Engine(shards["F32"], n_ctx=64, kv_type="f32", n_threads=1) as whole:
         a, b = split.eval(seqs[1]), whole.eval(seqs[1])
     assert np.abs(a - b).max() <= 1e-4 * float(b.max() - b.min())

@@ -272,7 +272,8 @@ class Graph:
              slot_map-L I32 (1, n_expert) expert -> slot;
              exact routing, expert graphs: ids I32 (k, n_tokens) slots, weights F32 (1, k, n_tokens).
     outputs: logits F32 (n_vocab, n_out); masked routing: router_logits-L F32 (n_expert, n_tokens)
-             unmasked, x_norm-L F32 (n_tokens,) L2 norm of the experts' input; exact routing,
+             unmasked, x_norm-L F32 (n_tokens,) L2 norm of the experts' input, selected-L I32
+             (k, n_tokens) the experts masked gating chose; exact routing,
              attention graphs: selected I32 (k, n_tokens), weights F32 (k, n_tokens),
              router_logits-L, and next_logits F32 (n_expert, n_tokens) the next MoE layer's router
              applied to this layer's expert input (a prefetch prediction)."""
@@ -494,8 +495,10 @@ class GraphBuilder:
         if hp.expert_weights_scale not in (0.0, 1.0):
             weights = o.scale(weights, hp.expert_weights_scale)
         if routing == "masked":
+            chosen = o.cont(selected)  # expert ids, an output so policies can audit the mask
+            outputs[f"selected-{il}"] = chosen
             # One map for all tokens: look the k*n_tokens choices up as a flat list of rows.
-            flat = o.reshape_2d(o.cont(selected), k * n_tokens, 1)
+            flat = o.reshape_2d(chosen, k * n_tokens, 1)
             selected = o.reshape_2d(o.get_rows(inputs[f"slot_map-{il}"], flat), k, n_tokens)
         return selected, weights
 
