@@ -127,12 +127,13 @@ class Sampler:
         """The tokens left after the penalty and the top_k/top_p/min_p filters, with their
         (penalised) logits: what llama.cpp's chain holds just before temperature."""
         params = self.params
-        logits = np.array(logits, dtype=np.float32)  # a copy: the penalty writes into it
+        logits = np.asarray(logits, dtype=np.float32)
         if logits.ndim != 1:
             raise ValueError(f"expected one row of logits (n_vocab,), got shape {logits.shape}")
         window = params.repeat_last_n
         if window != 0 and params.repeat_penalty != 1.0:
             recent = history if window < 0 else history[-window:]
+            logits = logits.copy()  # the caller's row stays as it was
             apply_repeat_penalty(logits, recent, params.repeat_penalty)
         if self._all_ids.size != logits.size:
             self._all_ids = np.arange(logits.size, dtype=np.int64)

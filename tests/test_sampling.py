@@ -176,3 +176,12 @@ def test_top_k_one_is_greedy_even_when_hot():
 def test_invalid_params_are_rejected(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_sampling_leaves_the_callers_logits_alone():
+    logits = np.random.default_rng(6).normal(size=64).astype(np.float32)
+    before = logits.copy()
+    sampler = Sampler(SamplingParams(repeat_penalty=1.5, seed=0))
+    sampler.sample(logits, history=list(range(64)))
+    Sampler(SamplingParams(seed=0)).sample(logits)
+    assert np.array_equal(logits, before)
