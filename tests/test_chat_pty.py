@@ -9,10 +9,13 @@ import re
 import select
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from test_generate import converted_tiny
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pty")
 
@@ -23,11 +26,11 @@ STATUS = re.compile(rb"\[mem [\d.]+ MiB \(RSS [\d.]+ MiB\) \| experts \d+/\d+ re
 class Terminal:
     """A child process on a pty; `expect` reads until a pattern shows up."""
 
-    def __init__(self, argv: list[str]):
+    def __init__(self, argv: list[str], env: dict[str, str]):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the pty is its controlling terminal
             try:
-                os.execv(argv[0], argv)
+                os.execve(argv[0], argv, env)
             finally:
                 os._exit(127)
         self.seen = b""
@@ -80,10 +83,22 @@ class Terminal:
         os.close(self.fd)
 
 
-def test_chat_session_through_a_pty(tmp_path_factory):
-    shards = converted_tiny(tmp_path_factory)
-    term = Terminal([sys.executable, "-m", "edgemoe", "chat", str(shards), "--temp", "0",
-                     "-n", "400", "-c", "1024", "-t", "1"])
+@pytest.fixture(params=["tiny", "bundled"])
+def chat_model(request, tmp_path_factory) -> Path:
+    """A converted tiny random model, and the bundled model's checkpoint directory (which
+    `edgemoe chat` converts on first use, as a new user would run it)."""
+    if request.param == "tiny":
+        return converted_tiny(tmp_path_factory)
+    bundled = sorted(p.parent for p in (ROOT / "models").glob("*/config.json"))
+    if not bundled:
+        pytest.skip("no bundled model under models/")
+    return bundled[0]
+
+
+def test_chat_session_through_a_pty(chat_model, tmp_path):
+    env = {**os.environ, "EDGEMOE_CACHE": str(tmp_path / "cache")}
+    term = Terminal([sys.executable, "-m", "edgemoe", "chat", str(chat_model), "--temp", "0",
+                     "-n", "400", "-c", "1024", "-t", "1"], env)
     try:
         term.expect(b"/reset")  # the banner lists the commands
         term.expect(b"> ")
