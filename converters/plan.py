@@ -91,16 +91,16 @@ def fingerprint(source_files: list[Path], settings: dict) -> str:
 
 def _quantized_chunks(ckpt: SafetensorsCheckpoint, spec: TensorSpec,
                       t: GGMLType) -> Iterator[np.ndarray]:
-    """The tensor's bytes as type `t`, a bounded block of rows at a time."""
+    """The spec's rows as type `t`, a bounded block of rows at a time."""
+    first, rows = spec.row_offset, spec.n_rows
     if spec.transform is not None:
         # Transforms reorder rows across the tensor, so they need it whole (attention only).
-        yield quant.quantize(spec.transform(ckpt.read(spec.hf_name)), t)
+        x = ckpt.read_rows(spec.hf_name, first, first + rows).reshape(spec.written_shape)
+        yield quant.quantize(spec.transform(x), t)
         return
-    n_per_row = spec.shape[-1]
-    rows = int(np.prod(spec.shape[:-1], dtype=np.int64)) if len(spec.shape) > 1 else 1
-    step = max(1, CHUNK_ELEMENTS // n_per_row)
-    for first in range(0, rows, step):
-        yield quant.quantize(ckpt.read_rows(spec.hf_name, first, min(first + step, rows)), t)
+    step = max(1, CHUNK_ELEMENTS // spec.written_shape[-1])
+    for r in range(first, first + rows, step):
+        yield quant.quantize(ckpt.read_rows(spec.hf_name, r, min(r + step, first + rows)), t)
 
 
 def _check_tensors(ckpt: SafetensorsCheckpoint, specs: list[TensorSpec], arch: MoeArchitecture,

@@ -152,17 +152,6 @@ class SafetensorsCheckpoint:
             m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
         return out.reshape(stop - first, n_per_row)
 
-    def read(self, name: str) -> np.ndarray:
-        """The whole tensor as float32 in its checkpoint shape."""
-        t = self.tensors[name]
-        rows = int(np.prod(t.shape[:-1], dtype=np.int64)) if len(t.shape) > 1 else 1
-        return self.read_rows(name, 0, rows).reshape(t.shape)
-
-    def close(self) -> None:
-        for m in self._maps.values():
-            m.close()
-        self._maps.clear()
-
 
 def read_config(model_dir: Path) -> dict:
     path = Path(model_dir) / "config.json"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import converters
-from tiny_models import ARCHS, cached_checkpoint, load_reference
+from tiny_models import ARCHS, CONVERTER_ONLY_ARCHS, cached_checkpoint, load_reference
 
 torch = pytest.importorskip("torch")
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -48,7 +48,7 @@ def llamacpp_run(gguf_path, prompt: list[int], n_new: int) -> tuple[np.ndarray, 
     return logits, out
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + CONVERTER_ONLY_ARCHS)
 def test_exported_gguf_matches_transformers(tiny_root, tmp_path, arch):
     tokenizer = "spm" if arch == "mixtral" else "bpe"
     ckpt = cached_checkpoint(tiny_root, arch, tokenizer=tokenizer)

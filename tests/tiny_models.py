@@ -15,6 +15,8 @@ from pathlib import Path
 from tiny_tokenizers import make_bpe_tokenizer, make_spm_tokenizer
 
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+# Converted and checked against llama.cpp, but without an edgemoe runtime graph yet.
+CONVERTER_ONLY_ARCHS = ("granitemoe",)
 
 VOCAB_SIZE = 384  # used with tokenizer=None (tensor-only checkpoints)
 
@@ -46,6 +48,10 @@ _PER_ARCH = {
     "olmoe": dict(intermediate_size=64, num_experts=4, num_experts_per_tok=2,
                   num_key_value_heads=4, norm_topk_prob=False, rope_theta=10000.0,
                   pad_token_id=1, eos_token_id=2),
+    # Granite's multipliers away from 1 so that their GGUF keys are exercised.
+    "granitemoe": dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                       embedding_multiplier=2.0, residual_multiplier=0.5,
+                       attention_multiplier=0.2, logits_scaling=1.5, rope_theta=10000.0),
 }
 
 
@@ -53,7 +59,8 @@ def _config(arch: str, vocab_size: int, overrides: dict):
     import transformers
 
     classes = {"mixtral": transformers.MixtralConfig, "qwen2_moe": transformers.Qwen2MoeConfig,
-               "qwen3_moe": transformers.Qwen3MoeConfig, "olmoe": transformers.OlmoeConfig}
+               "qwen3_moe": transformers.Qwen3MoeConfig, "olmoe": transformers.OlmoeConfig,
+               "granitemoe": transformers.GraniteMoeConfig}
     kwargs = {**_COMMON, **_PER_ARCH[arch], "vocab_size": vocab_size, **overrides}
     return classes[arch](**kwargs)
 
@@ -78,8 +85,8 @@ def make_tiny_checkpoint(arch: str, out: str | Path, seed: int = 0, dtype: str =
     import torch
     import transformers
 
-    if arch not in ARCHS:
-        raise ValueError(f"unknown tiny arch {arch!r}; known: {ARCHS}")
+    if arch not in ARCHS + CONVERTER_ONLY_ARCHS:
+        raise ValueError(f"unknown tiny arch {arch!r}; known: {ARCHS + CONVERTER_ONLY_ARCHS}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n_vocab = _tokenizer(tokenizer, out) or VOCAB_SIZE

@@ -48,12 +48,18 @@ DENSE, F32, EXPERT = "dense", "f32", "expert"
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """One output tensor: a run of rows of one checkpoint tensor (rows = its last axis).
+
+    Usually the whole tensor; checkpoints that fuse experts (or gate and up) into one tensor give
+    each expert projection its own spec with `row_offset` and a smaller `out_shape`, so the
+    converter still streams and never materialises the fused tensor."""
     hf_name: str
     gguf_name: str
     shape: tuple[int, ...]            # numpy shape required in the checkpoint
     kind: str                         # DENSE, F32 or EXPERT
-    transform: Callable[[np.ndarray], np.ndarray] | None = None  # whole-tensor, shape-preserving
-    out_shape: tuple[int, ...] | None = None  # written shape when it differs (same elements)
+    transform: Callable[[np.ndarray], np.ndarray] | None = None  # on the written rows, in place
+    out_shape: tuple[int, ...] | None = None  # written shape, when not the whole source shape
+    row_offset: int = 0               # first source row written
     layer: int | None = None
     expert: int | None = None
     proj: str | None = None          # ffn_gate / ffn_up / ffn_down for experts
@@ -61,6 +67,25 @@ class TensorSpec:
     @property
     def written_shape(self) -> tuple[int, ...]:
         return self.out_shape or self.shape
+
+    @property
+    def n_rows(self) -> int:
+        """Rows written (each of written_shape[-1] elements, the source's row length)."""
+        return int(np.prod(self.written_shape[:-1], dtype=np.int64))
+
+
+def interleave_rope_halves(n_head: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Row order of q_proj / k_proj for llama.cpp's "normal" RoPE.
+
+    llama.cpp's NORM rope type rotates adjacent pairs of a head's values, while HF llama-family
+    checkpoints rotate the first half of a head against the second half; interleaving the two
+    halves of each head's rows makes the two agree."""
+    def permute(w: np.ndarray) -> np.ndarray:  # (n_head * head_dim, n_embd)
+        rows, cols = w.shape
+        half = rows // n_head // 2
+        # (head, half-index, position-in-half, col) -> (head, position, half-index, col)
+        return w.reshape(n_head, 2, half, cols).swapaxes(1, 2).reshape(rows, cols)
+    return permute
 
 
 def tensor_name(t: MODEL_TENSOR, layer: int | None = None, suffix: str = "weight") -> str:

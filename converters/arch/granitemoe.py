@@ -1,0 +1,63 @@
+"""GraniteMoE: llama layout with Granite's four scalar multipliers, and experts stored fused.
+
+The checkpoint keeps all experts of a layer in two tensors: block_sparse_moe.input_linear
+(n_expert, 2 * n_ff, n_embd), each expert's gate rows followed by its up rows, and
+output_linear (n_expert, n_embd, n_ff). Each per-expert projection is a run of their rows.
+q/k rows are reordered for llama.cpp's RoPE layout as for Llama.
+"""
+from __future__ import annotations
+
+from gguf import GGUFWriter, MODEL_ARCH, MODEL_TENSOR
+
+from converters.arch.base import (EXPERT, F32, Hparams, MoeArchitecture, TensorSpec,
+                                  interleave_rope_halves, tensor_name)
+from edgemoe.errors import ConvertError
+from edgemoe.shardset import expert_tensor_name
+
+
+class GraniteMoe(MoeArchitecture):
+    gguf_arch = MODEL_ARCH.GRANITE_MOE
+    hf_architectures = ("GraniteMoeForCausalLM",)
+    expert_weights_norm = True
+
+    def n_ff_exp(self, config: dict) -> int:
+        return config["intermediate_size"]
+
+    def check(self, config: dict, hp: Hparams) -> None:
+        super().check(config, hp)
+        if config.get("shared_intermediate_size"):
+            raise ConvertError("config.json: a shared expert (GraniteMoeShared) is not supported")
+
+    def permute_q(self, hp: Hparams):
+        return interleave_rope_halves(hp.n_head)
+
+    def permute_k(self, hp: Hparams):
+        return interleave_rope_halves(hp.n_head_kv)
+
+    def moe_specs(self, hp: Hparams, layer: int) -> list[TensorSpec]:
+        p = f"model.layers.{layer}.block_sparse_moe"
+        fused_in = (hp.n_expert, 2 * hp.n_ff_exp, hp.n_embd)
+        fused_out = (hp.n_expert, hp.n_embd, hp.n_ff_exp)
+        specs = [TensorSpec(f"{p}.router.layer.weight",
+                            tensor_name(MODEL_TENSOR.FFN_GATE_INP, layer),
+                            (hp.n_expert, hp.n_embd), F32)]
+        for e in range(hp.n_expert):
+            for proj, name, shape, first in (
+                    ("ffn_gate", "input_linear", fused_in, 2 * e * hp.n_ff_exp),
+                    ("ffn_up", "input_linear", fused_in, (2 * e + 1) * hp.n_ff_exp),
+                    ("ffn_down", "output_linear", fused_out, e * hp.n_embd)):
+                specs.append(TensorSpec(
+                    f"{p}.{name}.weight", expert_tensor_name(layer, e, proj), shape, EXPERT,
+                    out_shape=shape[1:] if proj == "ffn_down" else (hp.n_ff_exp, hp.n_embd),
+                    row_offset=first, layer=layer, expert=e, proj=proj))
+        return specs
+
+    def add_metadata(self, w: GGUFWriter, hp: Hparams, config: dict) -> None:
+        super().add_metadata(w, hp, config)
+        w.add_embedding_scale(float(config.get("embedding_multiplier", 1.0)))
+        w.add_residual_scale(float(config.get("residual_multiplier", 1.0)))
+        w.add_attention_scale(float(config.get("attention_multiplier", 1.0)))
+        w.add_logit_scale(float(config.get("logits_scaling", 1.0)))
+
+
+ARCH = GraniteMoe()
