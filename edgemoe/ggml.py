@@ -16,6 +16,7 @@ Nothing above this module knows which device runs the graph.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from ctypes import POINTER, c_bool, c_char_p, c_float, c_int, c_int64, c_size_t, c_void_p
 
@@ -26,7 +27,7 @@ from edgemoe import _lib
 from edgemoe.errors import EdgeMoeError
 
 __all__ = ["GGMLType", "lib", "Context", "Buffer", "Backend", "Scheduler", "Ops",
-           "row_size", "type_name", "list_devices", "ROPE_NORM", "ROPE_NEOX"]
+           "row_size", "tensor_set", "tensor_get", "list_devices", "ROPE_NORM", "ROPE_NEOX"]
 
 # ggml.h: GGML_ROPE_TYPE_NORMAL / GGML_ROPE_TYPE_NEOX
 ROPE_NORM = 0
@@ -56,16 +57,10 @@ _SIGNATURES = {
     "ggml_new_tensor_2d": (_lib.ggml_base, T, [c_void_p, c_int, c_int64, c_int64]),
     "ggml_new_tensor_3d": (_lib.ggml_base, T, [c_void_p, c_int, c_int64, c_int64, c_int64]),
     "ggml_set_name": (_lib.ggml_base, T, [T, c_char_p]),
-    "ggml_get_name": (_lib.ggml_base, c_char_p, [T]),
     "ggml_set_input": (_lib.ggml_base, None, [T]),
     "ggml_set_output": (_lib.ggml_base, None, [T]),
     "ggml_nbytes": (_lib.ggml_base, c_size_t, [T]),
-    "ggml_nelements": (_lib.ggml_base, c_int64, [T]),
-    "ggml_get_first_tensor": (_lib.ggml_base, T, [c_void_p]),
-    "ggml_get_next_tensor": (_lib.ggml_base, T, [c_void_p, T]),
     "ggml_row_size": (_lib.ggml_base, c_size_t, [c_int, c_int64]),
-    "ggml_blck_size": (_lib.ggml_base, c_int64, [c_int]),
-    "ggml_type_name": (_lib.ggml_base, c_char_p, [c_int]),
     # ops
     "ggml_add": (_lib.ggml_base, T, [c_void_p, T, T]),
     "ggml_mul": (_lib.ggml_base, T, [c_void_p, T, T]),
@@ -83,7 +78,6 @@ _SIGNATURES = {
     "ggml_sum_rows": (_lib.ggml_base, T, [c_void_p, T]),
     "ggml_clamp": (_lib.ggml_base, T, [c_void_p, T, c_float, c_float]),
     "ggml_scale": (_lib.ggml_base, T, [c_void_p, T, c_float]),
-    "ggml_silu": (_lib.ggml_base, T, [c_void_p, T]),
     "ggml_sqr": (_lib.ggml_base, T, [c_void_p, T]),
     "ggml_sqrt": (_lib.ggml_base, T, [c_void_p, T]),
     "ggml_cpy": (_lib.ggml_base, T, [c_void_p, T, T]),
@@ -91,7 +85,6 @@ _SIGNATURES = {
     "ggml_swiglu_split": (_lib.ggml_base, T, [c_void_p, T, T]),
     "ggml_reshape_2d": (_lib.ggml_base, T, [c_void_p, T, c_int64, c_int64]),
     "ggml_reshape_3d": (_lib.ggml_base, T, [c_void_p, T, c_int64, c_int64, c_int64]),
-    "ggml_view_1d": (_lib.ggml_base, T, [c_void_p, T, c_int64, c_size_t]),
     "ggml_view_2d": (_lib.ggml_base, T, [c_void_p, T, c_int64, c_int64, c_size_t, c_size_t]),
     "ggml_view_3d": (_lib.ggml_base, T, [c_void_p, T, c_int64, c_int64, c_int64, c_size_t,
                                         c_size_t, c_size_t]),
@@ -100,7 +93,6 @@ _SIGNATURES = {
     # graphs
     "ggml_new_graph_custom": (_lib.ggml_base, c_void_p, [c_void_p, c_size_t, c_bool]),
     "ggml_build_forward_expand": (_lib.ggml_base, None, [c_void_p, T]),
-    "ggml_graph_n_nodes": (_lib.ggml_base, c_int, [c_void_p]),
     # backend: buffers and tensor data
     "ggml_backend_alloc_ctx_tensors_from_buft": (_lib.ggml_base, c_void_p, [c_void_p, c_void_p]),
     "ggml_backend_buffer_free": (_lib.ggml_base, None, [c_void_p]),
@@ -157,14 +149,6 @@ def row_size(ggml_type: int, ne0: int) -> int:
     return lib.ggml_row_size(int(ggml_type), ne0)
 
 
-def block_size(ggml_type: int) -> int:
-    return lib.ggml_blck_size(int(ggml_type))
-
-
-def type_name(ggml_type: int) -> str:
-    return lib.ggml_type_name(int(ggml_type)).decode()
-
-
 def _check(ptr, what: str):
     if not ptr:
         raise EdgeMoeError(f"ggml: {what} failed")
@@ -196,13 +180,6 @@ class Context:
         if name:
             lib.ggml_set_name(out, name.encode())
         return out
-
-    def tensors(self):
-        """Every tensor of the context, in creation order."""
-        t = lib.ggml_get_first_tensor(self.ptr)
-        while t:
-            yield t
-            t = lib.ggml_get_next_tensor(self.ptr, t)
 
     def new_graph(self) -> int:
         return _check(lib.ggml_new_graph_custom(self.ptr, self.graph_size, False), "new graph")
@@ -319,9 +296,8 @@ class Backend:
     def set_threads(self, n_threads: int | None) -> None:
         """Thread count for every backend that has one (found through the backend registry, so
         this layer stays device-neutral)."""
-        import os
-        n = n_threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                             else (os.cpu_count() or 1))
+        n = n_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                          else (os.cpu_count() or 1))
         self.n_threads = n
         for dev, backend in zip(self._devices, self.backends):
             reg = lib.ggml_backend_dev_backend_reg(dev)
@@ -404,7 +380,6 @@ class Ops:
     def sum_rows(self, a): return lib.ggml_sum_rows(self.ctx, a)
     def clamp(self, a, lo, hi): return lib.ggml_clamp(self.ctx, a, lo, hi)
     def scale(self, a, s): return lib.ggml_scale(self.ctx, a, s)
-    def silu(self, a): return lib.ggml_silu(self.ctx, a)
     def sigmoid(self, a): return lib.ggml_sigmoid(self.ctx, a)
     def sqr(self, a): return lib.ggml_sqr(self.ctx, a)
     def sqrt(self, a): return lib.ggml_sqrt(self.ctx, a)
@@ -414,9 +389,6 @@ class Ops:
     def reshape_2d(self, a, ne0, ne1): return lib.ggml_reshape_2d(self.ctx, a, ne0, ne1)
     def reshape_3d(self, a, ne0, ne1, ne2): return lib.ggml_reshape_3d(self.ctx, a, ne0, ne1, ne2)
     def permute(self, a, d0, d1, d2, d3): return lib.ggml_permute(self.ctx, a, d0, d1, d2, d3)
-
-    def view_1d(self, a, ne0, offset):
-        return lib.ggml_view_1d(self.ctx, a, ne0, offset)
 
     def view_2d(self, a, ne0, ne1, nb1, offset):
         return lib.ggml_view_2d(self.ctx, a, ne0, ne1, nb1, offset)

@@ -194,6 +194,7 @@ class BaseWeights:
                     raise ShardSetError(f"{path}: tensor {name} missing (architecture {spec.name})")
                 continue
             got = tuple(int(x) for x in t.shape)
+            # None: a width the metadata does not fix (a dense layer's n_ff) - take the file's.
             shape = tuple(g if e is None else e for e, g in zip(ne, got)) if len(got) == len(ne) else ne
             if got != shape:
                 raise ShardSetError(f"{path}: tensor {name} has shape {list(got)}, "
