@@ -52,21 +52,21 @@ class Model:
         n_batch: int = 512,
     ) -> None:
         self.shards_path = Path(shards_path)
-        self.shards = ShardSet.open(self.shards_path)
         self.name = self.shards_path.resolve().name
-        self.vocab = Vocab(self.shards.base_path)
+        self.engine = Engine(self.shards_path, n_ctx=n_ctx, n_threads=n_threads, device=device,
+                             n_batch=n_batch)
+        self.shards: ShardSet = self.engine.shards
         try:
-            self.engine = Engine(self.shards_path, n_ctx=n_ctx, n_threads=n_threads,
-                                 device=device, n_batch=n_batch)
+            self.vocab = Vocab(self.shards.base_path)
         except BaseException:
-            self.vocab.close()
+            self.engine.close()
             raise
         try:
             self._hits = ExpertHits(self.engine)
             self._generator = Generator(self.engine, self.vocab, on_eval=self._hits.count)
         except BaseException:
-            self.engine.close()
             self.vocab.close()
+            self.engine.close()
             raise
         self._lock = threading.Lock()
         self._owner: int | None = None  # thread that holds _lock, to catch self-deadlock
