@@ -15,8 +15,9 @@ converter fills the unused ids.
 
 Tensors are streamed to disk as windows into small pools of random draws (one per scale), so a
 multi-GB checkpoint needs well under 200 MB of RAM and is written at disk speed. Scales are sane for a forward pass: projections ~ N(0, 1/fan_in), norms 1,
-router logits ~ N(0, router_scale^2). Random weights route tokens with little temporal locality,
-which is the worst case for expert caches.
+router logits ~ N(0, router_scale^2). Random weights route tokens almost uniformly with little
+temporal locality, the worst case for expert caches; `--routing-skew` gives experts lasting,
+unequal popularity instead.
 
 `--size` picks hidden and expert-FFN widths (multiples of 256, so Q4_K/Q6_K rows fit their
 blocks) for the smallest checkpoint of at least that size, keeping any dimension given explicitly.
@@ -27,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import sys
@@ -63,6 +65,7 @@ ARCHS = {
 DTYPES = {"bf16": ("BF16", 2, "bfloat16"), "f16": ("F16", 2, "float16"),
           "f32": ("F32", 4, "float32")}
 HEAD_DIM = 64
+_EMBD_MEAN = 0.5  # with routing skew: size of the shared embedding direction, per unit of std
 ROW_ALIGN = 256  # widths are multiples of the K-quant super-block
 
 
@@ -78,6 +81,7 @@ class SynthSpec:
     dtype: str = "bf16"
     seed: int = 0
     router_scale: float = 1.0
+    routing_skew: float = 0.0  # std of each expert's lasting router-logit offset (popularity)
 
     @property
     def n_head(self) -> int:
@@ -126,6 +130,31 @@ class SynthSpec:
         out += [("model.norm.weight", (H,), 0.0),
                 ("lm_head.weight", (self.n_vocab, H), H ** -0.5)]
         return out
+
+    def shift(self, name: str) -> np.ndarray | None:
+        """What to add to tensor `name`'s random values, if anything.
+
+        With routing_skew > 0 experts get lasting popularity, as trained MoE models have (random
+        routers alone pick experts almost uniformly): every token embedding shares a direction
+        u, and each router row leans on u, offsetting expert e's logit at the embedding by
+        routing_skew * N(0, 1) for every token. The shared direction also passes through
+        attention, which adds further lasting per-expert offsets. Measured (4 layers, 32
+        experts top-4, 256 random tokens): the 8 most chosen experts take 31-53% of selections
+        without skew, 66-78% at 0.5, 73-83% at 1.0."""
+        if self.routing_skew == 0.0:
+            return None
+        H = self.n_embd
+        u = np.random.default_rng([self.seed, 1]).standard_normal(H).astype(np.float32)
+        u /= np.linalg.norm(u)
+        if name == "model.embed_tokens.weight":
+            return np.float32(_EMBD_MEAN * math.sqrt(H)) * u  # (H,), added to every row
+        m = re.fullmatch(rf"model\.layers\.(\d+)\.{ARCHS[self.arch].moe}\.gate\.weight", name)
+        if m is None:
+            return None
+        offsets = self.routing_skew * np.random.default_rng(
+            [self.seed, 2, int(m[1])]).standard_normal(self.n_expert)  # (n_expert,)
+        along_u = _EMBD_MEAN / math.sqrt(1 + _EMBD_MEAN ** 2) * math.sqrt(H)  # x.u after RMSNorm
+        return np.outer(offsets / along_u, u).astype(np.float32)  # (n_expert, H)
 
     @property
     def itemsize(self) -> int:
@@ -217,21 +246,37 @@ def _encode(x: np.ndarray, dtype: str) -> np.ndarray:
 
 class _Pools:
     def __init__(self, rng: np.random.Generator, dtype: str):
-        self.rng, self.dtype, self.pools = rng, dtype, {}
+        self.rng, self.dtype = rng, dtype
+        self.encoded: dict[float, np.ndarray] = {}
+        self.raw: dict[float, np.ndarray] = {}  # float32 draws, kept only where a shift is added
 
-    def write(self, f, shape: tuple[int, ...], std: float) -> None:
-        """Write one tensor of N(0, std^2) values (all ones when std is 0, as for norms)."""
-        if std not in self.pools:
-            x = (np.ones(_POOL_LEN, np.float32) if std == 0.0
-                 else self.rng.standard_normal(_POOL_LEN, np.float32) * np.float32(std))
-            self.pools[std] = _encode(x, self.dtype)
-        pool = self.pools[std]
-        left = math.prod(shape)
-        while left:
-            k = min(left, _POOL_LEN // 2)
-            off = int(self.rng.integers(0, _POOL_LEN - k + 1))
-            f.write(memoryview(pool[off:off + k]))
-            left -= k
+    def _draw(self, std: float) -> np.ndarray:
+        return (np.ones(_POOL_LEN, np.float32) if std == 0.0
+                else self.rng.standard_normal(_POOL_LEN, np.float32) * np.float32(std))
+
+    def write(self, f, shape: tuple[int, ...], std: float, shift: np.ndarray | None = None) -> None:
+        """Write one tensor of N(0, std^2) values (all ones when std is 0, as for norms), plus
+        `shift` (broadcast over rows) when given."""
+        if shift is None:
+            if std not in self.encoded:
+                self.encoded[std] = _encode(self._draw(std), self.dtype)
+            pool, left = self.encoded[std], math.prod(shape)
+            while left:
+                k = min(left, _POOL_LEN // 2)
+                off = int(self.rng.integers(0, _POOL_LEN - k + 1))
+                f.write(memoryview(pool[off:off + k]))
+                left -= k
+            return
+        if std not in self.raw:
+            self.raw[std] = self._draw(std)
+        rows, cols = shape[0], math.prod(shape[1:])
+        step = max(1, _POOL_LEN // 2 // cols)
+        for r0 in range(0, rows, step):
+            r = min(step, rows - r0)
+            off = int(self.rng.integers(0, _POOL_LEN - r * cols + 1))
+            x = self.raw[std][off:off + r * cols].reshape(r, cols)
+            x = x + (shift[r0:r0 + r] if shift.ndim == 2 else shift)  # (r, cols)
+            f.write(memoryview(_encode(x, self.dtype)))
 
 
 def _shard_plan(spec: SynthSpec, shard_bytes: int) -> list[list[tuple[str, tuple[int, ...], float]]]:
@@ -296,7 +341,7 @@ def make_synthetic(out: str | Path, spec: SynthSpec, shard_bytes: int = 1 << 30,
         with open(tmp, "wb") as f:
             f.write(_header(tensors, spec))
             for tname, shape, std in tensors:
-                pools.write(f, shape, std)
+                pools.write(f, shape, std, spec.shift(tname))
                 weight_map[tname] = name
                 done += math.prod(shape) * spec.itemsize
                 if progress:
@@ -336,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--router-scale", type=float, default=d.router_scale,
                     help="std of the router logits (higher: more peaked routing)")
+    ap.add_argument("--routing-skew", type=float, default=d.routing_skew,
+                    help="std of a lasting per-expert router-logit offset, giving experts "
+                    "unequal popularity as trained models have (e.g. 0.5; default 0: none)")
     ap.add_argument("--shard-size", default="1GiB", help="safetensors file size limit")
     ap.add_argument("--force", action="store_true", help="replace an existing OUT")
     ap.add_argument("--dry-run", action="store_true", help="print the dimensions, write nothing")
@@ -343,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     dims = ("n_layer", "n_expert", "n_expert_used", "n_embd", "n_ff_exp", "n_vocab")
     given = {k: getattr(args, k) for k in dims if getattr(args, k) is not None}
     spec = replace(d, arch=args.arch, dtype=args.dtype, seed=args.seed,
-                   router_scale=args.router_scale, **given)
+                   router_scale=args.router_scale, routing_skew=args.routing_skew, **given)
     try:
         spec.validate()
         if args.size and args.experts_size:

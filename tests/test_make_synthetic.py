@@ -164,3 +164,27 @@ def test_bench_reads_the_sizes_the_limit_is_computed_from(tiny):
     assert total > spec.nbytes()  # headers on top of the tensor bytes
     assert largest == spec.largest_tensor_nbytes() == 512 * 256 * 2
     assert name in ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def _layer0_selection_shares(directory: Path, n_expert: int, top_k: int) -> np.ndarray:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    ids = torch.randint(0, 384, (1, 256), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids, output_router_logits=True).router_logits[0].reshape(-1, n_expert)
+    chosen = logits.topk(top_k, dim=-1).indices.numpy()  # (n_tokens, top_k)
+    return np.bincount(chosen.ravel(), minlength=n_expert) / chosen.size  # (n_expert,)
+
+
+def test_routing_skew_gives_lasting_popularity(tmp_path):
+    """Random routers pick experts almost uniformly; --routing-skew makes a few experts popular."""
+    base = ms.SynthSpec(**{**TINY, "n_expert": 16})
+    skewed = replace(base, routing_skew=1.0)
+    ms.make_synthetic(tmp_path / "flat", base)
+    ms.make_synthetic(tmp_path / "skewed", skewed)
+    flat = _layer0_selection_shares(tmp_path / "flat", 16, 2)
+    shares = _layer0_selection_shares(tmp_path / "skewed", 16, 2)
+    top4 = lambda s: np.sort(s)[::-1][:4].sum()  # noqa: E731
+    assert top4(shares) > top4(flat) + 0.2, (top4(flat), top4(shares))
