@@ -1,0 +1,390 @@
+"""`edgemoe calibrate` and `edgemoe plan` (issue 4).
+
+calibrate SHARDS [--text FILE]: runs the model on calibration text (teacher-forced, exact
+routing) and stores beside the shard set
+- calibration.json: ||E_i|| of every expert, how often each expert was in the router's top-k,
+  and per-layer sensitivities s_l for adaptive gating, measured "isolated": the last-ranked expert
+  of one layer is dropped at one position and the KL divergence this causes there and over the
+  following `--window` positions is fitted against that expert's weight squared;
+- routing_trace.npz: per token and expert layer the router's probabilities, the norm of the
+  experts' input and the next layer's router applied to it (the prefetch predictor).
+
+plan SHARDS --budget X [--policy P]: will it fit, how (slots per layer from the slot DP), how fast
+(decode tok/s, hit rate, bytes read per token from the planner's model fed with measured read
+times of the shards' device and measured compute times of this machine); writes plan.json that
+`edgemoe run` uses for the same budget.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgemoe.errors import EdgeMoeError
+from edgemoe.residency import calibration as calib
+from edgemoe.residency.budget import parse_budget
+from edgemoe.residency.routing import softmax, topk
+from edgemoe.residency.sensitivity import fit_sensitivity
+from edgemoe.residency.traces import TraceRecorder
+from edgemoe.runtime import PLAN_FILE, POLICIES, TRACE_FILE, ResidencyConfig, open_engine
+
+# Used when no --text is given: plain prose on several topics, so routing sees some variety.
+DEFAULT_TEXT = """\
+The harbour was quiet before dawn. Fishing boats rocked against the stone quay while the gulls
+waited on the roofs of the sheds, and an old man mended a net by the light of a paraffin lamp.
+When the tide turned, the first engines coughed into life and the boats slipped out one by one.
+
+To bake bread, mix flour, water, salt and yeast into a rough dough and let it rest for twenty
+minutes. Knead until the dough is smooth and springs back when pressed, then leave it covered in
+a warm place until it has doubled in size. Shape the loaf, let it rise again, and bake it in a hot
+oven until the crust is brown and the base sounds hollow when tapped.
+
+def fibonacci(n):
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+for i in range(10):
+    print(i, fibonacci(i))
+
+The committee met on Tuesday to discuss the budget for the coming year. The treasurer reported
+that income from membership fees had fallen by eight percent, while the cost of renting the hall
+had risen. After a long debate the members agreed to raise the annual fee and to hold two
+fundraising events in the spring.
+
+A prime number has exactly two divisors, one and itself. Every integer greater than one can be
+written as a product of primes in exactly one way, apart from the order of the factors. There are
+infinitely many primes: if there were a largest one, the product of all primes plus one would
+have a prime factor missing from the list.
+"""
+
+
+class _Probe:
+    """Wraps the engine's policy while calibrating or profiling: records each step's prefetch
+    predictor (the next layer's router on this layer's input), can drop the last-ranked expert
+    of one (layer, row) of the next step, and timestamps the phases of every layer."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.predicted: dict[int, np.ndarray] = {}
+        self.last_weight: dict[int, np.ndarray] = {}   # layer -> (n_tokens,) renormalised
+        self.drop: tuple[int, int] | None = None
+        self.marks: list[tuple[str, int, float]] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def gate(self, layer, ids, weights, decode):
+        self.marks.append(("gate", layer, time.perf_counter()))
+        weights = np.asarray(weights, dtype=np.float32)
+        self.last_weight[layer] = weights[:, -1] / weights.sum(axis=1)
+        if self.drop is not None and self.drop[0] == layer:
+            row = self.drop[1]
+            ids, weights = np.array(ids, dtype=np.int32), weights.copy()
+            total = weights[row].sum()
+            ids[row, -1], weights[row, -1] = -1, 0.0
+            weights[row] *= total / weights[row].sum()   # the gate mass stays, as adaptive gating
+        return self.inner.gate(layer, ids, weights, decode)
+
+    def ensure(self, layer, experts):
+        out = self.inner.ensure(layer, experts)
+        self.marks.append(("ensure", layer, time.perf_counter()))
+        return out
+
+    def prefetch(self, layer, logits):
+        self.marks.append(("prefetch", layer, time.perf_counter()))
+        self.predicted[layer] = np.array(logits, dtype=np.float32)
+        self.inner.prefetch(layer, logits)
+
+
+def _attach_probe(engine) -> _Probe:
+    probe = _Probe(engine.policy)
+    engine.policy = probe
+    return probe
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    """KL(p || q) per row, in nats."""
+    lp, lq = _log_softmax(p_logits), _log_softmax(q_logits)
+    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
+
+
+def calibration_tokens(shards_path: Path, text: str, limit: int) -> list[int]:
+    from edgemoe.shardset import ShardSet
+    from edgemoe.tokenizer import Vocab
+
+    with Vocab(ShardSet.open(shards_path).base_path) as vocab:
+        tokens = vocab.tokenize(text)
+    if len(tokens) < 8:
+        raise EdgeMoeError(f"calibration text has {len(tokens)} tokens; need at least 8")
+    return tokens[:limit]
+
+
+def calibrate(shards_path: str | Path, tokens: list[int], samples: int = 16, window: int = 16,
+              n_threads: int | None = None, memory_budget: str | None = None,
+              seed: int = 0) -> tuple[calib.Calibration, "RoutingTrace"]:
+    """Norms, usage, sensitivities and the routing trace of `tokens` (see the module doc).
+    The model runs with the ondemand policy under `memory_budget` (default: all experts)."""
+    from edgemoe.shardset import ShardSet
+
+    shards_path = Path(shards_path)
+    shards = ShardSet.open(shards_path)
+    norms = calib.compute_norms(shards)
+    cfg = ResidencyConfig(memory_budget=memory_budget or "100%", policy="ondemand", n_prefetch=0)
+    engine, _ = open_engine(shards_path, cfg, n_ctx=len(tokens), n_threads=n_threads,
+                            n_batch=min(256, len(tokens)))
+    with engine:
+        probe = _attach_probe(engine)
+        recorder = TraceRecorder()
+        layers = list(shards.expert_layers)
+        for start in range(0, len(tokens), engine.n_batch):
+            chunk = tokens[start:start + engine.n_batch]
+            probe.predicted = {}
+            engine.eval(chunk, all_logits=False)
+            for l in layers:
+                recorder.add(l, softmax(engine.router_logits[l]), engine.x_norm[l],
+                             probe.predicted.get(l))
+        trace = recorder.trace()
+        usage = {l: np.bincount(topk(trace.probs[l], shards.n_expert_used)[0].ravel(),
+                                minlength=shards.n_expert) for l in layers}
+        sensitivity = None
+        if shards.n_expert_used > 1 and samples > 0:
+            sensitivity = _isolated_sensitivity(engine, probe, tokens, layers, samples, window,
+                                                seed)
+    cal = calib.Calibration(norms=norms, usage=usage, sensitivity=sensitivity,
+                            sensitivity_method="isolated" if sensitivity else None,
+                            tokens=len(tokens))
+    return cal, trace
+
+
+def _isolated_sensitivity(engine, probe: _Probe, tokens, layers, samples, window, seed):
+    """s_l per layer: at each sampled position r, drop layer l's last-ranked expert at r only
+    and sum KL(full || dropped) over positions r .. r + window - 1 (attention carries the
+    change on); fit against that expert's renormalised weight squared."""
+    rng = np.random.default_rng(seed)
+    window = max(1, min(window, len(tokens) // 2))
+    positions = np.sort(rng.choice(np.arange(1, len(tokens) - window + 1),
+                                   size=min(samples, len(tokens) - window), replace=False))
+    w_last = {l: [] for l in layers}
+    loss = {l: [] for l in layers}
+    for r in positions.tolist():
+        span = tokens[r:r + window]
+        engine.reset()
+        engine.eval(tokens[:r], all_logits=False)
+        base = engine.eval(span)
+        for l in layers:
+            engine.truncate(r)
+            probe.drop = (l, 0)
+            try:
+                dropped = engine.eval(span)
+            finally:
+                probe.drop = None
+            w_last[l].append(float(probe.last_weight[l][0]))
+            loss[l].append(float(_kl(base, dropped).sum()))
+    return {l: fit_sensitivity(np.array(w_last[l]), np.array(loss[l])) for l in layers}
+
+
+def measure_profile(shards_path: str | Path, n_threads: int | None = None,
+                    n_decode: int = 16, prompt: list[int] | None = None):
+    """A planner Profile measured here: cold expert reads from the shards' device, per-layer
+    compute from the split graphs exact routing runs (attention + router, one expert), the rest,
+    and the per-token time of masked routing's single graph. Runs with top-k slots per layer
+    (the least memory); only compute is timed, never a read."""
+    from edgemoe.residency.planner import Profile, measure_reads
+    from edgemoe.shardset import ShardSet
+
+    shards = ShardSet.open(shards_path)
+    bandwidth, latency = measure_reads(shards)
+    k, n_expert = shards.n_expert_used, shards.n_expert
+    fraction = f"{min(100.0, 100.0 * (k + 0.5) / n_expert):.6f}%"
+    prompt = prompt or list(range(1, 9))
+    n_ctx = len(prompt) + n_decode + 1
+    layers = list(shards.expert_layers)
+
+    def decode(engine, on_step=None):
+        logits = engine.eval(prompt, all_logits=False)
+        seconds = []
+        for _ in range(n_decode):
+            if on_step:
+                on_step()
+            t0 = time.perf_counter()
+            logits = engine.eval([int(np.argmax(logits[-1]))])
+            seconds.append((t0, time.perf_counter()))
+        return seconds
+
+    cfg = ResidencyConfig(memory_budget=fraction, policy="ondemand", n_prefetch=0)
+    engine, _ = open_engine(shards_path, cfg, n_ctx=n_ctx, n_threads=n_threads, n_batch=len(prompt))
+    with engine:
+        probe = _attach_probe(engine)
+        steps = []
+        spans = decode(engine, on_step=lambda: steps.append(probe.marks.__len__()))
+        marks = probe.marks
+    attn = {l: [] for l in layers}
+    expert = {l: [] for l in layers}
+    other = []
+    for i, (t0, t1) in enumerate(spans):
+        end = steps[i + 1] if i + 1 < len(steps) else len(marks)
+        step = marks[steps[i]:end]
+        prev = t0
+        ensured = None
+        for kind, layer, t in step:
+            if kind == "gate":
+                attn[layer].append(t - prev)
+            elif kind == "ensure":
+                ensured = t
+            elif kind == "prefetch":
+                expert[layers[layers.index(layer) - 1]].append((t - ensured) / k)
+            prev = t
+        other.append(t1 - ensured)   # the last layer's experts, dense tail, head; fixed below
+    typical = float(np.median([np.median(v) for v in expert.values() if v])) if len(layers) > 1 \
+        else 0.0
+    expert_seconds = {l: float(np.median(v)) if v else typical for l, v in expert.items()}
+    other_seconds = max(0.0, float(np.median(other)) - k * expert_seconds[layers[-1]])
+
+    cfg = ResidencyConfig(memory_budget=fraction, policy="static")
+    engine, _ = open_engine(shards_path, cfg, n_ctx=n_ctx, n_threads=n_threads, n_batch=len(prompt))
+    with engine:
+        fused = float(np.median([t1 - t0 for t0, t1 in decode(engine)]))
+    return Profile(read_bytes_per_s=bandwidth, read_latency_s=latency,
+                   layer_seconds={l: float(np.median(v)) for l, v in attn.items()},
+                   expert_seconds=expert_seconds, other_seconds=other_seconds,
+                   fused_seconds=fused)
+
+
+def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = None,
+                n_ctx: int = 2048, n_batch: int = 512, kv_type: str = "f16",
+                n_threads: int | None = None, n_prefetch: int = 1,
+                adaptive_gating: float | None = None, profile=None, write: bool = True):
+    """The `edgemoe plan` answer: (predictions, report lines, plan document)."""
+    from edgemoe.engine import Engine
+    from edgemoe.residency.planner import plan as make_plans
+    from edgemoe.residency.traces import RoutingTrace
+    from edgemoe.runtime import needs_from_files
+    from edgemoe.shardset import ShardSet
+
+    shards_path = Path(shards_path)
+    shards = ShardSet.open(shards_path)
+    budget = parse_budget(budget_text)
+    cal = calib.Calibration.load(shards_path)
+    trace_path = shards_path / TRACE_FILE
+    if not trace_path.exists():
+        raise EdgeMoeError(f"{trace_path}: no routing trace; run `edgemoe calibrate` first")
+    trace = RoutingTrace.load(trace_path)
+    needs = needs_from_files(shards, n_ctx, kv_type)
+    if not budget.relative:
+        with Engine(shards_path, n_ctx=n_ctx, n_batch=n_batch, kv_type=kv_type, routing="exact",
+                    n_slots=shards.n_expert_used, load_experts=False) as probe:
+            compute = probe.memory()["compute"]
+        needs = needs_from_files(shards, n_ctx, kv_type, compute, needs.runtime_bytes)
+    if adaptive_gating is not None and cal.sensitivity is None:
+        raise EdgeMoeError(f"{shards_path}: --adaptive-gating needs sensitivities; run "
+                           "`edgemoe calibrate` on a model with top-k > 1")
+    profile = profile or measure_profile(shards_path, n_threads)
+    preds, lines = make_plans(budget, needs, trace, profile, norms=cal.norms,
+                              n_prefetch=n_prefetch, sensitivity=cal.sensitivity,
+                              threshold=adaptive_gating)
+    if policy is not None:
+        preds = [p for p in preds if p.policy == policy]
+    doc = {"budget": str(budget), "n_ctx": n_ctx, "kv_type": kv_type,
+           "profile": {"read_bytes_per_s": profile.read_bytes_per_s,
+                       "read_latency_s": profile.read_latency_s,
+                       "fused_seconds": profile.fused_seconds,
+                       "other_seconds": profile.other_seconds},
+           "policies": {p.policy: {"slots": {str(l): int(n) for l, n in p.slots.items()},
+                                   "tok_per_s": p.tok_per_s, "hit_rate": p.hit_rate,
+                                   "bytes_read_per_token": p.bytes_read_per_token,
+                                   "swap_interval": p.swap_interval,
+                                   "prefetch_accuracy": p.prefetch_accuracy}
+                        for p in preds}}
+    lines.insert(1, f"storage: {profile.read_bytes_per_s / 1e6:.0f} MB/s, "
+                    f"{profile.read_latency_s * 1e3:.2f} ms per read; compute "
+                    f"{profile.fused_seconds * 1e3:.1f} ms/token with every expert resident")
+    if write:
+        (shards_path / PLAN_FILE).write_text(json.dumps(doc, indent=1))
+        lines.append(f"wrote {shards_path / PLAN_FILE} (used by `edgemoe run --memory-budget "
+                     f"{budget_text}`)")
+    return preds, lines, doc
+
+
+def _calibrate_cmd(args: argparse.Namespace) -> int:
+    path = Path(args.shards)
+    text = Path(args.text).read_text(errors="replace") if args.text else DEFAULT_TEXT
+    tokens = calibration_tokens(path, text, args.tokens)
+    t0 = time.perf_counter()
+    cal, trace = calibrate(path, tokens, args.samples, args.window, args.threads,
+                           args.memory_budget)
+    saved = cal.save(path)
+    trace.save(path / TRACE_FILE)
+    print(f"calibrated on {len(tokens)} tokens in {time.perf_counter() - t0:.1f} s: "
+          f"wrote {saved} and {path / TRACE_FILE}")
+    if cal.sensitivity:
+        print("sensitivity s_l (isolated): " + " ".join(
+            f"{l}:{s:.3g}" for l, s in sorted(cal.sensitivity.items())))
+    return 0
+
+
+def _plan_cmd(args: argparse.Namespace) -> int:
+    try:
+        _, lines, _ = plan_shards(args.shards, args.budget, args.policy, args.ctx_size,
+                                  args.batch_size, n_threads=args.threads,
+                                  n_prefetch=args.n_prefetch,
+                                  adaptive_gating=args.adaptive_gating, write=not args.no_write)
+    except ValueError as exc:
+        raise EdgeMoeError(str(exc)) from None
+    print("\n".join(lines))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan", help="will a shard set fit a memory budget, how, and how fast",
+        description="Predict, for a memory budget, the expert slots per layer and the decode "
+        "speed, hit rate and bytes read per token of each residency policy, from measured "
+        "read and compute times and the routing trace `edgemoe calibrate` stored; writes "
+        f"{PLAN_FILE} beside the shards for `edgemoe run` to use.")
+    p.add_argument("shards", metavar="SHARDS", help="shard-set directory")
+    p.add_argument("--budget", required=True, metavar="SIZE|PCT",
+                   help="memory budget: 2GiB, 1.5GB, 512MiB (the whole process) or 50%% (of the "
+                   "experts' bytes)")
+    p.add_argument("--policy", choices=POLICIES, default=None,
+                   help="report only this policy (default: every policy that can run)")
+    p.add_argument("-c", "--ctx-size", type=int, default=2048, metavar="N")
+    p.add_argument("-b", "--batch-size", type=int, default=512, metavar="N")
+    p.add_argument("-t", "--threads", type=int, default=None, metavar="N")
+    p.add_argument("--n-prefetch", type=int, default=1, metavar="N",
+                   help="ondemand: predicted experts prefetched per layer (default: 1)")
+    p.add_argument("--adaptive-gating", type=float, default=None, metavar="T",
+                   help="ondemand: drop the last expert when s_l * w^2 < T")
+    p.add_argument("--no-write", action="store_true", help=f"do not write {PLAN_FILE}")
+    p.set_defaults(func=_plan_cmd)
+
+    c = subparsers.add_parser(
+        "calibrate", help="routing statistics, expert norms and sensitivities of a shard set",
+        description="Run the model on calibration text and store expert norms, usage counts "
+        f"and per-layer sensitivities ({calib.FILE_NAME}) and the routing trace ({TRACE_FILE}) "
+        "beside the shard set.")
+    c.add_argument("shards", metavar="SHARDS", help="shard-set directory")
+    c.add_argument("--text", metavar="FILE", default=None,
+                   help="calibration text (default: a built-in mix of prose, a recipe and code)")
+    c.add_argument("--tokens", type=int, default=512, metavar="N",
+                   help="use at most N tokens of the text (default: %(default)s)")
+    c.add_argument("--samples", type=int, default=16, metavar="N",
+                   help="positions sampled per layer for the sensitivities, 0 = none "
+                   "(default: %(default)s)")
+    c.add_argument("--window", type=int, default=16, metavar="N",
+                   help="positions over which a dropped expert's KL is summed "
+                   "(default: %(default)s)")
+    c.add_argument("--memory-budget", default=None, metavar="SIZE|PCT",
+                   help="run calibration under this budget (ondemand; default: every expert)")
+    c.add_argument("-t", "--threads", type=int, default=None, metavar="N")
+    c.set_defaults(func=_calibrate_cmd)

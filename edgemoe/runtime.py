@@ -1,0 +1,220 @@
+"""Open an engine under a memory budget with a residency policy (issue 4): the one knob
+`--memory-budget 2GiB|50%` plus `--policy full|swap|ondemand|static` turned into an Engine whose
+expert pool has the right number of slots per layer and whose slots a policy drives.
+
+Order of events, so that a budget below the minimum is refused before any expert is read:
+1. the fixed parts known from the files (base tensors, KV cache at n_ctx, one read in flight, the
+   process as it is now) are checked against the budget with top-k slots per layer;
+2. for an absolute budget, a probe engine with top-k slots and no experts measures the compute
+   buffers the scheduler reserves (they do not depend on the slot count); it is closed again;
+3. slots per layer come from the plan file `edgemoe plan` wrote for this budget and policy, else
+   from the routing trace `edgemoe calibrate` stored (the slot DP), else uniform;
+4. the engine opens with those slots and no experts; the policy warms its experts.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from gguf import GGUFReader
+
+from edgemoe import arch as arch_registry
+from edgemoe.arch.common import HParams
+from edgemoe.errors import BudgetError, EdgeMoeError, ShardSetError
+from edgemoe.residency import calibration as calib
+from edgemoe.residency.budget import (Budget, MemoryNeeds, SlotPlan, expert_allowance,
+                                      make_plan, parse_budget, process_baseline_bytes,
+                                      uniform_slots)
+from edgemoe.residency.policies import make_policy
+from edgemoe.shardset import ShardSet
+
+POLICIES = ("full", "swap", "ondemand", "static")
+ROUTING = {"full": "masked", "swap": "masked", "static": "masked", "ondemand": "exact"}
+PLAN_FILE = "plan.json"
+TRACE_FILE = "routing_trace.npz"
+_KV_BYTES = {"f16": 2, "f32": 4}
+
+
+@dataclass(frozen=True)
+class ResidencyConfig:
+    """What the user asked for. memory_budget None and policy None: every expert resident with
+    the engine's plain full routing (no policy, no telemetry overhead)."""
+    memory_budget: str | None = None
+    policy: str | None = None
+    adaptive_gating: float | None = None   # T of AdapMoE's rule (ondemand only)
+    n_prefetch: int = 1                    # ondemand: predicted experts loaded per layer
+    swap_interval: int | None = None       # swap: tokens per importance window (None: plan/16)
+
+    @property
+    def active(self) -> bool:
+        return self.memory_budget is not None or self.policy is not None
+
+    @property
+    def policy_name(self) -> str:
+        """A budget with no policy chooses swap; a policy with no budget runs at 100%."""
+        name = self.policy or ("swap" if self.memory_budget is not None else "full")
+        if name not in POLICIES:
+            raise EdgeMoeError(f"policy {name!r}: expected one of {', '.join(POLICIES)}")
+        if self.adaptive_gating is not None and name != "ondemand":
+            raise EdgeMoeError("--adaptive-gating applies to the ondemand policy only")
+        return name
+
+    @property
+    def budget(self) -> Budget:
+        return parse_budget(self.memory_budget if self.memory_budget is not None else "100%")
+
+
+def needs_from_files(shards: ShardSet, n_ctx: int, kv_type: str, compute_bytes: int = 0,
+                     runtime_bytes: int | None = None) -> MemoryNeeds:
+    """MemoryNeeds from the shard set's headers alone (nothing loaded). The read in flight is
+    the larger of the pool's (host buffer + page cache of one expert) and the base file's
+    page cache while its tensors are copied (the engine maps base.gguf whole, then drops it)."""
+    try:
+        reader = GGUFReader(shards.base_path)
+    except Exception as exc:  # gguf-py raises ValueError/struct errors on a corrupt header
+        raise ShardSetError(f"{shards.base_path}: not a readable GGUF ({exc})") from None
+    base = sum(int(t.n_bytes) for t in reader.tensors)
+    hp = HParams.from_gguf(reader, arch_registry.get(shards.arch), shards.base_path)
+    del reader
+    expert_bytes = {l: shards.expert(l, 0).data_bytes for l in shards.expert_layers}
+    kv = 2 * hp.n_layer * hp.n_embd_kv * n_ctx * _KV_BYTES[kv_type]
+    return MemoryNeeds(base_bytes=base, kv_bytes=kv, compute_bytes=compute_bytes,
+                       expert_bytes=expert_bytes, n_expert=shards.n_expert,
+                       n_expert_used=shards.n_expert_used,
+                       read_bytes=max(2 * max(expert_bytes.values()), base),
+                       runtime_bytes=process_baseline_bytes() if runtime_bytes is None
+                       else runtime_bytes)
+
+
+def read_plan_file(shards_dir: Path, budget: Budget, policy: str) -> dict[int, int] | None:
+    """Slots per layer `edgemoe plan` chose for this budget and policy, if it wrote them."""
+    path = shards_dir / PLAN_FILE
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ShardSetError(f"{path}: unreadable plan ({exc}); rerun `edgemoe plan`") from None
+    if doc.get("budget") != str(budget):
+        return None
+    entry = doc.get("policies", {}).get(policy)
+    if not entry:
+        return None
+    return {int(l): int(n) for l, n in entry["slots"].items()}
+
+
+def choose_slots(shards: ShardSet, cfg: ResidencyConfig, needs: MemoryNeeds) -> SlotPlan:
+    """Slots per layer under the budget: plan file, else the DP on the stored trace, else
+    uniform. Raises BudgetError (with the minimum) below the minimum."""
+    budget, name = cfg.budget, cfg.policy_name
+    allowance = expert_allowance(budget, needs)   # refuses below the minimum
+    if name == "full":
+        if allowance < needs.expert_bytes_total:
+            raise BudgetError(
+                f"policy full needs every expert resident ({needs.expert_bytes_total} bytes of "
+                f"experts; {needs.fixed_bytes + needs.expert_bytes_total} bytes in all) but the "
+                f"budget {budget} leaves {allowance} bytes for experts; use swap or ondemand")
+        return make_plan({l: needs.n_expert for l in needs.expert_bytes}, needs)
+    slots = read_plan_file(shards.root, budget, name)
+    if slots is None and (shards.root / TRACE_FILE).exists():
+        from edgemoe.residency.planner import allocate_for
+        from edgemoe.residency.traces import RoutingTrace
+
+        trace = RoutingTrace.load(shards.root / TRACE_FILE)
+        sens = None
+        if cfg.adaptive_gating is not None:
+            sens = calib.Calibration.load(shards.root).sensitivity
+        slots = allocate_for(name, trace, needs.n_expert_used, needs.expert_bytes, allowance,
+                             cfg.n_prefetch, sensitivity=sens, threshold=cfg.adaptive_gating)
+    if slots is None:
+        return uniform_slots(budget, needs)
+    plan = make_plan(slots, needs)
+    if plan.slot_bytes > allowance:
+        raise BudgetError(f"{shards.root / PLAN_FILE}: its slots need {plan.slot_bytes} bytes, "
+                          f"the budget {budget} leaves {allowance}; rerun `edgemoe plan`")
+    return plan
+
+
+def load_calibration(shards: ShardSet, need_norms: bool) -> calib.Calibration | None:
+    """calibration.json beside the shards; when absent and norms are needed (swap, static),
+    the norms are computed from the shards once and saved there."""
+    try:
+        return calib.Calibration.load(shards.root)
+    except ShardSetError:
+        if not (shards.root / calib.FILE_NAME).exists() and need_norms:
+            cal = calib.Calibration(norms=calib.compute_norms(shards))
+            try:
+                cal.save(shards.root)
+            except OSError:
+                pass  # a read-only shard set: recomputed next time
+            return cal
+        if need_norms:
+            raise
+        return None
+
+
+def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048,
+                n_threads: int | None = None, device: str | None = None, n_batch: int = 512,
+                kv_type: str = "f16", telemetry=None):
+    """An Engine under `cfg`; the policy is attached (engine.policy) and warmed. Returns the
+    engine and the SlotPlan (None without a budget or policy)."""
+    from edgemoe.engine import Engine
+
+    if not cfg.active:
+        return Engine(shards_path, n_ctx=n_ctx, n_threads=n_threads, device=device,
+                      n_batch=n_batch, kv_type=kv_type), None
+    if kv_type not in _KV_BYTES:
+        raise EdgeMoeError(f"kv_type {kv_type!r}: expected one of {sorted(_KV_BYTES)}")
+    name = cfg.policy_name
+    budget = cfg.budget
+    shards = ShardSet.open(shards_path)
+    routing = ROUTING[name]
+    kw = dict(n_ctx=n_ctx, n_threads=n_threads, device=device, n_batch=n_batch, kv_type=kv_type,
+              routing=routing, load_experts=False)
+    needs = needs_from_files(shards, n_ctx, kv_type)
+    expert_allowance(budget, needs)   # refuse before loading anything, compute not yet known
+    if not budget.relative:
+        k = shards.n_expert_used
+        with Engine(shards_path, n_slots=k, **kw) as probe:
+            compute = probe.memory()["compute"]
+        needs = needs_from_files(shards, n_ctx, kv_type, compute, needs.runtime_bytes)
+    plan = choose_slots(shards, cfg, needs)
+    cal = load_calibration(shards, need_norms=name in ("swap", "static"))
+    options: dict = {}
+    if telemetry is not None:
+        options["telemetry"] = telemetry
+    if name == "swap" and cfg.swap_interval is not None:
+        options["interval"] = cfg.swap_interval
+    if name == "ondemand":
+        options["n_prefetch"] = cfg.n_prefetch
+        if cfg.adaptive_gating is not None:
+            if cal is None or cal.sensitivity is None:
+                raise ShardSetError(f"{shards.root}: --adaptive-gating needs per-layer "
+                                    "sensitivities; run `edgemoe calibrate` first")
+            options.update(sensitivity=cal.sensitivity, threshold=cfg.adaptive_gating)
+    engine = Engine(shards_path, n_slots=dict(plan.slots), **kw)
+    try:
+        policy = make_policy(name, engine.pool, plan.slots, shards.n_expert,
+                             shards.n_expert_used, norms=cal.norms if cal else None,
+                             usage=cal.usage if cal else None, **options)
+        engine.set_policy(policy)
+    except BaseException:
+        engine.close()
+        raise
+    engine.slot_plan = plan
+    engine.memory_needs = needs
+    return engine, plan
+
+
+def describe(plan: SlotPlan, policy: str, budget: Budget, needs: MemoryNeeds) -> str:
+    """One line on what was chosen: policy, budget, slots per layer, bytes."""
+    from edgemoe.residency.budget import format_bytes
+
+    slots = sorted(plan.slots.items())
+    counts = sorted({n for _, n in slots})
+    shown = (f"{counts[0]} per layer" if len(counts) == 1
+             else " ".join(str(n) for _, n in slots) + " per layer")
+    return (f"residency: policy {policy}, budget {budget}, {shown} of {needs.n_expert} expert "
+            f"slots ({format_bytes(plan.slot_bytes)} of {format_bytes(needs.expert_bytes_total)}"
+            f" experts), {format_bytes(plan.total_bytes)} planned in all")
+
