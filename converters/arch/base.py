@@ -247,7 +247,7 @@ class MoeArchitecture:
         w.add_expert_weights_norm(self.expert_weights_norm)
         w.add_expert_gating_func(ExpertGatingFuncType.SOFTMAX)
         w.add_vocab_size(hp.n_vocab)
-        if hp.head_dim != hp.n_embd // hp.n_head:
+        if config.get("head_dim") is not None or hp.head_dim != hp.n_embd // hp.n_head:
             w.add_key_length(hp.head_dim)
             w.add_value_length(hp.head_dim)
         w.add_rope_dimension_count(hp.head_dim)
