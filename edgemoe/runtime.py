@@ -26,6 +26,7 @@ from edgemoe.residency.budget import (Budget, MemoryNeeds, SlotPlan, expert_allo
                                       make_plan, parse_budget, process_baseline_bytes,
                                       uniform_slots)
 from edgemoe.residency.policies import make_policy
+from edgemoe.residency.telemetry import Telemetry, record
 from edgemoe.shardset import ShardSet
 
 POLICIES = ("full", "swap", "ondemand", "static")
@@ -218,3 +219,64 @@ def describe(plan: SlotPlan, policy: str, budget: Budget, needs: MemoryNeeds) ->
             f"slots ({format_bytes(plan.slot_bytes)} of {format_bytes(needs.expert_bytes_total)}"
             f" experts), {format_bytes(plan.total_bytes)} planned in all")
 
+
+
+class StepLog(Telemetry):
+    """Telemetry that also keeps every step's per-token record (`--stats-json`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[dict] = []
+
+    def token_done(self, n_tokens: int = 1) -> dict:
+        rec = super().token_done(n_tokens)
+        self.steps.append(rec)
+        return rec
+
+
+def add_residency_args(p) -> None:
+    """The issue 4 flags shared by run, chat and anything else that opens a model."""
+    p.add_argument("--memory-budget", default=None, metavar="SIZE|PCT",
+                   help="bound the process (2GiB, 1.5GB, 512MiB) or the resident experts (50%%, "
+                   "of the experts' bytes); below the minimum the model is refused before "
+                   "loading, with the minimum stated")
+    p.add_argument("--policy", choices=POLICIES, default=None,
+                   help="expert residency: full (all resident), swap (masked gating over a "
+                   "resident set adapted in the background; the default with a budget), "
+                   "ondemand (exact: misses loaded before the experts run), static (fixed set)")
+    p.add_argument("--adaptive-gating", type=float, default=None, metavar="T",
+                   help="ondemand: run one expert fewer when s_l * w^2 < T (s_l from "
+                   "`edgemoe calibrate`)")
+    p.add_argument("--n-prefetch", type=int, default=1, metavar="N",
+                   help="ondemand: next-layer experts prefetched per layer, 0 = off "
+                   "(default: %(default)s)")
+    p.add_argument("--stats-json", type=Path, default=None, metavar="FILE",
+                   help="write residency telemetry (per run and per token) to FILE")
+
+
+def residency_config(args) -> ResidencyConfig:
+    return ResidencyConfig(memory_budget=args.memory_budget, policy=args.policy,
+                           adaptive_gating=args.adaptive_gating, n_prefetch=args.n_prefetch)
+
+
+def residency_summary(engine) -> str | None:
+    """The one line printed after every run (None: plain full routing, nothing to report)."""
+    policy = getattr(engine, "policy", None)
+    if policy is None:
+        return None
+    return f"{policy.telemetry.summary()} [{policy.name}]"
+
+
+def write_stats_json(engine, path: str | Path) -> None:
+    """Per-run and per-token residency figures as JSON (the steps need a StepLog telemetry)."""
+    policy = engine.policy
+    t = policy.telemetry
+    doc = {"policy": policy.name,
+           "slots": {str(l): n for l, n in sorted(policy.slots.items())},
+           "memory": engine.memory(),
+           "run": record(t.counters, t.resident_bytes),
+           "steps": getattr(t, "steps", None)}
+    try:
+        Path(path).write_text(json.dumps(doc, indent=1))
+    except OSError as exc:
+        raise EdgeMoeError(f"{path}: cannot write the stats ({exc.strerror})") from None

@@ -1,0 +1,305 @@
+#!/usr/bin/env python3
+"""Decode speed of every residency policy under a memory budget on an emulated edge board
+(issue 4, acceptance 2, 4 and 5), with llama-cpp-python on the exported GGUF alongside.
+
+    sudo /work/venv/bin/python scripts/bench_budget.py SHARDS --gguf MODEL.gguf \\
+        --profiles rpi5-sd rpi5-nvme --budget 50% -n 64
+
+For each storage profile of scripts/edge_emulate.py every runner is a child process of this
+script, started cold (page cache of the shards / the GGUF dropped) in a memory cgroup whose limit
+is the absolute budget, with the disk's read bandwidth throttled:
+- full: every expert resident, no memory limit (the reference speed);
+- swap, static, ondemand (no prefetch), ondemand +prefetch, ondemand +prefetch +adaptive gating
+  (T chosen for a 25% drop rate on the calibration trace): `--memory-budget` = the budget;
+- llama.cpp: llama-cpp-python on the exported GGUF (memory-mapped), same limit.
+`--budget 50%` is turned into bytes as the runtime counts them: everything the process holds
+besides experts (measured in a child: interpreter and libraries, base weights, KV cache, compute
+buffers, the read in flight) plus that fraction of the experts' bytes. That byte figure is both
+the `--memory-budget` given to edgemoe and the cgroup limit.
+Each child prefills a short prompt, then greedy-decodes -n tokens; the figures are decode tok/s,
+the residency telemetry (hit rate, bytes read per token, stalls, swaps), the cgroup's peak usage
+and OOM kills, and bytes the cgroup read from the disk. `edgemoe plan`'s prediction for the same
+budget, measured under the same profile, is printed next to each measured figure.
+Needs `edgemoe calibrate SHARDS` first (norms, trace, sensitivities). Without root / cgroups the
+runs go unlimited and the peak RSS is compared with the budget instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+PROMPT = [17, 243, 1024, 8, 77, 3001, 12, 640, 95, 4000, 31, 7]
+
+
+# -- children --------------------------------------------------------------------------------
+
+def child_needs(args) -> dict:
+    from edgemoe.engine import Engine
+    from edgemoe.runtime import needs_from_files
+    from edgemoe.shardset import ShardSet
+
+    shards = ShardSet.open(args.shards)
+    needs = needs_from_files(shards, args.n_ctx, "f16")
+    with Engine(args.shards, n_ctx=args.n_ctx, n_batch=len(PROMPT), n_threads=args.threads,
+                routing="exact", n_slots=shards.n_expert_used, load_experts=False) as probe:
+        compute = probe.memory()["compute"]
+    with Engine(args.shards, n_ctx=args.n_ctx, n_batch=len(PROMPT), n_threads=args.threads,
+                routing="masked", n_slots=shards.n_expert_used, load_experts=False) as probe:
+        compute = max(compute, probe.memory()["compute"])
+    return {"runtime": needs.runtime_bytes, "fixed_without_compute": needs.fixed_bytes,
+            "compute": compute, "experts": needs.expert_bytes_total,
+            "minimum": needs.minimum_bytes + compute}
+
+
+def _decode(eval_one, prefill, n) -> tuple[float, list[int]]:
+    logits = prefill(PROMPT)
+    out = []
+    t0 = time.perf_counter()
+    for _ in range(n):
+        out.append(int(np.argmax(logits)))
+        logits = eval_one(out[-1])
+    return n / (time.perf_counter() - t0), out
+
+
+def child_run(args) -> dict:
+    spec = json.loads(args.spec)
+    if spec["runner"] == "llama.cpp":
+        from bench_vs_llamacpp import LlamaRunner
+
+        runner = LlamaRunner(Path(args.gguf), args.n_ctx, args.threads, len(PROMPT), False)
+        tok_s, tokens = _decode(runner.step, runner.prefill, args.n)
+        runner.close()
+        return {"tok_s": tok_s, "tokens": tokens,
+                "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    from edgemoe.runtime import ResidencyConfig, open_engine
+
+    cfg = ResidencyConfig(memory_budget=spec.get("budget"), policy=spec["policy"],
+                          n_prefetch=spec.get("n_prefetch", 1),
+                          adaptive_gating=spec.get("adaptive_gating"))
+    t0 = time.perf_counter()
+    engine, plan = open_engine(args.shards, cfg, n_ctx=args.n_ctx, n_batch=len(PROMPT),
+                               n_threads=args.threads)
+    opened = time.perf_counter() - t0
+    with engine:
+        before = engine.policy.telemetry.counters
+        tok_s, tokens = _decode(lambda t: engine.eval([t])[-1],
+                                lambda p: engine.eval(p, all_logits=False)[-1], args.n)
+        from edgemoe.residency.telemetry import record
+
+        decode = record(engine.policy.telemetry.counters - before,
+                        engine.policy.telemetry.resident_bytes)
+        summary = engine.policy.telemetry.summary()
+        memory = engine.memory()
+    return {"tok_s": tok_s, "tokens": tokens, "open_s": opened, "decode": decode,
+            "summary": summary, "slots": plan.slots if plan else None, "memory": memory,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def child_plan(args) -> dict:
+    from edgemoe.cli_budget import measure_profile, plan_shards
+
+    spec = json.loads(args.spec)
+    profile = measure_profile(args.shards, args.threads, prompt=PROMPT)
+    common = dict(n_ctx=args.n_ctx, n_batch=len(PROMPT), n_threads=args.threads,
+                  profile=profile, write=False)
+    preds, lines, _ = plan_shards(args.shards, spec["budget"], **common)
+    out = {p.policy: p.tok_per_s for p in preds}
+    if spec.get("adaptive_gating") is not None:
+        preds, more, _ = plan_shards(args.shards, spec["budget"], "ondemand",
+                                     adaptive_gating=spec["adaptive_gating"], **common)
+        out["ondemand+gating"] = preds[0].tok_per_s
+        lines += more
+    preds, more, _ = plan_shards(args.shards, spec["budget"], "ondemand", n_prefetch=0, **common)
+    out["ondemand-noprefetch"] = preds[0].tok_per_s
+    return {"predicted": out, "lines": lines}
+
+
+# -- the parent ------------------------------------------------------------------------------
+
+def _child(args, mode, spec=None, profile=None, mem=None, drop=()):
+    cmd = [sys.executable, str(Path(__file__).resolve()), args.shards, "--child", mode,
+           "-n", str(args.n), "--n-ctx", str(args.n_ctx), "--threads", str(args.threads)]
+    if args.gguf:
+        cmd += ["--gguf", args.gguf]
+    if spec is not None:
+        cmd += ["--spec", json.dumps(spec)]
+    if profile is None and mem is None:
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        return _parse(p.returncode, p.stdout, p.stderr), None
+    from edge_emulate import run_limited
+
+    res = run_limited(cmd, profile=profile, mem=mem, drop=list(drop), capture=True,
+                      throttle_paths=[args.shards], timeout=args.timeout)
+    return _parse(res.rc, res.stdout, res.stderr), res
+
+
+def _parse(rc, stdout, stderr):
+    lines = [l for l in (stdout or "").splitlines() if l.startswith("{")]
+    if rc != 0 or not lines:
+        return {"error": f"exit {rc}: {(stderr or '').strip().splitlines()[-1:] or ''}"}
+    return json.loads(lines[-1])
+
+
+def adaptive_threshold(shards: str, rate: float) -> float | None:
+    from edgemoe.residency.calibration import Calibration
+    from edgemoe.residency.routing import topk
+    from edgemoe.residency.sensitivity import threshold_for_drop_rate
+    from edgemoe.residency.traces import RoutingTrace
+    from edgemoe.runtime import TRACE_FILE
+
+    cal = Calibration.load(shards)
+    if not cal.sensitivity:
+        return None
+    trace = RoutingTrace.load(Path(shards) / TRACE_FILE)
+    from edgemoe.shardset import ShardSet
+
+    k = ShardSet.open(shards).n_expert_used
+    w_last = {l: topk(trace.probs[l], k, renormalize=True)[1][:, -1] for l in trace.layers}
+    return threshold_for_drop_rate(cal.sensitivity, w_last, rate)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("shards")
+    ap.add_argument("--gguf", help="the same model exported as one GGUF (`edgemoe export`)")
+    ap.add_argument("--profiles", nargs="+", default=["rpi5-sd", "rpi5-nvme"])
+    ap.add_argument("--budget", default="50%", help="percentage of expert bytes or a size")
+    ap.add_argument("--policies", nargs="+",
+                    default=["full", "swap", "static", "ondemand", "ondemand+prefetch",
+                             "ondemand+gating", "llama.cpp"])
+    ap.add_argument("-n", type=int, default=64, help="tokens decoded per run")
+    ap.add_argument("--n-ctx", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--drop-rate", type=float, default=0.25,
+                    help="adaptive gating: T for this fraction of single-expert decisions")
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--no-plan", action="store_true", help="skip the planner's predictions")
+    ap.add_argument("--json", help="write every figure here")
+    ap.add_argument("--child", choices=["needs", "run", "plan"], help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child:
+        out = {"needs": child_needs, "run": child_run, "plan": child_plan}[args.child](args)
+        print(json.dumps(out, default=lambda o: {str(k): v for k, v in o.items()}
+                         if isinstance(o, dict) else str(o)))
+        return 0
+
+    from edge_emulate import unavailable_reason
+
+    from edgemoe.residency.budget import format_bytes, parse_budget
+
+    no_cgroup = unavailable_reason()
+    if no_cgroup:
+        print(f"edge emulation unavailable ({no_cgroup}): runs are unlimited, peak RSS is "
+              "compared with the budget", file=sys.stderr)
+    needs, _ = _child(args, "needs")
+    if "error" in needs:
+        print(f"needs: {needs['error']}", file=sys.stderr)
+        return 1
+    budget = parse_budget(args.budget)
+    fixed = needs["fixed_without_compute"] + needs["compute"]
+    limit = (budget.bytes if not budget.relative
+             else int(fixed + budget.fraction * needs["experts"]))
+    print(f"budget {args.budget}: {limit} bytes ({format_bytes(limit)}) = fixed "
+          f"{format_bytes(fixed)} (runtime {format_bytes(needs['runtime'])}, compute "
+          f"{format_bytes(needs['compute'])}) + experts {format_bytes(limit - fixed)} of "
+          f"{format_bytes(needs['experts'])}; minimum {format_bytes(needs['minimum'])}")
+    threshold = adaptive_threshold(args.shards, args.drop_rate)
+    specs = {
+        "full": {"runner": "edgemoe", "policy": "full"},
+        "swap": {"runner": "edgemoe", "policy": "swap", "budget": str(limit)},
+        "static": {"runner": "edgemoe", "policy": "static", "budget": str(limit)},
+        "ondemand": {"runner": "edgemoe", "policy": "ondemand", "budget": str(limit),
+                     "n_prefetch": 0},
+        "ondemand+prefetch": {"runner": "edgemoe", "policy": "ondemand", "budget": str(limit),
+                              "n_prefetch": 1},
+        "ondemand+gating": {"runner": "edgemoe", "policy": "ondemand", "budget": str(limit),
+                            "n_prefetch": 1, "adaptive_gating": threshold},
+        "llama.cpp": {"runner": "llama.cpp"},
+    }
+    plan_key = {"full": "full", "swap": "swap", "static": "static",
+                "ondemand": "ondemand-noprefetch", "ondemand+prefetch": "ondemand",
+                "ondemand+gating": "ondemand+gating"}
+    results = {"budget_bytes": limit, "needs": needs, "threshold": threshold, "profiles": {}}
+    for profile in (None,) if no_cgroup else args.profiles:
+        name = profile or "unlimited"
+        rows = results["profiles"][name] = {}
+        predicted = {}
+        if not args.no_plan:
+            plan, _ = _child(args, "plan", {"budget": str(limit), "adaptive_gating": threshold},
+                             profile=profile, drop=[args.shards])
+            predicted = plan.get("predicted", {})
+            rows["plan"] = plan
+        for key in args.policies:
+            if key == "llama.cpp" and not args.gguf:
+                continue
+            if key == "ondemand+gating" and threshold is None:
+                continue
+            spec = specs[key]
+            mem = None if key == "full" or no_cgroup else limit
+            drop = [args.gguf] if key == "llama.cpp" else [args.shards]
+            out, res = _child(args, "run", spec, profile=profile, mem=mem, drop=drop)
+            if res is not None:
+                out.update(peak=res.peak_bytes, oom=res.oom, oom_kills=res.oom_kills,
+                           disk_read=res.read_bytes, limit=res.mem_limit)
+            out["predicted_tok_s"] = predicted.get(plan_key.get(key, ""), None)
+            rows[key] = out
+            print(_row(name, key, out, limit), flush=True)
+        _ratios(name, rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+def _row(profile, key, out, limit) -> str:
+    if "error" in out:
+        return f"{profile:10s} {key:18s} FAILED {out['error']}"
+    d = out.get("decode") or {}
+    peak = out.get("peak") if out.get("peak") is not None else out.get("peak_rss")
+    parts = [f"{profile:10s} {key:18s} {out['tok_s']:7.2f} tok/s"]
+    if out.get("predicted_tok_s"):
+        p = out["predicted_tok_s"]
+        parts.append(f"plan {p:7.2f} ({(p / out['tok_s'] - 1) * 100:+.0f}%)")
+    if d.get("hit_rate") is not None:
+        parts.append(f"hit {d['hit_rate'] * 100:5.1f}%")
+    if d.get("bytes_read_per_token") is not None:
+        parts.append(f"read {d['bytes_read_per_token'] / 2**20:6.2f} MiB/tok")
+    if d.get("stall_seconds_per_token") is not None:
+        parts.append(f"stall {d['stall_seconds_per_token'] * 1e3:6.1f} ms/tok")
+    if d.get("experts_per_token") is not None:
+        parts.append(f"{d['experts_per_token']:.2f} exp/layer")
+    if out.get("disk_read") is not None:
+        parts.append(f"disk {out['disk_read'] / 2**20:7.1f} MiB")
+    if peak is not None:
+        parts.append(f"peak {peak / 2**20:7.1f} MiB" + (f" ({'<=' if peak <= limit else '>'} "
+                                                         f"budget)" if key != "full" else ""))
+    if out.get("oom"):
+        parts.append("OOM-KILLED")
+    return "  ".join(parts)
+
+
+def _ratios(profile, rows) -> None:
+    tok = {k: v["tok_s"] for k, v in rows.items() if isinstance(v, dict) and "tok_s" in v}
+    pairs = [("swap", "full", 0.7), ("swap", "llama.cpp", 5.0), ("ondemand+prefetch", "llama.cpp", 2.0),
+             ("ondemand", "llama.cpp", 2.0)]
+    for a, b, target in pairs:
+        if a in tok and b in tok:
+            r = tok[a] / tok[b]
+            print(f"{profile:10s} {a} / {b} = {r:.2f}x (target >= {target}x: "
+                  f"{'met' if r >= target else 'MISSED'})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
