@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 import converters
 from converters import registry
-from converters.arch.base import EXPERT, F32
+from converters.arch.base import F32
 from edgemoe import quant
 from edgemoe.quant import GGMLType
 from edgemoe.shardset import ALIGNMENT, ShardSet
