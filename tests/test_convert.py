@@ -196,3 +196,12 @@ def test_dry_run_prints_plan_and_writes_nothing(tiny_root, tmp_path, capsys):
     assert "token_embd.weight" in text and "blk.0.ffn_gate_inp.weight" in text
     assert "fallback from Q4_K" in text and "Q5_0" in text
     assert "blk.*.ffn_down.*" in text and "expert shards" in text and "dry run" in text
+
+
+def test_tied_embeddings_write_output_from_the_embedding(tiny_root, tmp_path):
+    ckpt = cached_checkpoint(tiny_root, "qwen3_moe", tokenizer="bpe", tie_word_embeddings=True)
+    assert "lm_head.weight" not in source_tensors(ckpt)
+    out = tmp_path / "shards"
+    converters.convert(ckpt, out, expert_type="Q8_0", dense_type="F16", progress=False)
+    got = read_back(out)
+    np.testing.assert_array_equal(got["output.weight"], got["token_embd.weight"])
