@@ -101,6 +101,7 @@ class Engine:
                           if routing == "exact" else None)
             self._builder = GraphBuilder(self.spec, hp, self.weights, self.pool, self.kv, self.state)
             self._graphs: OrderedDict[tuple, Graph] = OrderedDict()
+            self._allocated: Graph | None = None  # the graph the scheduler last allocated
             # The scheduler hashes every node and leaf; a graph holds at most this many of each.
             self.sched = self._own(ggml.Scheduler(self.backend, 2 * graph_nodes_upper_bound(hp)))
             # Size the compute buffers for the largest graph now, so memory() is known up front.
@@ -210,7 +211,10 @@ class Engine:
         held only while a graph runs, so a loader thread can fill slots between the graphs of
         one step (exact routing waits on such loads)."""
         with self.pool.compute_lock:
-            self.sched.alloc(g.graph)
+            # Decode recomputes one graph step after step: its allocation still holds.
+            if self._allocated is not g:
+                self.sched.alloc(g.graph)
+                self._allocated = g
             for name, t in g.inputs.items():
                 ggml.tensor_set(t, values[name])
             self.sched.compute(g.graph)
@@ -319,8 +323,10 @@ class Engine:
 
     def memory(self) -> dict[str, int]:
         """Bytes held on the backend by each part (the process adds Python and libraries)."""
+        # Exact routing's layer state (residual and FFN input of a batch) counts as compute.
+        state = self.state.nbytes if self.state is not None else 0
         return {"base_weights": self.weights.nbytes, "expert_slots": self.pool.bytes_held(),
-                "kv_cache": self.kv.nbytes, "compute": self.sched.buffer_bytes()}
+                "kv_cache": self.kv.nbytes, "compute": self.sched.buffer_bytes() + state}
 
     @property
     def device(self) -> str:
