@@ -95,8 +95,10 @@ def test_cli_without_root_says_so():
     exe = _python_for_nobody()
     if exe is None:
         pytest.skip("no Python 3.10+ that user 65534 may run")
+    # The script goes in on stdin: the unprivileged user may not be allowed to read the checkout
+    # (a fresh clone under a 0700 temporary directory, as in CI).
     proc = subprocess.run(
-        [exe, str(SCRIPTS / "edge_emulate.py"), "--mem", "64MiB", "--", "true"],
+        [exe, "-", "--mem", "64MiB", "--", "true"], input=(SCRIPTS / "edge_emulate.py").read_text(),
         user=65534, group=65534, cwd="/", capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "cannot emulate" in proc.stderr and "root" in proc.stderr
