@@ -120,6 +120,8 @@ _SIGNATURES = {
     "ggml_backend_sched_alloc_graph": (_lib.ggml_base, c_bool, [c_void_p, c_void_p]),
     "ggml_backend_sched_graph_compute": (_lib.ggml_base, c_int, [c_void_p, c_void_p]),
     "ggml_backend_sched_get_buffer_size": (_lib.ggml_base, c_size_t, [c_void_p, c_void_p]),
+    "ggml_backend_sched_set_eval_callback": (_lib.ggml_base, None, [c_void_p, c_void_p, c_void_p]),
+    "ggml_op_desc": (_lib.ggml_base, c_char_p, [T]),
 }
 
 
@@ -247,6 +249,8 @@ def list_devices() -> list[dict]:
 
 
 _SetThreads = ctypes.CFUNCTYPE(None, c_void_p, c_int)
+# ggml_backend_sched_eval_callback: bool (*)(struct ggml_tensor * t, bool ask, void * user_data)
+_EvalCallback = ctypes.CFUNCTYPE(c_bool, c_void_p, c_bool, c_void_p)
 
 
 class Backend:
@@ -340,6 +344,23 @@ class Scheduler:
         status = lib.ggml_backend_sched_graph_compute(self.ptr, graph)
         if status != 0:
             raise EdgeMoeError(f"graph compute {_STATUS.get(status, status)}")
+
+    def profile(self, on_node) -> None:
+        """Call on_node(op_name) after each graph node is computed (None: stop). Each node then
+        runs on its own, so timings between calls show where the time goes (with that
+        per-node overhead added)."""
+        if on_node is None:
+            self._eval_cb = None
+            lib.ggml_backend_sched_set_eval_callback(self.ptr, None, None)
+            return
+
+        def cb(tensor, ask, _user):
+            if not ask:
+                on_node(lib.ggml_op_desc(tensor).decode())
+            return True
+
+        self._eval_cb = _EvalCallback(cb)  # kept referenced while C holds it
+        lib.ggml_backend_sched_set_eval_callback(self.ptr, ctypes.cast(self._eval_cb, c_void_p), None)
 
     def buffer_bytes(self) -> int:
         return sum(lib.ggml_backend_sched_get_buffer_size(self.ptr, b) for b in self.backend.backends)

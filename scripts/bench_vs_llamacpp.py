@@ -6,10 +6,11 @@
 
 Builds (once, cached in --workdir) a synthetic HF checkpoint with scripts/make_synthetic.py,
 converts it to a shard set (`edgemoe convert`) and exports the same weights as one GGUF
-(`edgemoe export`). Then, for each runner, with the same thread count: prefill a prompt of
---prompt tokens (timed as one eval), then greedy-decode --gen tokens one at a time (timed),
-repeated --repeats times, alternating runners; prints median prefill and decode tok/s and the
-edgemoe / llama.cpp ratios. Both runners produce the next token's logits only after prefill
+(`edgemoe export`). Then, with the same thread count, each runner prefills a prompt of --prompt
+tokens (timed as one eval; the two runners one after the other) and both greedy-decode --gen
+tokens in lockstep (one token each in turn, so load from other processes falls on both alike);
+repeated --repeats times, alternating which runner goes first; prints median prefill and decode
+tok/s and the edgemoe / llama.cpp ratios. Both runners produce the next token's logits only after prefill
 (llama.cpp computes the last row; edgemoe is asked for the last row too).
 
 llama.cpp runs with flash attention (the kernel edgemoe uses) and, by default, without its extra
@@ -118,17 +119,52 @@ class LlamaRunner:
         self.llm.close()
 
 
-def run_once(runner, prompt, n_gen) -> tuple[float, float, list[int]]:
-    runner.reset()
-    t0 = time.perf_counter()
-    logits = runner.prefill(prompt)
-    t1 = time.perf_counter()
-    out = []
+def run_pair(runners, prompt, n_gen) -> dict[str, tuple[float, float, list[int]]]:
+    """Prefill both runners (one after the other), then decode them in lockstep, one token each
+    in turn, so that load from other processes falls on both alike."""
+    timing = {}
+    logits = {}
+    for r in runners:
+        r.reset()
+        t = time.perf_counter()
+        logits[r.name] = r.prefill(prompt)
+        timing[r.name] = [len(prompt) / (time.perf_counter() - t), 0.0, []]
     for _ in range(n_gen):
-        out.append(int(np.argmax(logits)))
-        logits = runner.step(out[-1])
-    t2 = time.perf_counter()
-    return len(prompt) / (t1 - t0), n_gen / (t2 - t1), out
+        for r in runners:
+            token = int(np.argmax(logits[r.name]))
+            timing[r.name][2].append(token)
+            t = time.perf_counter()
+            logits[r.name] = r.step(token)
+            timing[r.name][1] += time.perf_counter() - t
+    return {n: (pf, n_gen / dt, toks) for n, (pf, dt, toks) in timing.items()}
+
+
+def profile_decode(runner: EdgemoeRunner, prompt, n_steps: int) -> None:
+    """Time edgemoe's decode per ggml op (each node computed on its own, so the absolute
+    figures include a per-node dispatch cost; the shares show where the time goes)."""
+    per_op: dict[str, float] = {}
+    last = [0.0, True]  # time of the previous node, whether the step's first node is next
+
+    def on_node(op: str) -> None:
+        now = time.perf_counter()
+        # The first node also carries the step's setup (inputs, Python, graph lookup).
+        key = "(setup+1st node)" if last[1] else op
+        per_op[key] = per_op.get(key, 0.0) + now - last[0]
+        last[0], last[1] = now, False
+
+    runner.reset()
+    row = runner.prefill(prompt)
+    runner.engine.sched.profile(on_node)
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+        last[0], last[1] = time.perf_counter(), True
+        row = runner.step(int(np.argmax(row)))
+    total = time.perf_counter() - t0
+    runner.engine.sched.profile(None)
+    print(f"\nedgemoe decode profile over {n_steps} tokens ({total / n_steps * 1e3:.1f} ms/token "
+          "with per-node sync):")
+    for op, t in sorted(per_op.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {op:16s} {t / n_steps * 1e3:8.2f} ms/token  {100 * t / total:5.1f}%")
 
 
 def main() -> int:
@@ -148,6 +184,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--shards", help="an existing shard set (with --gguf: skip building)")
     ap.add_argument("--gguf", help="the same weights exported as one GGUF")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="then time edgemoe's decode per ggml op over N tokens")
     ap.add_argument("--llama-extra-bufts", action="store_true",
                     help="let llama.cpp repack weights into its extra CPU buffer types")
     args = ap.parse_args()
@@ -168,20 +206,21 @@ def main() -> int:
 
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, min(ours.n_vocab, theirs.n_vocab), args.prompt).tolist()
-    for r in (ours, theirs):  # warm-up: page in weights, build graphs
-        run_once(r, prompt[:16], 4)
+    run_pair((ours, theirs), prompt, 8)  # warm-up: page weights in, build graphs
 
     results = {r.name: {"prefill": [], "decode": []} for r in (ours, theirs)}
     tokens = {}
     for i in range(args.repeats):
-        for r in ((ours, theirs) if i % 2 == 0 else (theirs, ours)):
-            pf, dc, out = run_once(r, prompt, args.gen)
-            results[r.name]["prefill"].append(pf)
-            results[r.name]["decode"].append(dc)
-            tokens[r.name] = out
-            print(f"  run {i + 1} {r.name:9s} prefill {pf:8.1f} tok/s   decode {dc:6.2f} tok/s")
-    ours.close()
+        order = (ours, theirs) if i % 2 == 0 else (theirs, ours)
+        for name, (pf, dc, out) in run_pair(order, prompt, args.gen).items():
+            results[name]["prefill"].append(pf)
+            results[name]["decode"].append(dc)
+            tokens[name] = out
+            print(f"  run {i + 1} {name:9s} prefill {pf:8.1f} tok/s   decode {dc:6.2f} tok/s")
     theirs.close()
+    if args.profile:
+        profile_decode(ours, prompt, args.profile)
+    ours.close()
 
     med = {n: {k: statistics.median(v) for k, v in d.items()} for n, d in results.items()}
     print(f"\n{'':10s} {'prefill tok/s':>14s} {'decode tok/s':>13s}")
