@@ -25,7 +25,7 @@ import numpy as np
 
 from edgemoe.errors import EdgeMoeError
 from edgemoe.residency import calibration as calib
-from edgemoe.residency.budget import parse_budget
+from edgemoe.residency.budget import expert_allowance, parse_budget
 from edgemoe.residency.routing import softmax, topk
 from edgemoe.residency.sensitivity import fit_sensitivity
 from edgemoe.residency.traces import TraceRecorder
@@ -275,17 +275,18 @@ def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = 
     shards_path = Path(shards_path)
     shards = ShardSet.open(shards_path)
     budget = parse_budget(budget_text)
-    cal = calib.Calibration.load(shards_path)
-    trace_path = shards_path / TRACE_FILE
-    if not trace_path.exists():
-        raise EdgeMoeError(f"{trace_path}: no routing trace; run `edgemoe calibrate` first")
-    trace = RoutingTrace.load(trace_path)
     needs = needs_from_files(shards, n_ctx, kv_type)
+    expert_allowance(budget, needs)   # below the minimum: say so before measuring anything
     if not budget.relative:
         with Engine(shards_path, n_ctx=n_ctx, n_batch=n_batch, kv_type=kv_type, routing="exact",
                     n_slots=shards.n_expert_used, load_experts=False) as probe:
             compute = probe.memory()["compute"]
         needs = needs_from_files(shards, n_ctx, kv_type, compute, needs.runtime_bytes)
+    cal = calib.Calibration.load(shards_path)
+    trace_path = shards_path / TRACE_FILE
+    if not trace_path.exists():
+        raise EdgeMoeError(f"{trace_path}: no routing trace; run `edgemoe calibrate` first")
+    trace = RoutingTrace.load(trace_path)
     if adaptive_gating is not None and cal.sensitivity is None:
         raise EdgeMoeError(f"{shards_path}: --adaptive-gating needs sensitivities; run "
                            "`edgemoe calibrate` on a model with top-k > 1")

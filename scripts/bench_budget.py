@@ -91,13 +91,18 @@ def child_run(args) -> dict:
     engine, plan = open_engine(args.shards, cfg, n_ctx=args.n_ctx, n_batch=len(PROMPT),
                                n_threads=args.threads)
     opened = time.perf_counter() - t0
-    with engine:
-        before = engine.policy.telemetry.counters
-        tok_s, tokens = _decode(lambda t: engine.eval([t])[-1],
-                                lambda p: engine.eval(p, all_logits=False)[-1], args.n)
-        from edgemoe.residency.telemetry import record
+    from edgemoe.residency.telemetry import record
 
-        decode = record(engine.policy.telemetry.counters - before,
+    with engine:
+        marks = {}
+
+        def prefill(prompt):
+            logits = engine.eval(prompt, all_logits=False)[-1]
+            marks["before"] = engine.policy.telemetry.counters   # decode figures only
+            return logits
+
+        tok_s, tokens = _decode(lambda t: engine.eval([t])[-1], prefill, args.n)
+        decode = record(engine.policy.telemetry.counters - marks["before"],
                         engine.policy.telemetry.resident_bytes)
         summary = engine.policy.telemetry.summary()
         memory = engine.memory()
@@ -267,7 +272,7 @@ def _row(profile, key, out, limit) -> str:
     if "error" in out:
         return f"{profile:10s} {key:18s} FAILED {out['error']}"
     d = out.get("decode") or {}
-    peak = out.get("peak") if out.get("peak") is not None else out.get("peak_rss")
+    peak = out.get("peak")
     parts = [f"{profile:10s} {key:18s} {out['tok_s']:7.2f} tok/s"]
     if out.get("predicted_tok_s"):
         p = out["predicted_tok_s"]
@@ -282,9 +287,10 @@ def _row(profile, key, out, limit) -> str:
         parts.append(f"{d['experts_per_token']:.2f} exp/layer")
     if out.get("disk_read") is not None:
         parts.append(f"disk {out['disk_read'] / 2**20:7.1f} MiB")
-    if peak is not None:
-        parts.append(f"peak {peak / 2**20:7.1f} MiB" + (f" ({'<=' if peak <= limit else '>'} "
-                                                         f"budget)" if key != "full" else ""))
+    for label, value in (("cgroup peak", peak), ("rss", out.get("peak_rss"))):
+        if value is not None:
+            verdict = "" if key == "full" else f" ({'<=' if value <= limit else '>'} budget)"
+            parts.append(f"{label} {value / 2**20:7.1f} MiB{verdict}")
     if out.get("oom"):
         parts.append("OOM-KILLED")
     return "  ".join(parts)
