@@ -384,7 +384,7 @@ class GraphBuilder:
     def build_experts(self, il: int, n_tokens: int, shared: bool = True) -> Graph:
         """The experts of MoE layer il on the slots the host chose, added to the residual in
         state. A selection run in several groups adds the shared expert with the first only."""
-        hp, st, k = self.hp, self.state, self.hp.n_expert_used
+        st, k = self.state, self.hp.n_expert_used
         ctx, o, gf = self._begin(64)
         inputs = {"ids": o.input(GGMLType.I32, (k, n_tokens), "inp_ids"),
                   "weights": o.input(GGMLType.F32, (1, k, n_tokens), "inp_weights")}
