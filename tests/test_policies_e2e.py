@@ -195,3 +195,24 @@ def test_ondemand_stops_naming_the_unreadable_shard(shard_sets, tmp_path):
         result = _in_thread(lambda: _greedy(engine, n=64))
     assert isinstance(result.get("error"), ShardSetError)
     assert any(str(p) in str(result["error"]) for p in gone)
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "qwen2_moe"])
+def test_masked_gating_agrees_with_the_numpy_reference(shard_sets, arch):
+    """The graph's masked choice equals routing.masked_topk on its own unmasked logits (the
+    residency simulations use the latter), also for architectures without renormalisation."""
+    from edgemoe.residency.routing import masked_topk, softmax
+
+    engine, _ = _open(shard_sets[arch], memory_budget="50%", policy="static")
+    with engine:
+        k = engine.hparams.n_expert_used
+        compared = 0
+        for tok in PROMPT * 2:
+            engine.eval([tok])
+            for l in engine.policy.layers:
+                mask = engine.policy.slot_of(l) >= 0
+                want, _ = masked_topk(softmax(engine.router_logits[l]), mask, k)
+                got = engine.selected[l]
+                assert np.array_equal(np.sort(got, axis=1), np.sort(want, axis=1))
+                compared += got.size
+    assert compared == 2 * len(PROMPT) * k * 2

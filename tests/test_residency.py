@@ -81,6 +81,10 @@ def test_topk_and_masked_topk():
     ids, w = masked_topk(probs, np.array([True, False, False, True]), 2, renormalize=True)
     assert ids.tolist() == [[3, 0], [0, 3]]
     np.testing.assert_allclose(w, [[2 / 3, 1 / 3], [0.25 / 0.45, 0.2 / 0.45]], rtol=1e-6)
+    # Without renormalisation the weights are still relative to the resident experts (the
+    # engine masks the logits before its softmax), here the same since both are chosen.
+    _, w = masked_topk(probs, np.array([True, False, True, True]), 2)
+    np.testing.assert_allclose(w, [[0.3 / 0.6, 0.2 / 0.6], [0.3 / 0.75, 0.25 / 0.75]], rtol=1e-6)
     with pytest.raises(ValueError, match="at least 2 resident"):
         masked_topk(probs, np.array([True, False, False, False]), 2)
 

@@ -29,15 +29,18 @@ def topk(probs: np.ndarray, k: int, renormalize: bool = False) -> tuple[np.ndarr
 
 def masked_topk(probs: np.ndarray, mask: np.ndarray, k: int,
                 renormalize: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k among resident experts only (mask (n_expert,) bool). The router's probabilities are
-    computed over all experts (unmasked softmax) and the absent ones are excluded afterwards, so a
-    token keeps the weight its router gave the resident expert; renormalize then rescales the k
-    chosen weights to sum to 1 for architectures that do so."""
+    """Top-k among resident experts only (mask (n_expert,) bool), as the engine's graph does it:
+    absent experts' logits are -inf before the softmax, so the router behaves as if the model
+    had only the resident experts, and a weight is relative to the resident ones (the unmasked
+    probabilities rescaled by their resident total; for architectures that renormalise the
+    top-k this makes no difference). renormalize rescales the k chosen weights to sum to 1."""
     mask = np.asarray(mask, dtype=bool)
     if int(mask.sum()) < k:
         raise ValueError(f"masked top-{k} needs at least {k} resident experts, got {int(mask.sum())}")
-    masked = np.where(mask[None, :], np.asarray(probs, dtype=np.float32), -np.inf)
-    ids, weights = topk(masked, k)
+    probs = np.asarray(probs, dtype=np.float32)
+    resident = np.where(mask[None, :], probs, 0.0)                        # (n_tokens, n_expert)
+    resident = resident / resident.sum(axis=1, keepdims=True)
+    ids, weights = topk(np.where(mask[None, :], resident, -np.inf), k)
     if renormalize:
         weights = weights / weights.sum(axis=1, keepdims=True)
     return ids, weights
