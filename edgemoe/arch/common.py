@@ -336,16 +336,22 @@ class GraphBuilder:
         outputs: dict[str, int] = {}
         x = o.get_rows(w.get(M.TOKEN_EMBD), inputs["tokens"])  # (n_embd, n_tokens)
         for il in range(hp.n_layer):
-            x, h = self._attention_block(o, gf, x, il, inputs, n_tokens, n_kv)
+            # Under full routing the last layer's FFN runs for the tokens whose logits are
+            # wanted only (policies see every token's routing under masked routing).
+            last_only = not all_logits and routing == "full" and il == hp.n_layer - 1
+            x, h = self._attention_block(o, gf, x, il, inputs, n_tokens, n_kv, last_only)
+            m = 1 if last_only else n_tokens
             if il in hp.expert_layers:
-                ids, weights = self._route(o, h, il, n_tokens, routing, inputs, outputs)
-                ffn = self._experts(o, h, il, ids, weights, n_tokens)
+                ids, weights = self._route(o, h, il, m, routing, inputs, outputs)
+                ffn = self._experts(o, h, il, ids, weights, m)
             else:
                 ffn = self._dense_ffn(o, h, il)
             x = o.add(ffn, x)
-        logits, n_out = self._output(o, x, n_tokens, all_logits)
-        outputs["logits"] = logits
-        return self._finish(ctx, o, gf, n_tokens, n_kv, n_out, inputs, outputs)
+        if not all_logits and routing != "full":
+            x = self._last_column(o, x, n_tokens)
+        outputs["logits"] = self._output(o, x)
+        return self._finish(ctx, o, gf, n_tokens, n_kv, n_tokens if all_logits else 1, inputs,
+                            outputs)
 
     # -- exact routing: one graph per stage ------------------------------------------------------
 
@@ -396,27 +402,34 @@ class GraphBuilder:
 
     def build_output(self, n_tokens: int, all_logits: bool) -> Graph:
         ctx, o, gf = self._begin(16)
-        logits, n_out = self._output(o, self._state_view(o, self.state.x, n_tokens), n_tokens,
-                                     all_logits)
-        return self._finish(ctx, o, gf, n_tokens, 0, n_out, {}, {"logits": logits})
+        x = self._state_view(o, self.state.x, n_tokens)
+        if not all_logits:
+            x = self._last_column(o, x, n_tokens)
+        return self._finish(ctx, o, gf, n_tokens, 0, n_tokens if all_logits else 1, {},
+                            {"logits": self._output(o, x)})
 
     # -- pieces ------------------------------------------------------------------------------------
 
-    def _output(self, o: ggml.Ops, x: int, n_tokens: int, all_logits: bool) -> tuple[int, int]:
-        hp, w, M = self.hp, self.w, MODEL_TENSOR
-        n_out = n_tokens
-        if not all_logits:
-            row = ggml.row_size(GGMLType.F32, hp.n_embd)
-            x, n_out = o.view_2d(x, hp.n_embd, 1, row, row * (n_tokens - 1)), 1
+    def _last_column(self, o: ggml.Ops, x: int, n_tokens: int) -> int:
+        """The last token's column of an (n_embd, n_tokens) tensor."""
+        row = ggml.row_size(GGMLType.F32, self.hp.n_embd)
+        return o.view_2d(x, self.hp.n_embd, 1, row, row * (n_tokens - 1))
+
+    def _output(self, o: ggml.Ops, x: int) -> int:
+        w, M = self.w, MODEL_TENSOR
         x = self._norm(o, x, w.get(M.OUTPUT_NORM))
         logits = o.mul_mat(w.get(M.OUTPUT) or w.get(M.TOKEN_EMBD), x)  # (n_vocab, n_out)
-        return o.name(logits, "result_output"), n_out
+        return o.name(logits, "result_output")
 
-    def _attention_block(self, o, gf, x, il, inputs, n_tokens, n_kv) -> tuple[int, int]:
-        """Pre-norm attention with its residual; returns (x, ffn-normalised x)."""
+    def _attention_block(self, o, gf, x, il, inputs, n_tokens, n_kv,
+                         last_only: bool = False) -> tuple[int, int]:
+        """Pre-norm attention with its residual; returns (x, ffn-normalised x), of the last
+        token only with last_only."""
         w, M = self.w, MODEL_TENSOR
         h = self._norm(o, x, w.get(M.ATTN_NORM, il))
         x = o.add(self._attention(o, gf, h, il, inputs, n_tokens, n_kv), x)
+        if last_only:
+            x = self._last_column(o, x, n_tokens)
         return x, self._norm(o, x, w.get(M.FFN_NORM, il))
 
     def _norm(self, o: ggml.Ops, x: int, weight: int) -> int:
