@@ -27,6 +27,9 @@ from edgemoe.errors import ConvertError
 from edgemoe.quant import GGMLType
 from edgemoe.shardset import ALIGNMENT, BASE_FILE, FORMAT_VERSION, expert_file
 
+# Non-weight buffers some older checkpoints save (RoPE frequencies are recomputed by llama.cpp).
+BUFFERS = (".rotary_emb.inv_freq",)
+
 # float32 elements converted and quantized per step: bounds memory whatever the tensor size.
 CHUNK_ELEMENTS = 8 << 20
 
@@ -111,7 +114,7 @@ def _check_tensors(ckpt: SafetensorsCheckpoint, specs: list[TensorSpec], arch: M
         s = wanted[missing[0]]
         raise ConvertError(f"{src}: tensor {s.hf_name} (shape {list(s.shape)}) is missing"
                            + (f", and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    extra = sorted(set(ckpt.tensors) - set(wanted))
+    extra = sorted(n for n in set(ckpt.tensors) - set(wanted) if not n.endswith(BUFFERS))
     if extra:
         t = ckpt.tensors[extra[0]]
         raise ConvertError(f"{t.file}: unexpected tensor {t.name} (not part of a "

@@ -61,6 +61,13 @@ def test_extra_tensor(ckpt, tmp_path):
     convert_fails(ckpt, tmp_path / "out", rf"{WEIGHTS}: unexpected tensor {name} ")
 
 
+def test_rotary_buffers_are_not_extra_tensors(ckpt, tmp_path):
+    name = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    edit_tensors(ckpt / WEIGHTS, lambda t: t.update({name: np.ones(8, np.float32)}))
+    converters.convert(ckpt, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / MANIFEST_FILE).is_file()
+
+
 def test_shape_mismatch_against_config(ckpt, tmp_path):
     config = json.loads((ckpt / "config.json").read_text())
     config["intermediate_size"] = 96
