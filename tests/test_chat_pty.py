@@ -84,20 +84,22 @@ class Terminal:
 
 
 @pytest.fixture(params=["tiny", "bundled"])
-def chat_model(request, tmp_path_factory) -> Path:
-    """A converted tiny random model, and the bundled model's checkpoint directory (which
-    `edgemoe chat` converts on first use, as a new user would run it)."""
+def chat_model(request, tmp_path_factory) -> tuple[Path, list[str]]:
+    """A converted tiny random model (greedy), and the bundled model's checkpoint directory,
+    which `edgemoe chat` converts on first use as a new user would run it (seeded sampling: a
+    small model's greedy reply to a chat prompt can be nothing but newlines)."""
     if request.param == "tiny":
-        return converted_tiny(tmp_path_factory)
+        return converted_tiny(tmp_path_factory), ["--temp", "0"]
     bundled = sorted(p.parent for p in (ROOT / "models").glob("*/config.json"))
     if not bundled:
         pytest.skip("no bundled model under models/")
-    return bundled[0]
+    return bundled[0], ["--temp", "0.8", "--seed", "7", "--repeat-penalty", "1.2"]
 
 
 def test_chat_session_through_a_pty(chat_model, tmp_path):
+    model, sampling = chat_model
     env = {**os.environ, "EDGEMOE_CACHE": str(tmp_path / "cache")}
-    term = Terminal([sys.executable, "-m", "edgemoe", "chat", str(chat_model), "--temp", "0",
+    term = Terminal([sys.executable, "-m", "edgemoe", "chat", str(model), *sampling,
                      "-n", "400", "-c", "1024", "-t", "1"], env)
     try:
         term.expect(b"/reset")  # the banner lists the commands
@@ -126,7 +128,10 @@ def test_chat_session_through_a_pty(chat_model, tmp_path):
         term.expect(STATUS)
         term.expect(b"> ")
 
-        # Ctrl-C at the prompt does not quit either
+        # Ctrl-C at the prompt does not quit either. A person does not press it within
+        # microseconds of the prompt appearing; a SIGINT that lands before CPython's readline
+        # enters its select() is only noticed at the next key, so pause as a person would.
+        time.sleep(0.5)
         term.send(b"\x03")
         term.expect(b"/exit to quit")
         term.expect(b"> ")
