@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -43,6 +42,15 @@ PROMPT = [17, 243, 1024, 8, 77, 3001, 12, 640, 95, 4000, 31, 7]
 
 
 # -- children --------------------------------------------------------------------------------
+
+def _vm_hwm() -> int:
+    """This process's peak RSS (VmHWM). Not getrusage: its maxrss also covers the parent that
+    forked us before the exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
 
 def child_needs(args) -> dict:
     from edgemoe.engine import Engine
@@ -81,7 +89,7 @@ def child_run(args) -> dict:
         tok_s, tokens = _decode(runner.step, runner.prefill, args.n)
         runner.close()
         return {"tok_s": tok_s, "tokens": tokens,
-                "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+                "peak_rss": _vm_hwm()}
     from edgemoe.runtime import ResidencyConfig, open_engine
 
     cfg = ResidencyConfig(memory_budget=spec.get("budget"), policy=spec["policy"],
@@ -108,7 +116,7 @@ def child_run(args) -> dict:
         memory = engine.memory()
     return {"tok_s": tok_s, "tokens": tokens, "open_s": opened, "decode": decode,
             "summary": summary, "slots": plan.slots if plan else None, "memory": memory,
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak_rss": _vm_hwm()}
 
 
 def child_plan(args) -> dict:
@@ -185,7 +193,9 @@ def main() -> int:
                              "ondemand+gating", "llama.cpp"])
     ap.add_argument("-n", type=int, default=64, help="tokens decoded per run")
     ap.add_argument("--n-ctx", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads of every runner (default 1: on a shared machine ggml's "
+                    "spinning workers lose badly when the cores are oversubscribed)")
     ap.add_argument("--drop-rate", type=float, default=0.25,
                     help="adaptive gating: T for this fraction of single-expert decisions")
     ap.add_argument("--timeout", type=float, default=1800)
