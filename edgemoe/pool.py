@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping
 
 import numpy as np
@@ -200,14 +201,17 @@ class ExpertPool:
                 self._busy[layer].discard(slot)
         return slot
 
-    def load_all(self) -> None:
-        """Every expert into the slot of its own index (the `full` policy)."""
+    def load_all(self, n_readers: int = 4) -> None:
+        """Every expert into the slot of its own index (the `full` policy). Reads overlap on
+        `n_readers` threads (they release the GIL); copies into slots stay serial."""
         for layer in self.layers:
             if self._n_slots[layer] < self.n_expert:
                 raise EdgeMoeError(f"layer {layer}: {self._n_slots[layer]} slots cannot hold "
                                    f"all {self.n_expert} experts")
-            for e in range(self.n_expert):
-                self.load(layer, e, e)
+        jobs = [(layer, e) for layer in self.layers for e in range(self.n_expert)]
+        with ThreadPoolExecutor(n_readers, thread_name_prefix="edgemoe-load") as readers:
+            # list() re-raises the first failed read, naming its shard.
+            list(readers.map(lambda job: self.load(job[0], job[1], job[1]), jobs))
 
     @staticmethod
     def _read(shard) -> np.ndarray:
