@@ -1,7 +1,7 @@
 """`edgemoe calibrate` and `edgemoe plan` (issue 4).
 
-calibrate SHARDS [--text FILE]: runs the model on calibration text (teacher-forced, exact
-routing) and stores beside the shard set
+calibrate SHARDS [--text FILE]: runs the model on calibration text (teacher-forced, every
+expert resident) and stores beside the shard set
 - calibration.json: ||E_i|| of every expert, how often each expert was in the router's top-k,
   and per-layer sensitivities s_l for adaptive gating, measured "isolated": the last-ranked expert
   of one layer is dropped at one position and the KL divergence this causes there and over the
@@ -28,7 +28,7 @@ from edgemoe.residency import calibration as calib
 from edgemoe.residency.budget import expert_allowance, parse_budget
 from edgemoe.residency.routing import softmax, topk
 from edgemoe.residency.sensitivity import fit_sensitivity
-from edgemoe.residency.traces import TraceRecorder
+from edgemoe.residency.traces import RoutingTrace
 from edgemoe.runtime import PLAN_FILE, POLICIES, TRACE_FILE, ResidencyConfig, open_engine
 
 # Used when no --text is given: plain prose on several topics, so routing sees some variety.
@@ -64,13 +64,15 @@ have a prime factor missing from the list.
 
 
 class _Probe:
-    """Wraps the engine's policy while calibrating or profiling: records each step's prefetch
-    predictor (the next layer's router on this layer's input), can drop the last-ranked expert
+    """Wraps the engine's policy while calibrating or profiling: records each step's router
+    probabilities and expert-input norms (masked routing) or prefetch predictor (the next
+    layer's router on this layer's input; exact routing), can drop the last-ranked expert
     of one (layer, row) of the next step, and timestamps the phases of every layer."""
 
     def __init__(self, inner):
         self.inner = inner
         self.predicted: dict[int, np.ndarray] = {}
+        self.observed: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # probs, x_norm (masked)
         self.last_weight: dict[int, np.ndarray] = {}   # layer -> (n_tokens,) renormalised
         self.drop: tuple[int, int] | None = None
         self.marks: list[tuple[str, int, float]] = []
@@ -89,6 +91,10 @@ class _Probe:
             ids[row, -1], weights[row, -1] = -1, 0.0
             weights[row] *= total / weights[row].sum()   # the gate mass stays, as adaptive gating
         return self.inner.gate(layer, ids, weights, decode)
+
+    def observe(self, layer, probs, x_norm, selected=None):
+        self.observed[layer] = (np.array(probs, dtype=np.float32), np.array(x_norm, np.float32))
+        self.inner.observe(layer, probs, x_norm, selected)
 
     def ensure(self, layer, experts):
         out = self.inner.ensure(layer, experts)
@@ -131,36 +137,49 @@ def calibration_tokens(shards_path: Path, text: str, limit: int) -> list[int]:
 
 
 def calibrate(shards_path: str | Path, tokens: list[int], samples: int = 16, window: int = 16,
-              n_threads: int | None = None, memory_budget: str | None = None,
-              seed: int = 0) -> tuple[calib.Calibration, "RoutingTrace"]:
-    """Norms, usage, sensitivities and the routing trace of `tokens` (see the module doc).
-    The model runs with the ondemand policy under `memory_budget` (default: all experts)."""
+              n_threads: int | None = None,
+              seed: int = 0) -> tuple[calib.Calibration, RoutingTrace]:
+    """Norms, usage, sensitivities and the routing trace of `tokens` (see the module doc), with
+    every expert resident. Two passes over the text: masked routing with the full policy gives
+    each layer's router probabilities and the experts' input norms (observe), exact routing
+    gives the next layer's router on each layer's input (prefetch) and hosts the drops."""
     from edgemoe.shardset import ShardSet
 
     shards_path = Path(shards_path)
     shards = ShardSet.open(shards_path)
     norms = calib.compute_norms(shards)
-    cfg = ResidencyConfig(memory_budget=memory_budget or "100%", policy="ondemand", n_prefetch=0)
-    engine, _ = open_engine(shards_path, cfg, n_ctx=len(tokens), n_threads=n_threads,
-                            n_batch=min(256, len(tokens)))
+    layers = list(shards.expert_layers)
+    recorded = {name: {l: [] for l in layers} for name in ("probs", "x_norm", "predicted")}
+    open_kw = dict(n_ctx=len(tokens), n_threads=n_threads, n_batch=min(256, len(tokens)))
+
+    engine, _ = open_engine(shards_path, ResidencyConfig(policy="full"), **open_kw)
     with engine:
         probe = _attach_probe(engine)
-        recorder = TraceRecorder()
-        layers = list(shards.expert_layers)
         for start in range(0, len(tokens), engine.n_batch):
-            chunk = tokens[start:start + engine.n_batch]
-            probe.predicted = {}
-            engine.eval(chunk, all_logits=False)
+            probe.observed = {}
+            engine.eval(tokens[start:start + engine.n_batch], all_logits=False)
             for l in layers:
-                recorder.add(l, softmax(engine.router_logits[l]), engine.x_norm[l],
-                             probe.predicted.get(l))
-        trace = recorder.trace()
-        usage = {l: np.bincount(topk(trace.probs[l], shards.n_expert_used)[0].ravel(),
-                                minlength=shards.n_expert) for l in layers}
+                probs, x_norm = probe.observed[l]
+                recorded["probs"][l].append(probs)
+                recorded["x_norm"][l].append(x_norm)
+    cfg = ResidencyConfig(policy="ondemand", n_prefetch=0)
+    engine, _ = open_engine(shards_path, cfg, **open_kw)
+    with engine:
+        probe = _attach_probe(engine)
+        for start in range(0, len(tokens), engine.n_batch):
+            probe.predicted = {}
+            engine.eval(tokens[start:start + engine.n_batch], all_logits=False)
+            for l in layers[1:]:
+                recorded["predicted"][l].append(probe.predicted[l])
         sensitivity = None
         if shards.n_expert_used > 1 and samples > 0:
             sensitivity = _isolated_sensitivity(engine, probe, tokens, layers, samples, window,
                                                 seed)
+    trace = RoutingTrace(**{name: {l: np.concatenate(rows).astype(np.float32)
+                                   for l, rows in table.items() if rows}
+                            for name, table in recorded.items()})
+    usage = {l: np.bincount(topk(trace.probs[l], shards.n_expert_used)[0].ravel(),
+                            minlength=shards.n_expert) for l in layers}
     cal = calib.Calibration(norms=norms, usage=usage, sensitivity=sensitivity,
                             sensitivity_method="isolated" if sensitivity else None,
                             tokens=len(tokens))
@@ -268,7 +287,6 @@ def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = 
     """The `edgemoe plan` answer: (predictions, report lines, plan document)."""
     from edgemoe.engine import Engine
     from edgemoe.residency.planner import plan as make_plans
-    from edgemoe.residency.traces import RoutingTrace
     from edgemoe.runtime import needs_from_files
     from edgemoe.shardset import ShardSet
 
@@ -309,7 +327,7 @@ def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = 
                         for p in preds}}
     lines.insert(1, f"storage: {profile.read_bytes_per_s / 1e6:.0f} MB/s, "
                     f"{profile.read_latency_s * 1e3:.2f} ms per read; compute "
-                    f"{profile.fused_seconds * 1e3:.1f} ms/token with every expert resident")
+                    f"{profile.fused_seconds * 1e3:.1f} ms/token in one graph (masked routing)")
     if write:
         (shards_path / PLAN_FILE).write_text(json.dumps(doc, indent=1))
         lines.append(f"wrote {shards_path / PLAN_FILE} (used by `edgemoe run --memory-budget "
@@ -322,8 +340,7 @@ def _calibrate_cmd(args: argparse.Namespace) -> int:
     text = Path(args.text).read_text(errors="replace") if args.text else DEFAULT_TEXT
     tokens = calibration_tokens(path, text, args.tokens)
     t0 = time.perf_counter()
-    cal, trace = calibrate(path, tokens, args.samples, args.window, args.threads,
-                           args.memory_budget)
+    cal, trace = calibrate(path, tokens, args.samples, args.window, args.threads)
     saved = cal.save(path)
     trace.save(path / TRACE_FILE)
     print(f"calibrated on {len(tokens)} tokens in {time.perf_counter() - t0:.1f} s: "
@@ -385,7 +402,5 @@ def register(subparsers) -> None:
     c.add_argument("--window", type=int, default=16, metavar="N",
                    help="positions over which a dropped expert's KL is summed "
                    "(default: %(default)s)")
-    c.add_argument("--memory-budget", default=None, metavar="SIZE|PCT",
-                   help="run calibration under this budget (ondemand; default: every expert)")
     c.add_argument("-t", "--threads", type=int, default=None, metavar="N")
     c.set_defaults(func=_calibrate_cmd)

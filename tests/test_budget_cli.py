@@ -1,0 +1,93 @@
+"""`edgemoe calibrate`, `edgemoe plan` and how run-time choices follow them (issue 4): a budget
+without a policy chooses swap, plan.json's slots are what the engine gets, the per-token stats."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tiny_models import make_tiny_checkpoint
+
+pytest.importorskip("transformers")
+
+import converters  # noqa: E402
+from edgemoe import cli  # noqa: E402
+from edgemoe.errors import BudgetError  # noqa: E402
+from edgemoe.residency.calibration import Calibration  # noqa: E402
+from edgemoe.residency.traces import RoutingTrace  # noqa: E402
+from edgemoe.runtime import (PLAN_FILE, TRACE_FILE, ResidencyConfig, StepLog,  # noqa: E402
+                             open_engine, write_stats_json)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("budget_cli")
+    ckpt = make_tiny_checkpoint("qwen3_moe", root / "hf", seed=7, num_experts=8)
+    out = root / "set"
+    converters.convert(ckpt, out, expert_type="F32", dense_type="F32", progress=False)
+    return out
+
+
+def test_a_budget_without_policy_chooses_swap(shards):
+    assert ResidencyConfig(memory_budget="50%").policy_name == "swap"
+    assert ResidencyConfig(policy="ondemand").budget.fraction == 1.0
+    engine, plan = open_engine(shards, ResidencyConfig(memory_budget="50%"), n_ctx=32, n_threads=1)
+    with engine:
+        assert engine.policy.name == "swap" and set(plan.slots.values()) == {4}
+
+
+def test_stats_json_has_a_record_per_step(shards, tmp_path):
+    log = StepLog()
+    engine, _ = open_engine(shards, ResidencyConfig(memory_budget="25%", policy="ondemand"),
+                            n_ctx=32, n_threads=1, telemetry=log)
+    with engine:
+        logits = engine.eval([3, 4, 5, 6], all_logits=False)
+        for _ in range(5):
+            logits = engine.eval([int(np.argmax(logits[-1]))])
+        write_stats_json(engine, tmp_path / "stats.json")
+    doc = json.loads((tmp_path / "stats.json").read_text())
+    assert doc["policy"] == "ondemand" and doc["slots"] == {"0": 2, "1": 2}
+    assert [s["tokens"] for s in doc["steps"]] == [4, 1, 1, 1, 1, 1]
+    assert doc["run"]["tokens"] == 9 and doc["run"]["experts_per_token"] == 2.0
+    assert sum(s["misses"] for s in doc["steps"]) == doc["run"]["misses"] > 0
+    assert all(0.0 <= s["hit_rate"] <= 1.0 for s in doc["steps"])
+
+
+def test_calibrate_then_plan_then_run_uses_the_plan(shards, capsys):
+    assert cli.main(["calibrate", str(shards), "--tokens", "96", "--samples", "6",
+                     "--window", "8", "-t", "1"]) == 0
+    cal = Calibration.load(shards)
+    trace = RoutingTrace.load(shards / TRACE_FILE)
+    assert trace.n_tokens == 96 and sorted(trace.layers) == [0, 1]
+    assert set(trace.predicted) == {1}                 # the first layer has no predictor
+    assert all(u.sum() == 96 * 2 for u in cal.usage.values())
+    assert cal.sensitivity_method == "isolated" and all(s > 0 for s in cal.sensitivity.values())
+    assert all(np.all(n > 0) for n in cal.norms.values())
+
+    assert cli.main(["plan", str(shards), "--budget", "50%", "-c", "64", "-t", "1"]) == 0
+    out = capsys.readouterr().out
+    for policy in ("static", "swap", "ondemand"):
+        assert f"\n{policy}" in out
+    assert "full      does not fit" in out and "tok/s" in out
+    doc = json.loads((shards / PLAN_FILE).read_text())
+    assert doc["budget"] == "50% of expert bytes"
+    slots = {int(l): n for l, n in doc["policies"]["ondemand"]["slots"].items()}
+    assert sum(slots.values()) <= 8 and min(slots.values()) >= 2
+
+    engine, plan = open_engine(shards, ResidencyConfig(memory_budget="50%", policy="ondemand"),
+                               n_ctx=32, n_threads=1)
+    with engine:
+        assert dict(plan.slots) == slots
+
+    # A plan that no longer fits the budget (edited, or the model changed) is refused.
+    doc["policies"]["ondemand"]["slots"] = {"0": 8, "1": 8}
+    (shards / PLAN_FILE).write_text(json.dumps(doc))
+    with pytest.raises(BudgetError, match="rerun `edgemoe plan`"):
+        open_engine(shards, ResidencyConfig(memory_budget="50%", policy="ondemand"), n_ctx=32)
+    (shards / PLAN_FILE).unlink()
+
+
+def test_plan_refuses_a_budget_below_the_minimum(shards, capsys):
+    assert cli.main(["plan", str(shards), "--budget", "10%", "-t", "1"]) == 1
+    assert "below the minimum of 25%" in capsys.readouterr().err
