@@ -178,7 +178,9 @@ def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048
         k = shards.n_expert_used
         with Engine(shards_path, n_slots=k, **kw) as probe:
             compute = probe.memory()["compute"]
-        needs = needs_from_files(shards, n_ctx, kv_type, compute, needs.runtime_bytes)
+        # The process measured again: the probe loaded the ggml libraries and started the
+        # backend, which stay for the real engine (its own buffers went back when it closed).
+        needs = needs_from_files(shards, n_ctx, kv_type, compute)
     plan = choose_slots(shards, cfg, needs)
     cal = load_calibration(shards, need_norms=name in ("swap", "static"))
     options: dict = {}
