@@ -298,6 +298,8 @@ def main() -> int:
 
     print("ROMEO sample:", repr(greedy(model, tokenizer, "ROMEO:\n")), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    # Raw text ends at <|endoftext|>, a chat turn at <|im_end|>: generation stops at either.
+    model.generation_config.eos_token_id = [eos_id, tokenizer.convert_tokens_to_ids(IM_END)]
     model.save_pretrained(args.out)  # float32: the converter's reference weights, exactly
     tokenizer.save_pretrained(args.out)
     (args.out / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
