@@ -201,11 +201,9 @@ class BaseWeights:
                                     f"expected {list(shape)}")
             chosen.append(t)
         self.ctx = ggml.Context(len(chosen))
-        self.tensors: dict[str, int] = {}
-        self.types: dict[str, int] = {}
-        for t in chosen:
-            self.tensors[t.name] = self.ctx.new_tensor(int(t.tensor_type), tuple(int(x) for x in t.shape), t.name)
-            self.types[t.name] = int(t.tensor_type)
+        self.tensors: dict[str, int] = {
+            t.name: self.ctx.new_tensor(int(t.tensor_type), tuple(int(x) for x in t.shape), t.name)
+            for t in chosen}
         self.buffer = ggml.Buffer(self.ctx, backend.weights_buffer_type, f"{path} weights")
         raw = reader.data  # the whole file, memory-mapped
         for t in chosen:
