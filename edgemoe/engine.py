@@ -4,6 +4,14 @@ and `eval(tokens) -> logits`.
 Graphs are built once per (batch size, KV cells, routing) shape and recomputed with new inputs:
 a decode step keeps one shape for KV_STEP tokens. Compute buffers come from ggml_backend_sched,
 reserved for the largest graph at start, so memory() is known before the first token.
+
+Residency policies (edgemoe.residency) plug in like this:
+    engine = Engine(path, routing="masked" | "exact", n_slots={layer: n}, load_experts=False)
+    policy = SwapPolicy(engine.pool, slots, ...)      # or OnDemandPolicy for routing="exact"
+    engine.set_policy(policy)                         # warm(); the engine closes it on close()
+    engine.eval(tokens)   # masked: slot_of(L) before, observe(L, probs, x_norm, selected) after;
+                          # exact: per layer gate/groups/ensure, prefetch(L+1, predicted logits);
+                          # then end_step(n_tokens) -> engine.last_step
 """
 from __future__ import annotations
 
