@@ -216,3 +216,71 @@ def test_masked_gating_agrees_with_the_numpy_reference(shard_sets, arch):
                 assert np.array_equal(np.sort(got, axis=1), np.sort(want, axis=1))
                 compared += got.size
     assert compared == 2 * len(PROMPT) * k * 2
+
+
+SHAKESPEARE = """\
+Shall I compare thee to a summer's day? Thou art more lovely and more temperate:
+Rough winds do shake the darling buds of May, and summer's lease hath all too short a date.
+To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer
+the slings and arrows of outrageous fortune, or to take arms against a sea of troubles,
+and by opposing end them. To die, to sleep, no more; and by a sleep to say we end
+the heart-ache and the thousand natural shocks that flesh is heir to.
+"""
+PYTHON = """\
+import os
+import sys
+
+def read_lines(path, encoding="utf-8"):
+    with open(path, encoding=encoding) as f:
+        return [line.rstrip("\\n") for line in f]
+
+class Counter(dict):
+    def __missing__(self, key):
+        return 0
+
+    def update(self, items):
+        for item in items:
+            self[item] += 1
+        return self
+"""
+
+
+def test_swap_follows_a_topic_change_on_the_bundled_model(tmp_path):
+    """Acceptance 3 on a trained model whose experts split into a Shakespeare half and a Python
+    half: after the text switches, swap brings the other half in (the resident set changes) and
+    serves more of what the router wants than static pruning to a fixed half."""
+    from pathlib import Path
+
+    from edgemoe.tokenizer import Vocab
+
+    model = Path(__file__).resolve().parent.parent / "models" / "edgemoe-tiny-shakespy"
+    if not (model / "model.safetensors").exists():
+        pytest.skip("bundled model not present")
+    shards = tmp_path / "shakespy"
+    converters.convert(model, shards, expert_type="F32", dense_type="F32", progress=False)
+    with Vocab(shards / "base.gguf") as vocab:
+        text_a, text_b = vocab.tokenize(SHAKESPEARE)[:160], vocab.tokenize(PYTHON, False)[:160]
+    hit = {}
+    for name in ("swap", "static"):
+        engine, _ = open_engine(shards, ResidencyConfig(memory_budget="50%", policy=name,
+                                                        swap_interval=4), n_ctx=512, n_threads=1)
+        with engine:
+            policy = engine.policy
+            for tok in text_a:
+                engine.eval([tok])
+            policy.wait_idle()
+            after_a = {l: set(np.flatnonzero(policy.slot_of(l) >= 0).tolist())
+                       for l in policy.layers}
+            records = []
+            for tok in text_b:
+                engine.eval([tok])
+                records.append(engine.last_step)
+            policy.wait_idle()
+            after_b = {l: set(np.flatnonzero(policy.slot_of(l) >= 0).tolist())
+                       for l in policy.layers}
+            assert policy.telemetry.counters.absent_selected == 0
+        late = records[len(records) // 2:]
+        hit[name] = sum(r["hits"] for r in late) / sum(r["hits"] + r["redirects"] for r in late)
+        if name == "swap":
+            assert after_a != after_b
+    assert hit["swap"] > hit["static"] + 0.1, hit
