@@ -13,8 +13,10 @@ pytest.importorskip("transformers")
 
 import converters  # noqa: E402
 from edgemoe import cli  # noqa: E402
-from edgemoe.errors import BudgetError  # noqa: E402
+from edgemoe.errors import BudgetError, EdgeMoeError  # noqa: E402
 from edgemoe.residency.calibration import Calibration  # noqa: E402
+from edgemoe.residency.routing import topk  # noqa: E402
+from edgemoe.residency.sensitivity import threshold_for_drop_rate  # noqa: E402
 from edgemoe.residency.traces import RoutingTrace  # noqa: E402
 from edgemoe.runtime import (PLAN_FILE, TRACE_FILE, ResidencyConfig, StepLog,  # noqa: E402
                              open_engine, write_stats_json)
@@ -79,6 +81,22 @@ def test_calibrate_then_plan_then_run_uses_the_plan(shards, capsys):
                                n_ctx=32, n_threads=1)
     with engine:
         assert dict(plan.slots) == slots
+
+    # Adaptive gating with the calibrated s_l: T set for half the (token, layer) pairs to run one
+    # expert; decode then runs between 1 and 2 experts per layer-token.
+    w_last = {l: topk(trace.probs[l], 2, renormalize=True)[1][:, -1] for l in trace.layers}
+    threshold = threshold_for_drop_rate(cal.sensitivity, w_last, 0.5)
+    cfg = ResidencyConfig(memory_budget="50%", policy="ondemand", adaptive_gating=threshold)
+    engine, _ = open_engine(shards, cfg, n_ctx=32, n_threads=1)
+    with engine:
+        logits = engine.eval([3, 4, 5], all_logits=False)
+        before = engine.policy.telemetry.counters
+        for _ in range(16):
+            logits = engine.eval([int(np.argmax(logits[-1]))])
+        c = engine.policy.telemetry.counters - before
+    assert 1.0 < c.experts_run / c.layer_steps < 2.0
+    with pytest.raises(EdgeMoeError, match="ondemand policy only"):
+        open_engine(shards, ResidencyConfig(memory_budget="50%", adaptive_gating=0.1), n_ctx=32)
 
     # A plan that no longer fits the budget (edited, or the model changed) is refused.
     doc["policies"]["ondemand"]["slots"] = {"0": 8, "1": 8}
