@@ -32,7 +32,6 @@ import prepare_corpus  # noqa: E402
 
 @dataclass(frozen=True)
 class DomainEval:
-    domain: str
     n_predicted: int
     nll_sum: float                 # natural-log loss summed over predicted tokens
     selections: list[np.ndarray]   # per layer: (n_tokens, top_k) expert ids
@@ -73,7 +72,7 @@ def evaluate_stream(model, tokens: np.ndarray, context: int, batch: int = 8) -> 
             # (batch*context, n_expert); top-k of the logits is top-k of the softmax
             per_layer[layer].append(torch.topk(logits.float(), top_k, dim=-1).indices.numpy())
     selections = [np.concatenate(parts, axis=0) for parts in per_layer]
-    return DomainEval("", n_predicted, nll_sum, selections)
+    return DomainEval(n_predicted, nll_sum, selections)
 
 
 def best_half_share(counts: np.ndarray) -> float:
