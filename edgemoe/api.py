@@ -24,9 +24,9 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import psutil
 
-from edgemoe.engine import Engine
 from edgemoe.errors import EdgeMoeError
 from edgemoe.generate import Generation, GenerationStats, Generator
+from edgemoe.residency.telemetry import record
 from edgemoe.sampling import SamplingParams
 from edgemoe.shardset import ShardSet
 from edgemoe.tokenizer import Vocab
@@ -41,6 +41,10 @@ class Model:
     n_ctx: context window in tokens (KV cache size); n_batch: prompt tokens per engine step.
     n_threads: CPU threads (None: the engine's choice); device: ggml backend device name
     (None: the best available).
+    memory_budget: "2GiB" (the whole process) or "50%" (of the experts' bytes); policy: full,
+    swap (the default with a budget), ondemand or static; adaptive_gating: ondemand's threshold
+    T; n_prefetch: ondemand's prefetched experts per layer; stats: keep a telemetry record per
+    engine step (`write_stats`). A budget below the minimum raises BudgetError before loading.
     """
 
     def __init__(
@@ -50,11 +54,21 @@ class Model:
         n_threads: int | None = None,
         device: str | None = None,
         n_batch: int = 512,
+        memory_budget: str | None = None,
+        policy: str | None = None,
+        adaptive_gating: float | None = None,
+        n_prefetch: int = 1,
+        stats: bool = False,
     ) -> None:
+        from edgemoe.runtime import ResidencyConfig, StepLog, open_engine
+
         self.shards_path = Path(shards_path)
         self.name = self.shards_path.resolve().name
-        self.engine = Engine(self.shards_path, n_ctx=n_ctx, n_threads=n_threads, device=device,
-                             n_batch=n_batch)
+        self.residency = ResidencyConfig(memory_budget=memory_budget, policy=policy,
+                                         adaptive_gating=adaptive_gating, n_prefetch=n_prefetch)
+        self.engine, self.slot_plan = open_engine(
+            self.shards_path, self.residency, n_ctx=n_ctx, n_threads=n_threads, device=device,
+            n_batch=n_batch, telemetry=StepLog() if stats else None)
         self.shards: ShardSet = self.engine.shards
         try:
             self.vocab = Vocab(self.shards.base_path)
@@ -133,9 +147,30 @@ class Model:
                 "rss_bytes": psutil.Process().memory_info().rss,
                 "resident_experts": sum(len(pool.resident(l)) for l in pool.layers),
                 "total_experts": len(pool.layers) * pool.n_expert,
-                "hit_rate": self._hits.hit_rate,
+                "hit_rate": self._hit_rate(),
                 "n_past": int(self.engine.n_past),
             }
+
+    def _hit_rate(self) -> float | None:
+        policy = self.engine.policy
+        if policy is None:
+            return self._hits.hit_rate
+        return record(policy.telemetry.counters, 0)["hit_rate"]
+
+    def residency_summary(self) -> str | None:
+        """The residency policy's one-line summary since the model was opened (None when every
+        expert is resident without a policy)."""
+        from edgemoe.runtime import residency_summary
+
+        return residency_summary(self.engine)
+
+    def write_stats(self, path) -> None:
+        """Residency telemetry as JSON: per run, and per engine step when opened with stats."""
+        from edgemoe.runtime import write_stats_json
+
+        if self.engine.policy is None:
+            raise EdgeMoeError("no residency policy: open the model with memory_budget or policy")
+        write_stats_json(self.engine, path)
 
     def reset(self) -> None:
         """Empty the KV cache (the next request evaluates its whole prompt)."""

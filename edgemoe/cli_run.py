@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from edgemoe.errors import EdgeMoeError, ShardSetError
+from edgemoe.runtime import add_residency_args, residency_config
 from edgemoe.sampling import SamplingParams
 
 _DEFAULTS = SamplingParams()
@@ -33,6 +34,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="CPU threads (default: the engine's choice)")
     p.add_argument("--device", default=None,
                    help="ggml backend device, e.g. CPU or Vulkan0 (default: the best available)")
+    add_residency_args(p)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, n_default: int) -> None:
@@ -110,8 +112,20 @@ def resolve_shards(path: str | Path) -> Path:
 def open_model(args: argparse.Namespace):
     from edgemoe.api import Model
 
+    cfg = residency_config(args)
     return Model(resolve_shards(args.shards), n_ctx=args.ctx_size, n_threads=args.threads,
-                 device=args.device, n_batch=args.batch_size)
+                 device=args.device, n_batch=args.batch_size, memory_budget=cfg.memory_budget,
+                 policy=cfg.policy, adaptive_gating=cfg.adaptive_gating,
+                 n_prefetch=cfg.n_prefetch, stats=args.stats_json is not None)
+
+
+def report_residency(model, args: argparse.Namespace) -> None:
+    """After every run: the policy's one-line summary on stderr, and --stats-json."""
+    line = model.residency_summary()
+    if line is not None:
+        print(line, file=sys.stderr)
+    if args.stats_json is not None:
+        model.write_stats(args.stats_json)
 
 
 def register(subparsers) -> None:
@@ -181,6 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not sampling.greedy:
             line += f" | seed {sampling.seed}"
         print(line, file=sys.stderr)
+        report_residency(model, args)
     return 0
 
 
@@ -192,8 +207,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if model.vocab.chat_template is None:
             raise EdgeMoeError(f"{args.shards}: the model has no chat template "
                                "(tokenizer.chat_template); use `edgemoe run` for raw prompts")
-        return ChatSession(model, sampling, max_tokens=args.n_predict, system=args.system,
-                           stop=args.stop).repl(sys.stdin)
+        try:
+            return ChatSession(model, sampling, max_tokens=args.n_predict, system=args.system,
+                               stop=args.stop).repl(sys.stdin)
+        finally:
+            report_residency(model, args)
 
 
 # ----------------------------------------------------------------------------------- info --
