@@ -311,7 +311,7 @@ def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = 
     profile = profile or measure_profile(shards_path, n_threads)
     preds, lines = make_plans(budget, needs, trace, profile, norms=cal.norms,
                               n_prefetch=n_prefetch, sensitivity=cal.sensitivity,
-                              threshold=adaptive_gating)
+                              threshold=adaptive_gating, usage=cal.usage)
     if policy is not None:
         preds = [p for p in preds if p.policy == policy]
     doc = {"budget": str(budget), "n_ctx": n_ctx, "kv_type": kv_type,

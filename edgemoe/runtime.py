@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+import numpy as np
 from gguf import GGUFReader
 
 from edgemoe import arch as arch_registry
@@ -87,8 +88,9 @@ def needs_from_files(shards: ShardSet, n_ctx: int, kv_type: str, compute_bytes: 
                        else runtime_bytes)
 
 
-def read_plan_file(shards_dir: Path, budget: Budget, policy: str) -> dict[int, int] | None:
-    """Slots per layer `edgemoe plan` chose for this budget and policy, if it wrote them."""
+def read_plan_file(shards_dir: Path, budget: Budget, policy: str) -> dict | None:
+    """What `edgemoe plan` chose for this budget and policy, if it wrote it: {"slots":
+    {layer: n}, "swap_interval": tokens or None, ...}."""
     path = shards_dir / PLAN_FILE
     if not path.exists():
         return None
@@ -101,7 +103,7 @@ def read_plan_file(shards_dir: Path, budget: Budget, policy: str) -> dict[int, i
     entry = doc.get("policies", {}).get(policy)
     if not entry:
         return None
-    return {int(l): int(n) for l, n in entry["slots"].items()}
+    return {**entry, "slots": {int(l): int(n) for l, n in entry["slots"].items()}}
 
 
 def choose_slots(shards: ShardSet, cfg: ResidencyConfig, needs: MemoryNeeds) -> SlotPlan:
@@ -116,7 +118,8 @@ def choose_slots(shards: ShardSet, cfg: ResidencyConfig, needs: MemoryNeeds) -> 
                 f"experts; {needs.fixed_bytes + needs.expert_bytes_total} bytes in all) but the "
                 f"budget {budget} leaves {allowance} bytes for experts; use swap or ondemand")
         return make_plan({l: needs.n_expert for l in needs.expert_bytes}, needs)
-    slots = read_plan_file(shards.root, budget, name)
+    planned = read_plan_file(shards.root, budget, name)
+    slots = planned["slots"] if planned else None
     if slots is None and (shards.root / TRACE_FILE).exists():
         from edgemoe.residency.planner import allocate_for
         from edgemoe.residency.traces import RoutingTrace
@@ -186,8 +189,15 @@ def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048
     options: dict = {}
     if telemetry is not None:
         options["telemetry"] = telemetry
-    if name == "swap" and cfg.swap_interval is not None:
-        options["interval"] = cfg.swap_interval
+    if name == "swap":
+        planned = read_plan_file(shards.root, budget, name)
+        interval = cfg.swap_interval or (planned or {}).get("swap_interval")
+        if interval:
+            options["interval"] = int(interval)
+        if cal is not None and cal.usage is not None:
+            # Start from the experts calibration text used most (static's choice); swapping
+            # then follows the text at hand.
+            options["initial"] = {l: np.argsort(-cal.usage[l], kind="stable") for l in plan.slots}
     if name == "ondemand":
         options["n_prefetch"] = cfg.n_prefetch
         if cfg.adaptive_gating is not None:

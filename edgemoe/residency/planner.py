@@ -164,13 +164,16 @@ class SwapReplay:
 
 def simulate_swap(trace: RoutingTrace, slots: Mapping[int, int], k: int,
                   norms: Mapping[int, np.ndarray], interval: int, max_swaps: int,
-                  read_tokens: float, margin: float = 0.0, decay: float = 0.0) -> SwapReplay:
+                  read_tokens: float, margin: float = 0.0, decay: float = 0.0,
+                  usage: Mapping[int, np.ndarray] | None = None) -> SwapReplay:
     """Replay SwapPolicy on the trace: same importance, same plan, same retire-then-read order;
     reads run one after another, each taking read_tokens decode steps, and become routable when
-    complete."""
+    complete. The initial set is the most used experts (usage, as the runtime does when
+    calibration has counts), else the largest norms."""
     layers = [l for l in trace.layers if l in slots]
     tracker = ImportanceTracker({l: norms[l] for l in layers}, k, decay)
-    routable = {l: set(np.argsort(-tracker.norms[l], kind="stable")[: slots[l]].tolist())
+    first = usage if usage is not None else tracker.norms
+    routable = {l: set(np.argsort(-np.asarray(first[l]), kind="stable")[: slots[l]].tolist())
                 for l in layers}
     free = {l: slots[l] - len(routable[l]) for l in layers}
     in_flight: list[tuple[float, int, int]] = []     # (done at step, layer, expert)
@@ -204,7 +207,8 @@ def simulate_swap(trace: RoutingTrace, slots: Mapping[int, int], k: int,
 
 def choose_swap_interval(trace: RoutingTrace, slots: Mapping[int, int], k: int,
                          norms: Mapping[int, np.ndarray], max_swaps: int,
-                         read_tokens: float) -> tuple[int, SwapReplay]:
+                         read_tokens: float,
+                         usage: Mapping[int, np.ndarray] | None = None) -> tuple[int, SwapReplay]:
     """The update interval with the best replayed hit rate among those whose reads keep up
     (max_swaps reads per window must fit in the window's decode time): the shortest such
     interval and its doublings up to a quarter of the trace. Ties go to the longer interval,
@@ -213,7 +217,8 @@ def choose_swap_interval(trace: RoutingTrace, slots: Mapping[int, int], k: int,
     best = None
     interval = shortest
     while True:
-        replay = simulate_swap(trace, slots, k, norms, interval, max_swaps, read_tokens)
+        replay = simulate_swap(trace, slots, k, norms, interval, max_swaps, read_tokens,
+                               usage=usage)
         if best is None or replay.hit_rate >= best[1].hit_rate:
             best = (interval, replay)
         interval *= 2
@@ -223,16 +228,19 @@ def choose_swap_interval(trace: RoutingTrace, slots: Mapping[int, int], k: int,
 
 def predict_swap(trace: RoutingTrace, slots: Mapping[int, int], k: int, profile: Profile,
                  expert_bytes: Mapping[int, int], norms: Mapping[int, np.ndarray],
-                 max_swaps: int | None = None, interval: int | None = None) -> Prediction:
+                 max_swaps: int | None = None, interval: int | None = None,
+                 usage: Mapping[int, np.ndarray] | None = None) -> Prediction:
     max_swaps = len(trace.layers) if max_swaps is None else max_swaps   # SwapPolicy's default
     seconds = (profile.fused_seconds if profile.fused_seconds is not None
                else _compute_seconds(profile, {l: k for l in trace.layers}))
     mean_bytes = float(np.mean(list(expert_bytes.values())))
     read_tokens = profile.read_seconds(int(mean_bytes)) / seconds
     if interval is None:
-        interval, replay = choose_swap_interval(trace, slots, k, norms, max_swaps, read_tokens)
+        interval, replay = choose_swap_interval(trace, slots, k, norms, max_swaps, read_tokens,
+                                                usage)
     else:
-        replay = simulate_swap(trace, slots, k, norms, interval, max_swaps, read_tokens)
+        replay = simulate_swap(trace, slots, k, norms, interval, max_swaps, read_tokens,
+                               usage=usage)
     per_tok = replay.swaps / trace.n_tokens
     return _masked("swap", trace, slots, k, profile, replay.hits, replay.wanted,
                    bytes_read_per_token=per_tok * mean_bytes, swap_interval=interval,
@@ -315,7 +323,8 @@ def predict(policy: str, trace: RoutingTrace, slots: Mapping[int, int], k: int,
 def plan(budget: Budget, needs: MemoryNeeds, trace: RoutingTrace, profile: Profile,
          norms: Mapping[int, np.ndarray] | None = None, n_prefetch: int = 1,
          sensitivity: Mapping[int, float] | None = None,
-         threshold: float | None = None) -> tuple[list[Prediction], list[str]]:
+         threshold: float | None = None,
+         usage: Mapping[int, np.ndarray] | None = None) -> tuple[list[Prediction], list[str]]:
     """`edgemoe plan`: will it fit, how, how fast. Returns the predictions of every policy that
     can run under the budget (each with its own DP allocation) and the report's lines.
     Raises BudgetError (stating the minimum) when nothing can run."""
@@ -342,7 +351,8 @@ def plan(budget: Budget, needs: MemoryNeeds, trace: RoutingTrace, profile: Profi
             continue
         opts = gating if policy == "ondemand" else {}
         slots = allocate_for(policy, trace, k, needs.expert_bytes, allowance, n_prefetch, **opts)
-        extra = dict(n_prefetch=n_prefetch, **opts) if policy == "ondemand" else {}
+        extra = (dict(n_prefetch=n_prefetch, **opts) if policy == "ondemand"
+                 else dict(usage=usage) if policy == "swap" else {})
         preds.append(predict(policy, trace, slots, k, profile, needs.expert_bytes, norms,
                              **extra))
     for p in preds:
