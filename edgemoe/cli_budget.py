@@ -214,7 +214,7 @@ def _isolated_sensitivity(engine, probe: _Probe, tokens, layers, samples, window
 
 
 def measure_profile(shards_path: str | Path, n_threads: int | None = None,
-                    n_decode: int = 16, prompt: list[int] | None = None):
+                    n_decode: int = 32, prompt: list[int] | None = None):
     """A planner Profile measured here: cold expert reads from the shards' device, per-layer
     compute from the split graphs exact routing runs (attention + router, one expert), the rest,
     and the per-token time of masked routing's single graph. Runs with top-k slots per layer
