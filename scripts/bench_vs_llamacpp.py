@@ -7,7 +7,7 @@
 Builds (once, cached in --workdir) a synthetic HF checkpoint with scripts/make_synthetic.py,
 converts it to a shard set (`edgemoe convert`) and exports the same weights as one GGUF
 (`edgemoe export`). Then, with the same thread count, each runner prefills a prompt of --prompt
-tokens (timed as one eval; the two runners one after the other) and both greedy-decode --gen
+tokens (timed as one eval; the runners in turn, five times, median) and both greedy-decode --gen
 tokens in lockstep (one token each in turn, so load from other processes falls on both alike);
 repeated --repeats times, alternating which runner goes first; prints median prefill and decode
 tok/s and the edgemoe / llama.cpp ratios. Both runners produce the next token's logits only after prefill
@@ -119,16 +119,19 @@ class LlamaRunner:
         self.llm.close()
 
 
-def run_pair(runners, prompt, n_gen) -> dict[str, tuple[float, float, list[int]]]:
-    """Prefill both runners (one after the other), then decode them in lockstep, one token each
-    in turn, so that load from other processes falls on both alike."""
-    timing = {}
+def run_pair(runners, prompt, n_gen, n_prefill: int = 5) -> dict[str, tuple[float, float, list[int]]]:
+    """Prefill both runners in turn n_prefill times (median), then decode them in lockstep, one
+    token each in turn, so that load from other processes falls on both alike."""
+    timing = {r.name: [[], 0.0, []] for r in runners}
     logits = {}
+    for _ in range(n_prefill):
+        for r in runners:
+            r.reset()
+            t = time.perf_counter()
+            logits[r.name] = r.prefill(prompt)
+            timing[r.name][0].append(len(prompt) / (time.perf_counter() - t))
     for r in runners:
-        r.reset()
-        t = time.perf_counter()
-        logits[r.name] = r.prefill(prompt)
-        timing[r.name] = [len(prompt) / (time.perf_counter() - t), 0.0, []]
+        timing[r.name][0] = statistics.median(timing[r.name][0])
     for _ in range(n_gen):
         for r in runners:
             token = int(np.argmax(logits[r.name]))
@@ -206,7 +209,7 @@ def main() -> int:
 
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, min(ours.n_vocab, theirs.n_vocab), args.prompt).tolist()
-    run_pair((ours, theirs), prompt, 8)  # warm-up: page weights in, build graphs
+    run_pair((ours, theirs), prompt, 8, 1)  # warm-up: page weights in, build graphs
 
     results = {r.name: {"prefill": [], "decode": []} for r in (ours, theirs)}
     tokens = {}
