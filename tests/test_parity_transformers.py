@@ -4,13 +4,17 @@ Per architecture: F32 shards reproduce transformers' logits over a teacher-force
 sequence within 1e-3 of the logit range; batched prefill equals token-by-token decode; Q8_0
 shards stay within mean KL 0.01 of the F32 reference.
 
-Top-1 agreement of Q8_0 is ~94% here, not the 99% the issue asks: these random models have
-near-uniform routers and logits (median top-1 margin ~2.5% of the logit range), so Q8_0 noise
+Top-1 agreement of Q8_0 is ~94% on these random models, not the 99% the issue asks: their
+routers and logits are near-uniform (median top-1 margin ~2.5% of the logit range), so Q8_0 noise
 flips expert choices and near-tied tokens. llama.cpp on the same Q8_0 weights gives bit-identical
-logits to ours (test_parity_llamacpp.py), so the shortfall is the quantization, not the runtime;
-the test asserts the 0.9 this gives with margin, as a regression guard.
+logits to ours (test_parity_llamacpp.py), so that is the quantization, not the runtime; the
+random-model test asserts 0.9 as a regression guard. On the bundled trained model (confident
+predictions, as a real LM makes) Q8_0 agrees on 99.0% of 4096 teacher-forced tokens of Python
+source with mean KL 0.0002; that test asserts 0.985 so that another CPU's rounding cannot flake it.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,3 +102,35 @@ def test_prefill_split_into_batches_equals_one_batch(reference):
             Engine(shards["F32"], n_ctx=64, kv_type="f32", n_threads=1) as whole:
         a, b = split.eval(seqs[1]), whole.eval(seqs[1])
     assert np.abs(a - b).max() <= 1e-4 * float(b.max() - b.min())
+
+
+BUNDLED = Path(__file__).resolve().parent.parent / "models" / "edgemoe-tiny-shakespy"
+
+
+@pytest.mark.skipif(not (BUNDLED / "config.json").exists(), reason="no bundled model")
+def test_q8_0_on_the_bundled_trained_model(tmp_path):
+    """Teacher-forced over Python standard-library source (fixed text, in the model's domain)."""
+    import argparse
+    import json.decoder
+    import textwrap
+
+    n_seq, n_tok = 32, 128
+    tok = transformers.AutoTokenizer.from_pretrained(BUNDLED)
+    text = "".join(Path(m.__file__).read_text() for m in (json.decoder, textwrap, argparse))
+    seqs = np.array(tok(text)["input_ids"][:n_seq * n_tok]).reshape(n_seq, n_tok)
+    model = transformers.AutoModelForCausalLM.from_pretrained(BUNDLED, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor(seqs)).logits.numpy()
+    converters.convert(BUNDLED, tmp_path / "q8", expert_type="Q8_0", dense_type="Q8_0",
+                       progress=False)
+    with Engine(tmp_path / "q8", n_ctx=n_tok, n_threads=1) as engine:
+        got = []
+        for seq in seqs:
+            engine.reset()
+            got.append(engine.eval(seq))
+    got = np.stack(got)
+    top1 = float((got.argmax(-1) == ref.argmax(-1)).mean())
+    p, q = _softmax(ref.astype(np.float64)), _softmax(got.astype(np.float64))
+    kl = float((p * (np.log(p) - np.log(q))).sum(-1).mean())
+    assert top1 >= 0.985, f"top-1 agreement {top1:.4f}"
+    assert kl < 0.01, f"mean KL {kl:.5f}"
