@@ -99,7 +99,7 @@ class Engine:
         try:
             self.backend = self._own(ggml.Backend(device, n_threads))
             self.weights = self._own(BaseWeights(self.base_path, reader, self.spec, hp, self.backend))
-            del reader
+            del reader, arch_field  # its parts are views of the mapped file: unmap it now
             _drop_page_cache(self.base_path)
             self.pool = self._own(ExpertPool(self.shards, self.backend, n_slots))
             if load_experts:
