@@ -12,7 +12,9 @@ import converters
 from tiny_models import ARCHS, CONVERTER_ONLY_ARCHS, cached_checkpoint, load_reference
 
 torch = pytest.importorskip("torch")
-llama_cpp = pytest.importorskip("llama_cpp")
+pytest.importorskip("llama_cpp")
+
+from llamacpp_ref import open_llama  # noqa: E402
 
 PROMPT = [int(t) for t in np.random.default_rng(7).integers(3, 300, size=16)]
 N_NEW = 32
@@ -35,8 +37,7 @@ def transformers_run(model, prompt: list[int], n_new: int) -> tuple[np.ndarray, 
 
 
 def llamacpp_run(gguf_path, prompt: list[int], n_new: int) -> tuple[np.ndarray, list[int]]:
-    llm = llama_cpp.Llama(str(gguf_path), logits_all=True, n_ctx=64, n_batch=64, n_threads=2,
-                          verbose=False)
+    llm = open_llama(gguf_path, logits_all=True, n_ctx=64, n_batch=64, n_threads=2)
     llm.eval(prompt)
     logits = np.array(llm.scores[:len(prompt)])
     out = []
@@ -66,20 +67,9 @@ def test_exported_gguf_matches_transformers(tiny_root, tmp_path, arch):
     assert got_tokens == ref_tokens
 
 
-def test_exported_quantized_gguf_loads_and_tracks_reference(tiny_root, tmp_path, monkeypatch):
+def test_exported_quantized_gguf_loads_and_tracks_reference(tiny_root, tmp_path):
     # Q8_0 experts and dense weights: llama.cpp must load the fused quantized tensors; the
     # logits move by quantization noise only.
-    # On this CPU (AMX_INT8, AVX512) llama.cpp 0.3.36 segfaults in decode when its extra weight
-    # buffer types (repack / AMX) hold Q8_0 or Q4_0 matrices of these tiny shapes; a GGUF that
-    # llama.cpp's own llama_model_quantize writes crashes the same way, so we load without them.
-    default_params = llama_cpp.llama_cpp.llama_model_default_params
-
-    def without_extra_bufts():
-        params = default_params()
-        params.use_extra_bufts = False
-        return params
-
-    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", without_extra_bufts)
     ckpt = cached_checkpoint(tiny_root, "qwen2_moe", tokenizer="bpe")
     shards = tmp_path / "shards"
     converters.convert(ckpt, shards, expert_type="Q8_0", dense_type="Q8_0", progress=False)

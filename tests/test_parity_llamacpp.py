@@ -14,10 +14,10 @@ import pytest
 
 from tiny_models import ARCHS, make_tiny_checkpoint
 
-llama_cpp = pytest.importorskip("llama_cpp")
+pytest.importorskip("llama_cpp")
 pytest.importorskip("transformers")
 
-import llama_cpp.llama_cpp as llama_capi  # noqa: E402
+from llamacpp_ref import open_llama  # noqa: E402
 
 import converters  # noqa: E402
 from edgemoe.engine import Engine  # noqa: E402
@@ -27,18 +27,8 @@ PROMPT = [3, 17, 42, 99, 7, 250, 31, 8]
 
 
 def _llama(path, n_ctx: int):
-    """llama-cpp-python's Llama on `path`, built with use_extra_bufts off."""
-    default = llama_capi.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(llama_capi, "llama_model_default_params", params)
-        return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=1,
-                               logits_all=True, flash_attn=True, verbose=False)
+    return open_llama(path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, logits_all=True,
+                      flash_attn=True)
 
 
 def _greedy_llamacpp(path) -> tuple[list[int], np.ndarray]:
