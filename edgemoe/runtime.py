@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 from gguf import GGUFReader
 
@@ -217,20 +218,6 @@ def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048
     engine.slot_plan = plan
     engine.memory_needs = needs
     return engine, plan
-
-
-def describe(plan: SlotPlan, policy: str, budget: Budget, needs: MemoryNeeds) -> str:
-    """One line on what was chosen: policy, budget, slots per layer, bytes."""
-    from edgemoe.residency.budget import format_bytes
-
-    slots = sorted(plan.slots.items())
-    counts = sorted({n for _, n in slots})
-    shown = (f"{counts[0]} per layer" if len(counts) == 1
-             else " ".join(str(n) for _, n in slots) + " per layer")
-    return (f"residency: policy {policy}, budget {budget}, {shown} of {needs.n_expert} expert "
-            f"slots ({format_bytes(plan.slot_bytes)} of {format_bytes(needs.expert_bytes_total)}"
-            f" experts), {format_bytes(plan.total_bytes)} planned in all")
-
 
 
 class StepLog(Telemetry):
