@@ -10,6 +10,7 @@ import time
 import pytest
 
 import converters
+from converters.writer import JOURNAL_FILE
 from edgemoe.cli import main
 from edgemoe.errors import ConvertError, ShardSetError
 from edgemoe.shardset import MANIFEST_FILE, ShardSet
@@ -65,7 +66,14 @@ def test_kill_then_resume_equals_uninterrupted(big_ckpt, tmp_path):
 
     rerun = subprocess.run(convert_cmd(big_ckpt, out), capture_output=True, text=True)
     assert rerun.returncode == 1 and "exists and is not empty" in rerun.stderr
-    before = {p.name: p.stat().st_mtime_ns for p in experts.glob("*.gguf")}
+    # Finished means journaled: a kill between a shard's rename and its journal line leaves a
+    # complete file (checked above) that --resume may write again, identically.
+    journaled = {json.loads(line)["rel"]
+                 for line in (out / JOURNAL_FILE).read_text().splitlines()[1:]
+                 if line.endswith("}")}
+    before = {p.name: p.stat().st_mtime_ns for p in experts.glob("*.gguf")
+              if f"experts/{p.name}" in journaled}
+    assert before, "no shard was journaled before the kill"
     resumed = subprocess.run(convert_cmd(big_ckpt, out, "--resume"), capture_output=True,
                              text=True)
     assert resumed.returncode == 0, resumed.stderr
