@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from tiny_models import make_tiny_checkpoint
+from tiny_models import make_tiny_shards
 
 pytest.importorskip("transformers")
 
-import converters  # noqa: E402
 from edgemoe import cli  # noqa: E402
 from edgemoe.errors import BudgetError, EdgeMoeError  # noqa: E402
 from edgemoe.residency.calibration import Calibration  # noqa: E402
@@ -25,10 +24,7 @@ from edgemoe.runtime import (PLAN_FILE, TRACE_FILE, ResidencyConfig, StepLog,  #
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("budget_cli")
-    ckpt = make_tiny_checkpoint("qwen3_moe", root / "hf", seed=7, num_experts=8)
-    out = root / "set"
-    converters.convert(ckpt, out, expert_type="F32", dense_type="F32", progress=False)
-    return out
+    return make_tiny_shards("qwen3_moe", root, seed=7, num_experts=8)
 
 
 def test_a_budget_without_policy_chooses_swap(shards):

@@ -6,11 +6,10 @@ import json
 
 import pytest
 
-from tiny_models import make_tiny_checkpoint
+from tiny_models import make_tiny_shards
 
 pytest.importorskip("transformers")
 
-import converters  # noqa: E402
 from edgemoe import cli  # noqa: E402
 from edgemoe.api import Model  # noqa: E402
 from edgemoe.errors import BudgetError  # noqa: E402
@@ -19,10 +18,7 @@ from edgemoe.errors import BudgetError  # noqa: E402
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("budget_run")
-    ckpt = make_tiny_checkpoint("qwen3_moe", root / "hf", seed=11, num_experts=8)
-    out = root / "set"
-    converters.convert(ckpt, out, expert_type="F32", dense_type="F32", progress=False)
-    return out
+    return make_tiny_shards("qwen3_moe", root, seed=11, num_experts=8)
 
 
 def test_run_prints_the_residency_summary_and_writes_stats(shards, tmp_path, capsys):

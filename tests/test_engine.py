@@ -9,11 +9,10 @@ import threading
 import numpy as np
 import pytest
 
-from tiny_models import make_tiny_checkpoint
+from tiny_models import make_tiny_shards
 
 pytest.importorskip("transformers")
 
-import converters  # noqa: E402
 from edgemoe import arch as arch_registry  # noqa: E402
 from edgemoe.engine import Engine  # noqa: E402
 from edgemoe.errors import (ContextOverflow, EdgeMoeError, ShardSetError,  # noqa: E402
@@ -25,11 +24,7 @@ TOKENS = [5, 9, 33, 2, 100, 7, 8, 61, 12, 90, 4, 77]
 @pytest.fixture(scope="module")
 def shard_sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
-    out = {}
-    for arch in ("qwen3_moe", "olmoe"):
-        ckpt = make_tiny_checkpoint(arch, root / f"{arch}_hf", seed=3)
-        out[arch] = root / arch
-        converters.convert(ckpt, out[arch], expert_type="F32", dense_type="F32", progress=False)
+    out = {arch: make_tiny_shards(arch, root, seed=3) for arch in ("qwen3_moe", "olmoe")}
     out["hf_qwen3_moe"] = root / "qwen3_moe_hf"
     return out
 

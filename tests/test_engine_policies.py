@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tiny_models import make_tiny_checkpoint
+from tiny_models import make_tiny_shards
 
 pytest.importorskip("transformers")
 
-import converters  # noqa: E402
 from edgemoe.engine import Engine  # noqa: E402
 from edgemoe.errors import EdgeMoeError  # noqa: E402
 from edgemoe.residency.policies import OnDemandPolicy, SwapPolicy  # noqa: E402
@@ -21,12 +20,7 @@ N_GEN = 24
 @pytest.fixture(scope="module")
 def shard_sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("policies")
-    out = {}
-    for arch in ("qwen3_moe", "qwen2_moe"):
-        ckpt = make_tiny_checkpoint(arch, root / f"{arch}_hf", seed=4)
-        out[arch] = root / arch
-        converters.convert(ckpt, out[arch], expert_type="Q8_0", dense_type="Q8_0", progress=False)
-    return out
+    return {arch: make_tiny_shards(arch, root, "Q8_0", seed=4) for arch in ("qwen3_moe", "qwen2_moe")}
 
 
 def _greedy(engine: Engine, n: int = N_GEN) -> list[int]:

@@ -99,6 +99,18 @@ def make_tiny_checkpoint(arch: str, out: str | Path, seed: int = 0, dtype: str =
     return out
 
 
+def make_tiny_shards(arch: str, root: str | Path, qtype: str = "F32", seed: int = 0,
+                     **config_overrides) -> Path:
+    """A tiny random `arch` checkpoint (root/{arch}_hf) converted with every matrix in `qtype`
+    into the shard set root/{arch}, which is returned."""
+    import converters
+
+    root = Path(root)
+    ckpt = make_tiny_checkpoint(arch, root / f"{arch}_hf", seed=seed, **config_overrides)
+    converters.convert(ckpt, root / arch, expert_type=qtype, dense_type=qtype, progress=False)
+    return root / arch
+
+
 def load_reference(checkpoint: str | Path):
     """The float32 transformers model of a checkpoint, for parity tests."""
     import torch
