@@ -67,7 +67,7 @@ class ResidencyConfig:
         return parse_budget(self.memory_budget if self.memory_budget is not None else "100%")
 
 
-def needs_from_files(shards: ShardSet, n_ctx: int, kv_type: str, compute_bytes: int = 0,
+def needs_from_files(shards: ShardSet, n_ctx: int, kv_type: str, compute_bytes: int | None = None,
                      runtime_bytes: int | None = None) -> MemoryNeeds:
     """MemoryNeeds from the shard set's headers alone (nothing loaded). The read in flight is
     the larger of the pool's (host buffer + page cache of one expert) and the base file's

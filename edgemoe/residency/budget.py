@@ -79,7 +79,9 @@ class MemoryNeeds:
     """What the process holds besides expert slots, and what one expert costs in each layer."""
     base_bytes: int                  # base.gguf tensors kept resident (embeddings, attention, routers)
     kv_bytes: int                    # KV cache at the chosen context size
-    compute_bytes: int               # ggml compute buffers (graph allocator's reservation)
+    # ggml compute buffers (graph allocator's reservation); None: not measured yet (they are
+    # known only once an engine has built its graphs, so a refusal before loading is a lower bound)
+    compute_bytes: int | None
     expert_bytes: Mapping[int, int]  # layer -> bytes of one expert slot (gate + up + down)
     n_expert: int
     n_expert_used: int               # top-k: every expert layer needs at least k slots
@@ -99,7 +101,7 @@ class MemoryNeeds:
 
     @property
     def fixed_bytes(self) -> int:
-        return (self.runtime_bytes + self.base_bytes + self.kv_bytes + self.compute_bytes
+        return (self.runtime_bytes + self.base_bytes + self.kv_bytes + (self.compute_bytes or 0)
                 + self.io_bytes)
 
     @property
@@ -146,13 +148,20 @@ def expert_allowance(budget: Budget, needs: MemoryNeeds) -> int:
     if budget.bytes < needs.minimum_bytes:
         raise BudgetError(
             f"memory budget {format_bytes(budget.bytes)} ({budget.bytes} bytes) is below the minimum "
-            f"of {format_bytes(needs.minimum_bytes)} ({needs.minimum_bytes} bytes): runtime "
+            f"of {'at least ' if needs.compute_bytes is None else ''}"
+            f"{format_bytes(needs.minimum_bytes)} ({needs.minimum_bytes} bytes): runtime "
             f"{format_bytes(needs.runtime_bytes)} + base "
-            f"{format_bytes(needs.base_bytes)} + KV {format_bytes(needs.kv_bytes)} + compute "
-            f"{format_bytes(needs.compute_bytes)} + reads {format_bytes(needs.io_bytes)} + "
+            f"{format_bytes(needs.base_bytes)} + KV {format_bytes(needs.kv_bytes)} + "
+            f"{compute_text(needs)} + reads {format_bytes(needs.io_bytes)} + "
             f"{needs.n_expert_used} expert slots per layer "
             f"{format_bytes(needs.n_expert_used * sum(needs.expert_bytes.values()))}")
     return budget.bytes - needs.fixed_bytes
+
+
+def compute_text(needs: MemoryNeeds) -> str:
+    if needs.compute_bytes is None:
+        return "compute buffers (not measured before loading)"
+    return f"compute {format_bytes(needs.compute_bytes)}"
 
 
 def uniform_slots(budget: Budget, needs: MemoryNeeds) -> SlotPlan:

@@ -31,7 +31,8 @@ from typing import Mapping
 import numpy as np
 
 from edgemoe.residency.allocation import allocate_slots, loads_table
-from edgemoe.residency.budget import Budget, MemoryNeeds, expert_allowance, format_bytes
+from edgemoe.residency.budget import (Budget, MemoryNeeds, compute_text, expert_allowance,
+                                     format_bytes)
 from edgemoe.residency.cache import simulate_layer
 from edgemoe.residency.importance import ImportanceTracker, plan_swaps
 from edgemoe.residency.traces import RoutingTrace
@@ -336,7 +337,7 @@ def plan(budget: Budget, needs: MemoryNeeds, trace: RoutingTrace, profile: Profi
              f"({allowance / needs.expert_bytes_total * 100:.0f}%); fixed "
              f"{format_bytes(needs.fixed_bytes)} (runtime {format_bytes(needs.runtime_bytes)}, "
              f"base {format_bytes(needs.base_bytes)}, KV "
-             f"{format_bytes(needs.kv_bytes)}, compute {format_bytes(needs.compute_bytes)}, "
+             f"{format_bytes(needs.kv_bytes)}, {compute_text(needs)}, "
              f"reads {format_bytes(needs.io_bytes)})"]
     preds = []
     if fits_all:
