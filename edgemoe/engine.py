@@ -118,7 +118,7 @@ class Engine:
                 for il in range(hp.n_layer):
                     self.sched.reserve(self._graph(("attention", il, n, n_kv)).graph)
                     if il in hp.expert_layers:
-                        self.sched.reserve(self._graph(("experts", il, n, True)).graph)
+                        self.sched.reserve(self._graph(("experts", il, n, True, hp.n_expert_used)).graph)
                 self.sched.reserve(self._graph(("output", n, True)).graph)
             else:
                 self.sched.reserve(self._graph(("forward", n, n_kv, True)).graph)
@@ -190,7 +190,7 @@ class Engine:
             elif kind == "attention":
                 g = b.build_attention(key[1], key[2], key[3])
             elif kind == "experts":
-                g = b.build_experts(key[1], key[2], key[3])
+                g = b.build_experts(*key[1:])
             else:
                 g = b.build_output(key[1], key[2])
             self._graphs[key] = g
@@ -296,17 +296,24 @@ class Engine:
             self.selected[il] = ids
             for i, group in enumerate(groups):
                 slots = self._ensure(il, group)
+                if i == 0 and self.policy is not None and next_logits is not None:
+                    # Issued once this layer's loads are done (they must not queue behind it),
+                    # so the read overlaps this layer's experts and the next layer's attention.
+                    following = [l for l in self._builder.moe_layers if l > il][0]
+                    self.policy.prefetch(following, next_logits)
                 in_group = np.isin(ids, group)
                 slot_ids = np.zeros_like(ids)
                 for e, slot in slots.items():
                     slot_ids[ids == e] = slot
-                # Choices outside this group (or dropped: id -1) weigh 0 on an arbitrary slot.
+                # Choices outside this group (or dropped: id -1) weigh 0 on an arbitrary slot;
+                # one token's are left out of the graph instead (adaptive gating computes less).
                 w = np.where(in_group, weights, 0.0).astype(np.float32)
-                self._run(self._graph(("experts", il, n, i == 0)),
-                          {"ids": slot_ids, "weights": w.reshape(n, k, 1)})
-            if self.policy is not None and next_logits is not None:
-                following = [l for l in self._builder.moe_layers if l > il][0]
-                self.policy.prefetch(following, next_logits)
+                used = k
+                if n == 1 and 0 < in_group.sum() < k:
+                    slot_ids, w = slot_ids[in_group][None, :], w[in_group][None, :]
+                    used = slot_ids.shape[1]
+                self._run(self._graph(("experts", il, n, i == 0, used)),
+                          {"ids": slot_ids, "weights": w.reshape(n, used, 1)})
         g = self._graph(("output", n, all_logits))
         self._run(g, {})
         ggml.tensor_get(g.outputs["logits"], out)

@@ -288,3 +288,35 @@ def test_swap_follows_a_topic_change_on_the_bundled_model(tmp_path):
         if name == "swap":
             assert after_a != after_b
     assert hit["swap"] > hit["static"] + 0.1, hit
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe"])
+def test_dropped_experts_are_left_out_of_the_graph_exactly(shard_sets, arch):
+    """A decode step whose gating dropped experts runs a graph of fewer experts per token; its
+    logits equal those of the full-width graph with the dropped choices weighted 0 (qwen2_moe
+    also has a shared expert)."""
+    from edgemoe.residency.policies import OnDemandPolicy
+
+    def dropping(by_weight: bool):
+        class Drop(OnDemandPolicy):
+            def gate(self, layer, ids, weights, decode):
+                ids, weights = np.array(ids), np.array(weights)
+                if decode and layer % 2 == 0:     # drop the last-ranked choice
+                    if by_weight:
+                        weights[:, -1] = 0.0
+                    else:
+                        ids[:, -1] = -1
+                return ids, weights
+        return Drop
+
+    runs = []
+    for by_weight in (True, False):
+        engine = Engine(shard_sets[arch], n_ctx=128, n_threads=1, routing="exact", n_slots=8)
+        with engine:
+            engine.set_policy(dropping(by_weight)(engine.pool, {l: 8 for l in engine.pool.layers},
+                                                  8, 2, n_prefetch=0))
+            rows = [engine.eval(PROMPT, all_logits=False)[-1]]
+            for _ in range(16):
+                rows.append(engine.eval([int(np.argmax(rows[-1]))])[-1])
+        runs.append(np.stack(rows))
+    assert np.abs(runs[0] - runs[1]).max() <= 1e-6 * float(np.ptp(runs[0]))

@@ -385,16 +385,18 @@ class GraphBuilder:
             outputs["store_x"] = self._store(o, o.add(self._dense_ffn(o, h, il), x), st.x, n_tokens)
         return self._finish(ctx, o, gf, n_tokens, n_kv, 0, inputs, outputs)
 
-    def build_experts(self, il: int, n_tokens: int, shared: bool = True) -> Graph:
+    def build_experts(self, il: int, n_tokens: int, shared: bool = True,
+                      k: int | None = None) -> Graph:
         """The experts of MoE layer il on the slots the host chose, added to the residual in
-        state. A selection run in several groups adds the shared expert with the first only."""
-        st, k = self.state, self.hp.n_expert_used
+        state. A selection run in several groups adds the shared expert with the first only.
+        k: experts per token (default the model's; fewer when adaptive gating dropped some)."""
+        st, k = self.state, k or self.hp.n_expert_used
         ctx, o, gf = self._begin(64)
         inputs = {"ids": o.input(GGMLType.I32, (k, n_tokens), "inp_ids"),
                   "weights": o.input(GGMLType.F32, (1, k, n_tokens), "inp_weights")}
         x = self._state_view(o, st.x, n_tokens)
         h = self._state_view(o, st.h, n_tokens)
-        ffn = self._experts(o, h, il, inputs["ids"], inputs["weights"], n_tokens, shared)
+        ffn = self._experts(o, h, il, inputs["ids"], inputs["weights"], n_tokens, shared, k)
         outputs = {"store_x": self._store(o, o.add(ffn, x), st.x, n_tokens)}
         return self._finish(ctx, o, gf, n_tokens, 0, 0, inputs, outputs)
 
@@ -515,9 +517,11 @@ class GraphBuilder:
         return selected, weights
 
     def _experts(self, o: ggml.Ops, h: int, il: int, ids: int, weights: int, n_tokens: int,
-                 shared: bool = True) -> int:
-        """Weighted sum of the experts in slots `ids` (+ the shared expert): (n_embd, n_tokens)."""
-        hp, w, M, k = self.hp, self.w, MODEL_TENSOR, self.hp.n_expert_used
+                 shared: bool = True, k: int | None = None) -> int:
+        """Weighted sum of the k experts per token in slots `ids` (+ the shared expert):
+        (n_embd, n_tokens)."""
+        hp, w, M = self.hp, self.w, MODEL_TENSOR
+        k = k or hp.n_expert_used
         slots = self.slots.tensors(il)  # ffn_gate/ffn_up: (n_embd, n_ff_exp, n_slots)
         x3 = o.reshape_3d(h, hp.n_embd, 1, n_tokens)
         gate = o.mul_mat_id(slots["ffn_gate"], x3, ids)  # (n_ff_exp, k, n_tokens)

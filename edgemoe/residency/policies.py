@@ -303,6 +303,9 @@ class OnDemandPolicy(Policy):
         self._cache = {l: LayerCache(self.slots[l]) for l in self.layers}
         self._pending = {l: {} for l in self.layers}       # expert -> Future of a prefetch read
         self._prefetched = {l: set() for l in self.layers}  # loaded by prefetch, not yet used
+        # The experts the layer's last ensure() handed out: a prefetch still reading when the
+        # layer runs must not take their slots.
+        self._in_use = {l: frozenset() for l in self.layers}
 
     def slot_of(self, layer: int) -> np.ndarray:
         out = np.full(self.n_expert, -1, dtype=np.int32)
@@ -330,7 +333,7 @@ class OnDemandPolicy(Policy):
     def _load(self, layer: int, expert: int, protect: frozenset, demand: bool) -> None:
         cache = self._cache[layer]
         with self._lock:
-            got = cache.reserve(expert, protect)
+            got = cache.reserve(expert, protect | self._in_use[layer])
             if got is None:   # only a prefetch can find every slot protected: skip it
                 self._pending[layer].pop(expert, None)
                 return
@@ -377,15 +380,20 @@ class OnDemandPolicy(Policy):
         with self._lock:
             pending = list(self._pending[layer].items())
         for e, fut in pending:
-            # A prefetch that has not started and is not needed would only cost bandwidth.
-            if e not in need and fut.cancel():
-                with self._lock:
-                    self._pending[layer].pop(e, None)
+            if e not in need:
+                # Not needed: a prefetch that has not started would only cost bandwidth; one
+                # already reading is not waited for. Its slot was taken from the cache before
+                # the lookup below or, if later, never from `need` (_in_use), so the layer runs
+                # beside the read, which commits when done.
+                if fut.cancel():
+                    with self._lock:
+                        self._pending[layer].pop(e, None)
                 continue
             waited = True
             fut.result()
         cache = self._cache[layer]
         with self._lock:
+            self._in_use[layer] = frozenset(need)
             used = sum(e in self._prefetched[layer] for e in need)
             self._prefetched[layer].difference_update(need)
             hits = [e for e in need if e in cache]
