@@ -84,13 +84,11 @@ def simulate_layer(wanted: Sequence[np.ndarray], n_slots: int,
     cache = LayerCache(n_slots)
     hits = misses = issued = used = n_wanted = 0
     prefetched: set[int] = set()
-    need: list[int] = []
     for t, row in enumerate(wanted):
         if predicted is not None:
             guess = [int(e) for e in predicted[t]]
             for e in prefetch_candidates(cache, guess, n_prefetch):
-                # The policy also spares the experts the layer last ran (they may be running).
-                got = cache.reserve(e, protect=guess + need)
+                got = cache.reserve(e, protect=guess)
                 if got is None:
                     break
                 cache.commit(e, got[0])

@@ -303,8 +303,9 @@ class OnDemandPolicy(Policy):
         self._cache = {l: LayerCache(self.slots[l]) for l in self.layers}
         self._pending = {l: {} for l in self.layers}       # expert -> Future of a prefetch read
         self._prefetched = {l: set() for l in self.layers}  # loaded by prefetch, not yet used
-        # The experts the layer's last ensure() handed out: a prefetch still reading when the
-        # layer runs must not take their slots.
+        # The experts ensure() handed out for the layer's current step: a prefetch that starts
+        # reading while the layer runs must not take their slots. Cleared by the layer's next
+        # prefetch (the engine issues it from an earlier layer, once this one has run).
         self._in_use = {l: frozenset() for l in self.layers}
 
     def slot_of(self, layer: int) -> np.ndarray:
@@ -363,6 +364,7 @@ class OnDemandPolicy(Policy):
         ids, _ = topk(logits, self.k)                             # (n_tokens, k)
         guess = list(dict.fromkeys(ids.T.ravel().tolist()))       # best rank of every token first
         with self._lock:
+            self._in_use[layer] = frozenset()
             chosen = [e for e in prefetch_candidates(self._cache[layer], guess, self.n_prefetch)
                       if e not in self._pending[layer]]
             for e in chosen:
