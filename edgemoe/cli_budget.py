@@ -26,7 +26,7 @@ import numpy as np
 from edgemoe.errors import EdgeMoeError
 from edgemoe.residency import calibration as calib
 from edgemoe.residency.budget import expert_allowance, parse_budget
-from edgemoe.residency.routing import softmax, topk
+from edgemoe.residency.routing import topk
 from edgemoe.residency.sensitivity import fit_sensitivity
 from edgemoe.residency.traces import RoutingTrace
 from edgemoe.runtime import PLAN_FILE, POLICIES, TRACE_FILE, ResidencyConfig, open_engine
@@ -214,7 +214,7 @@ def _isolated_sensitivity(engine, probe: _Probe, tokens, layers, samples, window
 
 
 def measure_profile(shards_path: str | Path, n_threads: int | None = None,
-                    n_decode: int = 32, prompt: list[int] | None = None):
+                    n_decode: int = 64, prompt: list[int] | None = None):
     """A planner Profile measured here: cold expert reads from the shards' device, per-layer
     compute from the split graphs exact routing runs (attention + router, one expert), the rest,
     and the per-token time of masked routing's single graph. Runs with top-k slots per layer
@@ -223,7 +223,7 @@ def measure_profile(shards_path: str | Path, n_threads: int | None = None,
     from edgemoe.shardset import ShardSet
 
     shards = ShardSet.open(shards_path)
-    bandwidth, latency = measure_reads(shards)
+    bandwidth, latency, sustained = measure_reads(shards)
     k, n_expert = shards.n_expert_used, shards.n_expert
     fraction = f"{min(100.0, 100.0 * (k + 0.5) / n_expert):.6f}%"
     prompt = prompt or list(range(1, 9))
@@ -277,7 +277,7 @@ def measure_profile(shards_path: str | Path, n_threads: int | None = None,
     return Profile(read_bytes_per_s=bandwidth, read_latency_s=latency,
                    layer_seconds={l: float(np.median(v)) for l, v in attn.items()},
                    expert_seconds=expert_seconds, other_seconds=other_seconds,
-                   fused_seconds=fused)
+                   fused_seconds=fused, sustained_bytes_per_s=sustained)
 
 
 def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = None,
@@ -317,6 +317,7 @@ def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = 
     doc = {"budget": str(budget), "n_ctx": n_ctx, "kv_type": kv_type,
            "profile": {"read_bytes_per_s": profile.read_bytes_per_s,
                        "read_latency_s": profile.read_latency_s,
+                       "sustained_bytes_per_s": profile.sustained_bytes_per_s,
                        "fused_seconds": profile.fused_seconds,
                        "other_seconds": profile.other_seconds},
            "policies": {p.policy: {"slots": {str(l): int(n) for l, n in p.slots.items()},
@@ -325,7 +326,9 @@ def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = 
                                    "swap_interval": p.swap_interval,
                                    "prefetch_accuracy": p.prefetch_accuracy}
                         for p in preds}}
-    lines.insert(1, f"storage: {profile.read_bytes_per_s / 1e6:.0f} MB/s, "
+    sustained = (f" ({profile.sustained_bytes_per_s / 1e6:.0f} MB/s sustained)"
+                 if profile.sustained_bytes_per_s else "")
+    lines.insert(1, f"storage: {profile.read_bytes_per_s / 1e6:.0f} MB/s{sustained}, "
                     f"{profile.read_latency_s * 1e3:.2f} ms per read; compute "
                     f"{profile.fused_seconds * 1e3:.1f} ms/token in one graph (masked routing)")
     if write:

@@ -16,7 +16,13 @@ is the absolute budget, with the disk's read bandwidth throttled:
 besides experts (measured in a child: interpreter and libraries, base weights, KV cache, compute
 buffers, the read in flight) plus that fraction of the experts' bytes. That byte figure is both
 the `--memory-budget` given to edgemoe and the cgroup limit.
-Each child prefills a short prompt, then greedy-decodes -n tokens; the figures are decode tok/s,
+Each child prefills the first 12 tokens of a text, then decodes -n more one token per step,
+fed from the same text (teacher-forced; after the text, greedy). The default text, BENCH_TEXT, is
+held out from `edgemoe calibrate`'s built-in one: the planner predicts from routing on the
+calibration text, and a run on other text of the same kind is what it must predict. (Greedy
+continuations of a synthetic random model fall into repeating one token, whose routing never
+changes: every cache hits, which flatters the caching policies and is no workload.)
+The figures are decode tok/s,
 the residency telemetry (hit rate, bytes read per token, stalls, swaps), the cgroup's peak usage
 and OOM kills, and bytes the cgroup read from the disk. `edgemoe plan`'s prediction for the same
 budget, measured under the same profile, is printed next to each measured figure.
@@ -38,7 +44,49 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-PROMPT = [17, 243, 1024, 8, 77, 3001, 12, 640, 95, 4000, 31, 7]
+N_PROMPT = 12
+
+# Held out from DEFAULT_TEXT in edgemoe/cli_budget.py (the calibration text): the same mix of
+# narrative, instructions, code and exposition on other subjects.
+BENCH_TEXT = """\
+The night train left the valley an hour late. Snow had closed the pass the day before, and the
+conductor walked the length of the carriages with a lantern, checking that every stove was lit.
+In the last compartment two students argued about a chess game while a farmer slept on his coat.
+
+To repair a bicycle puncture, remove the wheel and lever the tyre off the rim. Pull out the inner
+tube, pump a little air into it and listen for the hiss, or pass it through a bowl of water and
+watch for bubbles. Roughen the area around the hole, spread a thin layer of glue, wait until it is
+tacky, and press the patch firmly into place before refitting the tube and the tyre.
+
+def word_counts(lines):
+    counts = {}
+    for line in lines:
+        for word in line.lower().split():
+            counts[word] = counts.get(word, 0) + 1
+    return sorted(counts.items(), key=lambda kv: -kv[1])
+
+print(word_counts(["the cat sat", "the dog ran"])[:3])
+
+The library board reviewed the opening hours at its autumn meeting. Visitor numbers on weekday
+evenings had doubled since the reading room was renovated, while Saturday mornings were quieter
+than before. The board voted to open two evenings a week until nine and to trial a children's
+story hour on Sunday afternoons.
+
+Water boils at a lower temperature on a mountain because the air pressure there is lower. A liquid
+boils when its vapour pressure equals the pressure of the air around it, so with less air pushing
+down, fewer degrees of heat are needed. This is why pasta takes longer to cook at altitude and why
+pressure cookers, which raise the pressure, cook food faster.
+"""
+
+
+def bench_tokens(shards: str, text: str, need: int) -> list[int]:
+    """The text's token ids (the shard set's own vocabulary); at least N_PROMPT + 1 of them."""
+    from edgemoe.cli_budget import calibration_tokens
+
+    tokens = calibration_tokens(Path(shards), text, need)
+    if len(tokens) <= N_PROMPT:
+        raise SystemExit(f"the benchmark text has {len(tokens)} tokens; need more than {N_PROMPT}")
+    return tokens
 
 
 # -- children --------------------------------------------------------------------------------
@@ -59,10 +107,10 @@ def child_needs(args) -> dict:
 
     shards = ShardSet.open(args.shards)
     needs = needs_from_files(shards, args.n_ctx, "f16")
-    with Engine(args.shards, n_ctx=args.n_ctx, n_batch=len(PROMPT), n_threads=args.threads,
+    with Engine(args.shards, n_ctx=args.n_ctx, n_batch=N_PROMPT, n_threads=args.threads,
                 routing="exact", n_slots=shards.n_expert_used, load_experts=False) as probe:
         compute = probe.memory()["compute"]
-    with Engine(args.shards, n_ctx=args.n_ctx, n_batch=len(PROMPT), n_threads=args.threads,
+    with Engine(args.shards, n_ctx=args.n_ctx, n_batch=N_PROMPT, n_threads=args.threads,
                 routing="masked", n_slots=shards.n_expert_used, load_experts=False) as probe:
         compute = max(compute, probe.memory()["compute"])
     return {"runtime": needs.runtime_bytes, "fixed_without_compute": needs.fixed_bytes,
@@ -70,13 +118,16 @@ def child_needs(args) -> dict:
             "minimum": needs.minimum_bytes + compute}
 
 
-def _decode(eval_one, prefill, n) -> tuple[float, list[int]]:
-    logits = prefill(PROMPT)
+def _decode(eval_one, prefill, text: list[int], n) -> tuple[float, list[int]]:
+    """Prefill text[:N_PROMPT], then n steps of one token each: the text's next token while it
+    lasts, then the argmax. Returns (decode tok/s, the greedy prediction at every step)."""
+    logits = prefill(text[:N_PROMPT])
     out = []
     t0 = time.perf_counter()
-    for _ in range(n):
+    for i in range(n):
         out.append(int(np.argmax(logits)))
-        logits = eval_one(out[-1])
+        j = N_PROMPT + i
+        logits = eval_one(text[j] if j < len(text) else out[-1])
     return n / (time.perf_counter() - t0), out
 
 
@@ -85,8 +136,8 @@ def child_run(args) -> dict:
     if spec["runner"] == "llama.cpp":
         from bench_vs_llamacpp import LlamaRunner
 
-        runner = LlamaRunner(Path(args.gguf), args.n_ctx, args.threads, len(PROMPT), False)
-        tok_s, tokens = _decode(runner.step, runner.prefill, args.n)
+        runner = LlamaRunner(Path(args.gguf), args.n_ctx, args.threads, N_PROMPT, False)
+        tok_s, tokens = _decode(runner.step, runner.prefill, spec["text"], args.n)
         runner.close()
         return {"tok_s": tok_s, "tokens": tokens,
                 "peak_rss": _vm_hwm()}
@@ -96,7 +147,7 @@ def child_run(args) -> dict:
                           n_prefetch=spec.get("n_prefetch", 1),
                           adaptive_gating=spec.get("adaptive_gating"))
     t0 = time.perf_counter()
-    engine, plan = open_engine(args.shards, cfg, n_ctx=args.n_ctx, n_batch=len(PROMPT),
+    engine, plan = open_engine(args.shards, cfg, n_ctx=args.n_ctx, n_batch=N_PROMPT,
                                n_threads=args.threads)
     opened = time.perf_counter() - t0
     from edgemoe.residency.telemetry import record
@@ -109,7 +160,7 @@ def child_run(args) -> dict:
             marks["before"] = engine.policy.telemetry.counters   # decode figures only
             return logits
 
-        tok_s, tokens = _decode(lambda t: engine.eval([t])[-1], prefill, args.n)
+        tok_s, tokens = _decode(lambda t: engine.eval([t])[-1], prefill, spec["text"], args.n)
         decode = record(engine.policy.telemetry.counters - marks["before"],
                         engine.policy.telemetry.resident_bytes)
         summary = engine.policy.telemetry.summary()
@@ -123,8 +174,8 @@ def child_plan(args) -> dict:
     from edgemoe.cli_budget import measure_profile, plan_shards
 
     spec = json.loads(args.spec)
-    profile = measure_profile(args.shards, args.threads, prompt=PROMPT)
-    common = dict(n_ctx=args.n_ctx, n_batch=len(PROMPT), n_threads=args.threads,
+    profile = measure_profile(args.shards, args.threads, prompt=spec["text"][:N_PROMPT])
+    common = dict(n_ctx=args.n_ctx, n_batch=N_PROMPT, n_threads=args.threads,
                   profile=profile, write=False)
     preds, lines, _ = plan_shards(args.shards, spec["budget"], **common)
     out = {p.policy: p.tok_per_s for p in preds}
@@ -191,6 +242,8 @@ def main() -> int:
     ap.add_argument("--policies", nargs="+",
                     default=["full", "swap", "static", "ondemand", "ondemand+prefetch",
                              "ondemand+gating", "llama.cpp"])
+    ap.add_argument("--text", metavar="FILE",
+                    help="text to decode (default: BENCH_TEXT, held out from calibration)")
     ap.add_argument("-n", type=int, default=64, help="tokens decoded per run")
     ap.add_argument("--n-ctx", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1,
@@ -232,6 +285,11 @@ def main() -> int:
           f"{format_bytes(needs['compute'])}) + experts {format_bytes(limit - fixed)} of "
           f"{format_bytes(needs['experts'])}; minimum {format_bytes(needs['minimum'])}")
     threshold = adaptive_threshold(args.shards, args.drop_rate)
+    text = bench_tokens(args.shards, Path(args.text).read_text() if args.text else BENCH_TEXT,
+                        N_PROMPT + args.n)
+    if len(text) < N_PROMPT + args.n:
+        print(f"the text has {len(text)} tokens: the last {N_PROMPT + args.n - len(text)} of "
+              f"{args.n} decode steps feed the greedy prediction instead", file=sys.stderr)
     specs = {
         "full": {"runner": "edgemoe", "policy": "full"},
         "swap": {"runner": "edgemoe", "policy": "swap", "budget": str(limit)},
@@ -253,7 +311,8 @@ def main() -> int:
         rows = results["profiles"][name] = {}
         predicted = {}
         if not args.no_plan:
-            plan, _ = _child(args, "plan", {"budget": str(limit), "adaptive_gating": threshold},
+            plan, _ = _child(args, "plan", {"budget": str(limit), "adaptive_gating": threshold,
+                                          "text": text},
                              profile=profile, drop=[args.shards])
             predicted = plan.get("predicted", {})
             rows["plan"] = plan
@@ -262,7 +321,7 @@ def main() -> int:
                 continue
             if key == "ondemand+gating" and threshold is None:
                 continue
-            spec = specs[key]
+            spec = {**specs[key], "text": text}
             mem = None if key == "full" or no_cgroup else limit
             drop = [args.gguf] if key == "llama.cpp" else [args.shards]
             out, res = _child(args, "run", spec, profile=profile, mem=mem, drop=drop)

@@ -19,9 +19,11 @@ Time per decoded token:
                                                        wasted prefetches delaying a demand load
   with r_l = latency + expert_bytes_l / bandwidth, and overlap_l the compute between issuing the
   prefetch and needing it (layer l-1's experts, then layer l's non-expert part).
+  swap and ondemand are then paced: a token takes at least its bytes read / the sustained rate.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -50,38 +52,83 @@ class Profile:
     # Per token with masked routing, where the whole step is one graph (top-k experts per
     # layer): cheaper than the split graphs the terms above are measured on. None: their sum.
     fused_seconds: float | None = None
+    # What reads sustain back to back, when lower than what one read gets (a device or a
+    # throttle that lets short bursts through, then holds a rate). None: read_bytes_per_s.
+    sustained_bytes_per_s: float | None = None
 
     def read_seconds(self, nbytes: int) -> float:
         return self.read_latency_s + nbytes / self.read_bytes_per_s
 
+    def paced(self, seconds_per_token: float, bytes_per_token: float) -> float:
+        """A token cannot take less time than its reads need at the sustained rate."""
+        rate = self.sustained_bytes_per_s or self.read_bytes_per_s
+        return max(seconds_per_token, bytes_per_token / rate)
 
-def measure_reads(shards, samples: int = 8) -> tuple[float, float]:
-    """(bytes/s, seconds per read) of cold expert reads from the device holding `shards` (an
-    edgemoe.shardset.ShardSet), as the pool reads them: one pread of a data run, page cache
-    dropped before and after. Reading whole experts and single tensors of the same experts
-    separates the fixed cost per read from the bandwidth (least squares on time = a + bytes / b)."""
+
+def _cold_read(path, offset: int, nbytes: int, slot: np.ndarray | None = None) -> float:
+    """Seconds of one pread of nbytes at offset, with the file's page cache dropped before and
+    after, and with `slot` the copy into it: as the pool loads an expert (read into a buffer,
+    then copied into the slot's tensors)."""
+    buf = np.empty(nbytes, dtype=np.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        t0 = time.perf_counter()
+        os.preadv(fd, [buf], offset)
+        if slot is not None:
+            slot[:nbytes] = buf
+        seconds = time.perf_counter() - t0
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return seconds
+
+
+def measure_reads(shards, samples: int = 8,
+                  stream_bytes: int = 64 << 20) -> tuple[float, float, float | None]:
+    """(bytes/s, seconds per read, sustained bytes/s) of cold expert reads from the device holding
+    `shards` (an edgemoe.shardset.ShardSet), read as the pool reads them.
+
+    Sustained: distinct experts read back to back (up to stream_bytes), the rate over all but
+    the first quarter of them (a rate limiter may let the start through as a burst). None with
+    fewer than 8 experts to read.
+    Per read: whole experts and single tensors of `samples` experts, each after a pause long
+    enough for the sustained rate to have paid for it (so the figure is one read's, as decode
+    issues them between computations), the copy into a slot included; least squares on
+    time = a + bytes / b separates the fixed cost per read a from the bandwidth b."""
     experts = list(shards.experts())
+    sustained = None
+    stream = []
+    for shard in experts[::max(1, len(experts) // 64)]:
+        if sum(s.data_bytes for s in stream) >= stream_bytes:
+            break
+        stream.append(shard)
+    if len(stream) >= 8:
+        ends = []
+        for shard in stream:
+            _cold_read(shard.path, shard.data_offset, shard.data_bytes)
+            ends.append(time.perf_counter())
+        q = len(stream) // 4
+        sustained = sum(s.data_bytes for s in stream[q + 1:]) / (ends[-1] - ends[q])
     picks = [experts[i] for i in np.linspace(0, len(experts) - 1, min(samples, len(experts)),
                                               dtype=int)]
     sizes, seconds = [], []
+    slot = np.ones(max(s.data_bytes for s in picks), dtype=np.uint8)   # pages already mapped
     for shard in picks:
         first = shard.tensors["ffn_gate"]
         for offset, nbytes in ((shard.data_offset, shard.data_bytes), (first.offset, first.nbytes)):
-            buf = np.empty(nbytes, dtype=np.uint8)
-            fd = os.open(shard.path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                t0 = time.perf_counter()
-                os.preadv(fd, [buf], offset)
-                seconds.append(time.perf_counter() - t0)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            if sustained:
+                time.sleep(min(0.25, 1.5 * nbytes / sustained))
+            seconds.append(_cold_read(shard.path, offset, nbytes, slot))
             sizes.append(nbytes)
     slope, intercept = np.polyfit(np.asarray(sizes, float), np.asarray(seconds), 1)
     if slope <= 0:   # too few or too noisy samples to separate the two: all of it is bandwidth
-        return float(sum(sizes) / sum(seconds)), 0.0
-    return float(1.0 / slope), float(max(intercept, 0.0))
+        bandwidth, latency = float(sum(sizes) / sum(seconds)), 0.0
+    else:
+        bandwidth, latency = float(1.0 / slope), float(max(intercept, 0.0))
+    if sustained is not None and sustained >= bandwidth:
+        sustained = None   # no burst: one rate
+    return bandwidth, latency, sustained
 
 
 @dataclass(frozen=True)
@@ -243,9 +290,11 @@ def predict_swap(trace: RoutingTrace, slots: Mapping[int, int], k: int, profile:
         replay = simulate_swap(trace, slots, k, norms, interval, max_swaps, read_tokens,
                                usage=usage)
     per_tok = replay.swaps / trace.n_tokens
-    return _masked("swap", trace, slots, k, profile, replay.hits, replay.wanted,
+    pred = _masked("swap", trace, slots, k, profile, replay.hits, replay.wanted,
                    bytes_read_per_token=per_tok * mean_bytes, swap_interval=interval,
                    swaps_per_token=per_tok)
+    return dataclasses.replace(pred, seconds_per_token=profile.paced(
+        pred.seconds_per_token, pred.bytes_read_per_token))
 
 
 def predict_ondemand(trace: RoutingTrace, slots: Mapping[int, int], k: int, profile: Profile,
@@ -276,7 +325,8 @@ def predict_ondemand(trace: RoutingTrace, slots: Mapping[int, int], k: int, prof
         seconds += profile.layer_seconds[l] + experts_run[l] * profile.expert_seconds[l] + stall
         hits, wanted = hits + st.hits, wanted + st.wanted
         issued, used = issued + st.prefetch_issued, used + st.prefetch_used
-    return Prediction(policy="ondemand", slots=dict(slots), seconds_per_token=seconds,
+    return Prediction(policy="ondemand", slots=dict(slots),
+                      seconds_per_token=profile.paced(seconds, bytes_total),
                       stall_per_token=stall_total, hit_rate=hits / wanted,
                       experts_per_token=float(np.mean(list(experts_run.values()))),
                       bytes_read_per_token=bytes_total,
