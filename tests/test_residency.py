@@ -123,12 +123,14 @@ def test_simulate_layer_counts_by_hand():
     s = simulate_layer(wanted, n_slots=2)
     # t0: miss 0,1  t1: hit 0, miss 2 (evicts 1)  t2: hit 2, miss 1 (evicts 0)  t3: miss 0
     assert (s.hits, s.misses, s.wanted) == (2, 5, 7)
+    assert (s.fill_misses, s.fill_prefetches, s.steady_misses) == (2, 0, 3)   # 0, 1 fill t0
     predicted = [np.array([0, 1]), np.array([2, 0]), np.array([3, 1]), np.array([0, 1])]
     s = simulate_layer(wanted, 2, predicted, n_prefetch=1)
     # t0: prefetch 0 (used, hit), miss 1.  t1: prefetch 2, evicting 1 since 0 is predicted too;
     # hits 0 and 2 (2 used).  t2: prefetch 3 evicts 0 (unused); hit 2, miss 1 evicts 3.
     # t3: prefetch 0 evicts 2; hit 0 (used).
     assert (s.prefetch_issued, s.prefetch_used, s.hits, s.misses) == (4, 3, 5, 2)
+    assert (s.fill_prefetches, s.fill_misses) == (1, 1)   # t0: prefetch 0 and miss 1 fill
 
 
 # -- ondemand -------------------------------------------------------------------------------------

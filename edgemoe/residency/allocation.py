@@ -26,7 +26,8 @@ def loads_table(trace: RoutingTrace, k: int, n_prefetch: int = 0,
                 sensitivity: Mapping[int, float] | None = None,
                 threshold: float | None = None) -> dict[int, np.ndarray]:
     """Demand loads per token for every layer and slot count, replaying the trace through the
-    ondemand policy's own LRU + prefetch bookkeeping (cache.simulate_layer).
+    ondemand policy's own LRU + prefetch bookkeeping (cache.simulate_layer); loads that fill a
+    free slot are not counted (a larger cache would otherwise pay for filling itself).
     Returns layer -> (n_expert + 1,) array; entries below k are inf (cannot run)."""
     table = {}
     for layer in trace.layers:
@@ -35,7 +36,8 @@ def loads_table(trace: RoutingTrace, k: int, n_prefetch: int = 0,
         predicted = trace.predicted_ids(layer, k) if n_prefetch else None
         cost = np.full(trace.n_expert + 1, np.inf)
         for c in range(k, trace.n_expert + 1):
-            cost[c] = simulate_layer(wanted, c, predicted, n_prefetch).misses_per_token
+            st = simulate_layer(wanted, c, predicted, n_prefetch)
+            cost[c] = st.steady_misses / st.tokens   # filling c slots from cold is no cost
         table[layer] = cost
     return table
 

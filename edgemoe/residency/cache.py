@@ -54,6 +54,10 @@ class CacheStats:
     misses: int            # demand loads
     prefetch_issued: int
     prefetch_used: int
+    # Of misses / prefetches, those that filled a free slot: the cache filling from cold, once
+    # per slot, which a run does while it reads the prompt. The rest is the steady state.
+    fill_misses: int = 0
+    fill_prefetches: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -62,6 +66,19 @@ class CacheStats:
     @property
     def misses_per_token(self) -> float:
         return self.misses / self.tokens if self.tokens else 0.0
+
+    @property
+    def steady_misses(self) -> int:
+        return self.misses - self.fill_misses
+
+    @property
+    def steady_prefetches(self) -> int:
+        return self.prefetch_issued - self.fill_prefetches
+
+    @property
+    def steady_hit_rate(self) -> float:
+        wanted = self.wanted - self.fill_misses
+        return self.hits / wanted if wanted else 1.0
 
     @property
     def prefetch_accuracy(self) -> float | None:
@@ -82,7 +99,7 @@ def simulate_layer(wanted: Sequence[np.ndarray], n_slots: int,
     gating, are ignored). predicted[t]: the next-layer predictor's experts for token t, best
     first, prefetched before wanted[t] is served."""
     cache = LayerCache(n_slots)
-    hits = misses = issued = used = n_wanted = 0
+    hits = misses = issued = used = n_wanted = fill_misses = fill_prefetches = 0
     prefetched: set[int] = set()
     for t, row in enumerate(wanted):
         if predicted is not None:
@@ -95,6 +112,7 @@ def simulate_layer(wanted: Sequence[np.ndarray], n_slots: int,
                 prefetched.discard(got[1])
                 prefetched.add(e)
                 issued += 1
+                fill_prefetches += got[1] is None
         need = sorted({int(e) for e in row if e >= 0})
         n_wanted += len(need)
         for e in need:
@@ -107,8 +125,10 @@ def simulate_layer(wanted: Sequence[np.ndarray], n_slots: int,
             if e not in cache:
                 misses += 1
                 slot, victim = cache.reserve(e, protect=need)
+                fill_misses += victim is None
                 prefetched.discard(victim)
                 cache.commit(e, slot)
         prefetched.difference_update(need)
     return CacheStats(tokens=len(wanted), wanted=n_wanted, hits=hits, misses=misses,
-                      prefetch_issued=issued, prefetch_used=used)
+                      prefetch_issued=issued, prefetch_used=used, fill_misses=fill_misses,
+                      fill_prefetches=fill_prefetches)

@@ -316,12 +316,15 @@ def predict_ondemand(trace: RoutingTrace, slots: Mapping[int, int], k: int, prof
         overlap = profile.layer_seconds[l] + (
             experts_run[layers[i - 1]] * profile.expert_seconds[layers[i - 1]] if i else 0.0)
         late = max(0.0, r - overlap)
-        m = st.misses / st.tokens
-        u = st.prefetch_used / st.tokens
-        w = (st.prefetch_issued - st.prefetch_used) / st.tokens
+        # Steady state: loads into free slots fill the cache from cold, which a run does while
+        # it reads its prompt, not per decoded token.
+        m = st.steady_misses / st.tokens
+        steady = st.steady_prefetches / st.prefetch_issued if st.prefetch_issued else 0.0
+        u = st.prefetch_used * steady / st.tokens
+        w = (st.prefetch_issued - st.prefetch_used) * steady / st.tokens
         stall = m * r + u * late + w * min(1.0, m) * late
         stall_total += stall
-        bytes_total += (st.misses + st.prefetch_issued) / st.tokens * expert_bytes[l]
+        bytes_total += (st.steady_misses + st.steady_prefetches) / st.tokens * expert_bytes[l]
         seconds += profile.layer_seconds[l] + experts_run[l] * profile.expert_seconds[l] + stall
         hits, wanted = hits + st.hits, wanted + st.wanted
         issued, used = issued + st.prefetch_issued, used + st.prefetch_used
