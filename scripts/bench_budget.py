@@ -264,7 +264,12 @@ def main() -> int:
                          if isinstance(o, dict) else str(o)))
         return 0
 
-    from edge_emulate import unavailable_reason
+    import signal
+
+    from edge_emulate import _sigterm_as_interrupt, unavailable_reason
+
+    # A kill of this parent unwinds through run_limited, which removes the child's cgroups.
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
 
     from edgemoe.residency.budget import format_bytes, parse_budget
 
