@@ -25,7 +25,8 @@ changes: every cache hits, which flatters the caching policies and is no workloa
 The figures are decode tok/s,
 the residency telemetry (hit rate, bytes read per token, stalls, swaps), the cgroup's peak usage
 and OOM kills, and bytes the cgroup read from the disk. `edgemoe plan`'s prediction for the same
-budget, measured under the same profile, is printed next to each measured figure.
+budget, measured under the same profile right before each run (`edgemoe plan` as a user would
+run it before `edgemoe run`), is printed next to each measured figure.
 Needs `edgemoe calibrate SHARDS` first (norms, trace, sensitivities). Without root / cgroups the
 runs go unlimited and the peak RSS is compared with the budget instead.
 """
@@ -253,6 +254,9 @@ def main() -> int:
                     help="adaptive gating: T for this fraction of single-expert decisions")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--no-plan", action="store_true", help="skip the planner's predictions")
+    ap.add_argument("--plan-once", action="store_true",
+                    help="profile and plan once per storage profile, not right before each run "
+                    "(this machine's speed drifts by 20-30%% over minutes)")
     ap.add_argument("--json", help="write every figure here")
     ap.add_argument("--child", choices=["needs", "run", "plan"], help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -315,17 +319,18 @@ def main() -> int:
         name = profile or "unlimited"
         rows = results["profiles"][name] = {}
         predicted = {}
-        if not args.no_plan:
-            plan, _ = _child(args, "plan", {"budget": str(limit), "adaptive_gating": threshold,
-                                          "text": text},
-                             profile=profile, drop=[args.shards])
-            predicted = plan.get("predicted", {})
-            rows["plan"] = plan
         for key in args.policies:
             if key == "llama.cpp" and not args.gguf:
                 continue
             if key == "ondemand+gating" and threshold is None:
                 continue
+            if not args.no_plan and key in plan_key and key != "full" and (
+                    not predicted or not args.plan_once):
+                plan, _ = _child(args, "plan", {"budget": str(limit),
+                                                "adaptive_gating": threshold, "text": text},
+                                 profile=profile, drop=[args.shards])
+                predicted = plan.get("predicted", {})
+                rows.setdefault("plans", {})[key] = plan
             spec = {**specs[key], "text": text}
             mem = None if key == "full" or no_cgroup else limit
             drop = [args.gguf] if key == "llama.cpp" else [args.shards]
