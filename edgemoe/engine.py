@@ -118,7 +118,8 @@ class Engine:
                 for il in range(hp.n_layer):
                     self.sched.reserve(self._graph(("attention", il, n, n_kv)).graph)
                     if il in hp.expert_layers:
-                        self.sched.reserve(self._graph(("experts", il, n, True, hp.n_expert_used)).graph)
+                        key = ("experts", il, n, True, hp.n_expert_used)
+                        self.sched.reserve(self._graph(key).graph)
                 self.sched.reserve(self._graph(("output", n, True)).graph)
             else:
                 self.sched.reserve(self._graph(("forward", n, n_kv, True)).graph)

@@ -22,11 +22,10 @@ held out from `edgemoe calibrate`'s built-in one: the planner predicts from rout
 calibration text, and a run on other text of the same kind is what it must predict. (Greedy
 continuations of a synthetic random model fall into repeating one token, whose routing never
 changes: every cache hits, which flatters the caching policies and is no workload.)
-The figures are decode tok/s,
-the residency telemetry (hit rate, bytes read per token, stalls, swaps), the cgroup's peak usage
-and OOM kills, and bytes the cgroup read from the disk. `edgemoe plan`'s prediction for the same
-budget, measured under the same profile right before each run (`edgemoe plan` as a user would
-run it before `edgemoe run`), is printed next to each measured figure.
+The figures are decode tok/s, the residency telemetry (hit rate, bytes read per token, stalls,
+swaps), the cgroup's peak usage and OOM kills, and bytes the cgroup read from the disk.
+`edgemoe plan`'s prediction for the same budget, measured under the same profile right before
+each run (as a user would run it before `edgemoe run`), is printed next to each measured figure.
 Needs `edgemoe calibrate SHARDS` first (norms, trace, sensitivities). Without root / cgroups the
 runs go unlimited and the peak RSS is compared with the budget instead.
 """

@@ -76,11 +76,6 @@ class CacheStats:
         return self.prefetch_issued - self.fill_prefetches
 
     @property
-    def steady_hit_rate(self) -> float:
-        wanted = self.wanted - self.fill_misses
-        return self.hits / wanted if wanted else 1.0
-
-    @property
     def prefetch_accuracy(self) -> float | None:
         return self.prefetch_used / self.prefetch_issued if self.prefetch_issued else None
 

@@ -98,11 +98,12 @@ def measure_reads(shards, samples: int = 8,
     time = a + bytes / b separates the fixed cost per read a from the bandwidth b."""
     experts = list(shards.experts())
     sustained = None
-    stream = []
+    stream, total = [], 0
     for shard in experts[::max(1, len(experts) // 64)]:
-        if sum(s.data_bytes for s in stream) >= stream_bytes:
+        if total >= stream_bytes:
             break
         stream.append(shard)
+        total += shard.data_bytes
     if len(stream) >= 8:
         ends = []
         for shard in stream:
