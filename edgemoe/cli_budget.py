@@ -223,7 +223,7 @@ def measure_profile(shards_path: str | Path, n_threads: int | None = None,
     from edgemoe.shardset import ShardSet
 
     shards = ShardSet.open(shards_path)
-    bandwidth, latency, sustained = measure_reads(shards)
+    bandwidth, latency, sustained, burst = measure_reads(shards)
     k, n_expert = shards.n_expert_used, shards.n_expert
     fraction = f"{min(100.0, 100.0 * (k + 0.5) / n_expert):.6f}%"
     prompt = prompt or list(range(1, 9))
@@ -277,7 +277,8 @@ def measure_profile(shards_path: str | Path, n_threads: int | None = None,
     return Profile(read_bytes_per_s=bandwidth, read_latency_s=latency,
                    layer_seconds={l: float(np.median(v)) for l, v in attn.items()},
                    expert_seconds=expert_seconds, other_seconds=other_seconds,
-                   fused_seconds=fused, sustained_bytes_per_s=sustained)
+                   fused_seconds=fused, sustained_bytes_per_s=sustained,
+                   burst_bytes=burst)
 
 
 def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = None,
@@ -318,6 +319,7 @@ def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = 
            "profile": {"read_bytes_per_s": profile.read_bytes_per_s,
                        "read_latency_s": profile.read_latency_s,
                        "sustained_bytes_per_s": profile.sustained_bytes_per_s,
+                       "burst_bytes": profile.burst_bytes,
                        "fused_seconds": profile.fused_seconds,
                        "other_seconds": profile.other_seconds},
            "policies": {p.policy: {"slots": {str(l): int(n) for l, n in p.slots.items()},
@@ -326,7 +328,8 @@ def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = 
                                    "swap_interval": p.swap_interval,
                                    "prefetch_accuracy": p.prefetch_accuracy}
                         for p in preds}}
-    sustained = (f" ({profile.sustained_bytes_per_s / 1e6:.0f} MB/s sustained)"
+    sustained = (f" ({profile.sustained_bytes_per_s / 1e6:.0f} MB/s sustained after a "
+                 f"{profile.burst_bytes / 1e6:.1f} MB burst)"
                  if profile.sustained_bytes_per_s else "")
     lines.insert(1, f"storage: {profile.read_bytes_per_s / 1e6:.0f} MB/s{sustained}, "
                     f"{profile.read_latency_s * 1e3:.2f} ms per read; compute "

@@ -12,8 +12,8 @@ from edgemoe.residency import (MemoryNeeds, OnDemandPolicy, SwapPolicy, Telemetr
 from edgemoe.residency.allocation import (allocate_slots, brute_force_allocation, loads_table,
                                           total_cost)
 from edgemoe.residency.importance import ImportanceTracker, expert_norm, plan_swaps
-from edgemoe.residency.planner import (Profile, allocate_for, choose_swap_interval, predict,
-                                       simulate_swap)
+from edgemoe.residency.planner import (Profile, _Reader, allocate_for, choose_swap_interval,
+                                       ondemand_timeline, predict, simulate_swap)
 from edgemoe.residency.routing import topk
 from edgemoe.residency.sensitivity import (drop_rate, fit_sensitivity, output_change_proxy,
                                            threshold_for_drop_rate)
@@ -258,6 +258,51 @@ def test_planner_ondemand_counts_match_the_policy(topics):
     assert pred.bytes_read_per_token == pytest.approx((c.loads - fills) * 4 * MiB / topics.n_tokens)
     assert rec["tokens"] == 0 and rec["hit_rate"] is None
     assert summary.startswith(f"residency: {topics.n_tokens} tok, 2.00 experts/layer-token, hit ")
+
+
+def test_reader_token_bucket():
+    """A throttle that lets a burst through: reads after a pause run at device speed until the
+    burst is spent, then at the sustained rate; a pause refills the bucket."""
+    p = Profile(read_bytes_per_s=400e6, read_latency_s=0.0, layer_seconds={}, expert_seconds={},
+                other_seconds=0.0, sustained_bytes_per_s=100e6, burst_bytes=10e6)
+    r = _Reader(p)
+    assert r.read(0.0, 5_000_000) == pytest.approx(5e6 / 400e6)          # within the burst
+    done = 0.0
+    for _ in range(20):                                                  # 100 MB back to back
+        done = r.read(0.0, 5_000_000)
+    assert done == pytest.approx((105e6 - 10e6) / 100e6, rel=0.02)       # burst, then the rate
+    later = done + 1.0                                                   # the bucket refills
+    assert r.read(later, 5_000_000) - later == pytest.approx(5e6 / 400e6)
+    # Without a sustained rate every read takes latency + bytes / bandwidth.
+    q = _Reader(Profile(read_bytes_per_s=100e6, read_latency_s=1e-3, layer_seconds={},
+                        expert_seconds={}, other_seconds=0.0))
+    assert q.read(2.0, 1_000_000) == pytest.approx(2.0 + 1e-3 + 1e-2)
+
+
+def test_ondemand_timeline_orders_reads_as_the_policy_does():
+    """Two layers, hand-made reads: demand loads stall the clock one after another; a prefetch
+    that is needed is waited for, an unneeded one already reading delays the demand load
+    behind it, an unneeded one not started is cancelled."""
+    layers = [0, 1]
+    p = Profile(read_bytes_per_s=1e6, read_latency_s=0.0, layer_seconds={0: 1e-3, 1: 1e-3},
+                expert_seconds={0: 1e-3, 1: 1e-3}, other_seconds=2e-3)
+    eb = {0: 10_000, 1: 10_000}                                          # 10 ms per read
+    runs = {0: np.array([2, 2]), 1: np.array([2, 2])}
+    # token 0: layer 0 misses two experts; layer 1 prefetched expert 5 and needs it.
+    # token 1: layer 1 prefetched 6 (not needed) and misses 7.
+    reads = {0: [([], [1, 2], [1, 2]), ([], [], [1, 2])],
+             1: [([5], [], [5, 9]), ([6], [7], [7, 9])]}
+    seconds, stall = ondemand_timeline(p, layers, reads, runs, eb)
+    # token 0: 2 + 1 (attn 0) + 20 (two loads) + 2 (experts) + 1 (attn 1) -> prefetch of 5 was
+    # issued at 23 ms, done at 33: wait 7 ms; then 2 ms of experts: 35 ms, 27 ms stalled.
+    # token 1: 2 + 1 + 0 + 2 + 1 = 41 ms; the prefetch of 6 issued at 38 ms reads until 48:
+    # the demand load of 7 starts then, done at 58 (17 ms stalled); + 2 = 60 ms.
+    assert seconds == pytest.approx(60e-3 / 2)
+    assert stall == pytest.approx((27e-3 + 17e-3) / 2)
+    # Two unneeded prefetches (n_prefetch 2): 6 is reading when layer 1 is reached, 8 is still
+    # queued behind it and is cancelled, so the demand load of 7 waits for 6 only.
+    reads[1][1] = ([6, 8], [7], [7, 9])
+    assert ondemand_timeline(p, layers, reads, runs, eb)[0] == pytest.approx(60e-3 / 2)
 
 
 def test_planner_swap_replay_tracks_the_policy(topics):

@@ -93,9 +93,10 @@ def test_measure_reads_and_record_a_trace(shards):
     from edgemoe.residency.planner import measure_reads
     from edgemoe.residency.traces import TraceRecorder
 
-    bandwidth, latency, sustained = measure_reads(shards, samples=4)
+    bandwidth, latency, sustained, burst = measure_reads(shards, samples=4)
     assert bandwidth > 1e6 and 0.0 <= latency < 0.1
     assert sustained is None or 0 < sustained < bandwidth
+    assert burst == 0.0 if sustained is None else burst > 0
     rec = TraceRecorder()
     rng = np.random.default_rng(0)
     for step in range(3):

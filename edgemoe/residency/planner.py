@@ -11,15 +11,17 @@ below. `edgemoe plan` prints it.
 
 Time per decoded token:
   full / static / swap: other + sum_l (layer_l + k * expert_l)     (no read on the critical path;
-      swap reads happen on the loader thread while compute goes on)
-  ondemand: other + sum_l (layer_l + e_l * expert_l + stall_l), e_l experts run (adaptive gating),
-      stall_l = m_l * r_l                              demand loads, one read each
-              + u_l * max(0, r_l - overlap_l)           used prefetches not finished in time
-              + w_l * min(1, m_l) * max(0, r_l - overlap_l)
-                                                       wasted prefetches delaying a demand load
-  with r_l = latency + expert_bytes_l / bandwidth, and overlap_l the compute between issuing the
-  prefetch and needing it (layer l-1's experts, then layer l's non-expert part).
-  swap and ondemand are then paced: a token takes at least its bytes read / the sustained rate.
+      swap reads happen on the loader thread while compute goes on); swap is paced: a token
+      takes at least its bytes read / the sustained read rate.
+  ondemand: the trace is replayed token by token, layer by layer, on a clock, in the engine's
+      order: layer l's attention and router (layer_l); its needed experts: wait for their
+      prefetch reads, then the demand loads; the next layer's prefetch reads are queued; its
+      experts run (e_l * expert_l; e_l < k with adaptive gating). One reader serves every read
+      in the loader's order (demand first; queued prefetches the layer does not need are
+      cancelled, a started one is not): a read takes latency + bytes / bandwidth, behind a
+      token bucket that lets burst_bytes through at that speed and refills at the sustained
+      rate (a cgroup blkio throttle, a flash device's write-back cache). The stall is the time
+      the clock waits on reads.
 """
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ class Profile:
     # What reads sustain back to back, when lower than what one read gets (a device or a
     # throttle that lets short bursts through, then holds a rate). None: read_bytes_per_s.
     sustained_bytes_per_s: float | None = None
+    burst_bytes: float = 0.0             # how much gets through at full speed after a pause
 
     def read_seconds(self, nbytes: int) -> float:
         return self.read_latency_s + nbytes / self.read_bytes_per_s
@@ -63,6 +66,75 @@ class Profile:
         """A token cannot take less time than its reads need at the sustained rate."""
         rate = self.sustained_bytes_per_s or self.read_bytes_per_s
         return max(seconds_per_token, bytes_per_token / rate)
+
+
+class _Reader:
+    """The clock of the one thread that reads experts: reads run back to back, each taking
+    the device's time behind a token bucket (capacity burst_bytes, refilled at the sustained
+    rate; no bucket when the profile has no sustained rate)."""
+
+    def __init__(self, profile: Profile):
+        self.profile = profile
+        self.free_at = 0.0
+        self.level = profile.burst_bytes     # bytes the bucket lets through now
+        self.level_at = 0.0
+
+    def read(self, start: float, nbytes: int) -> float:
+        """Issue a read at `start` (it waits for the reader); returns when it completes."""
+        p = self.profile
+        start = max(start, self.free_at)
+        seconds = p.read_seconds(nbytes)
+        rate = p.sustained_bytes_per_s
+        if rate:
+            level = min(p.burst_bytes, self.level + (start - self.level_at) * rate)
+            seconds = max(seconds, (nbytes - level) / rate)
+            self.level = min(p.burst_bytes, level + seconds * rate - nbytes)
+            self.level_at = start + seconds
+        self.free_at = start + seconds
+        return self.free_at
+
+
+def ondemand_timeline(profile: Profile, layers: list[int], reads: Mapping[int, list],
+                      runs: Mapping[int, np.ndarray], expert_bytes: Mapping[int, int]
+                      ) -> tuple[float, float]:
+    """(seconds, stall seconds) per token of the ondemand policy replaying the trace's reads:
+    reads[l][t] = (prefetched, demanded, needed) from cache.simulate_layer, runs[l][t] the
+    experts token t runs in layer l. See the module's docstring for the order of events."""
+    n_tokens = len(reads[layers[0]])
+    reader = _Reader(profile)
+    queued: list[tuple[int, int, float]] = []          # prefetches not started: (layer, e, at)
+    started: dict[int, dict[int, float]] = {l: {} for l in layers}   # layer -> {e: done}
+
+    def start_queued(until: float) -> None:
+        while queued and max(reader.free_at, queued[0][2]) <= until:
+            l, e, at = queued.pop(0)
+            started[l][e] = reader.read(at, expert_bytes[l])
+
+    now = stall = 0.0
+    for t in range(n_tokens):
+        now += profile.other_seconds
+        for i, l in enumerate(layers):
+            now += profile.layer_seconds[l]
+            _, demanded, needed = reads[l][t]
+            start_queued(now)
+            ready = now
+            for job in [j for j in queued if j[0] == l]:
+                queued.remove(job)
+                if job[1] in needed:   # waited for; unneeded ones are cancelled
+                    started[l][job[1]] = reader.read(max(now, job[2]), expert_bytes[l])
+            for e, done in started[l].items():
+                if e in needed:
+                    ready = max(ready, done)
+            started[l] = {}
+            for e in demanded:
+                ready = reader.read(ready, expert_bytes[l])
+            stall += ready - now
+            now = ready
+            if i + 1 < len(layers):
+                nxt = layers[i + 1]
+                queued.extend((nxt, e, now) for e in reads[nxt][t][0])
+            now += runs[l][t] * profile.expert_seconds[l]
+    return now / n_tokens, stall / n_tokens
 
 
 def _cold_read(path, offset: int, nbytes: int, slot: np.ndarray | None = None) -> float:
@@ -84,20 +156,22 @@ def _cold_read(path, offset: int, nbytes: int, slot: np.ndarray | None = None) -
     return seconds
 
 
-def measure_reads(shards, samples: int = 8,
-                  stream_bytes: int = 64 << 20) -> tuple[float, float, float | None]:
-    """(bytes/s, seconds per read, sustained bytes/s) of cold expert reads from the device holding
-    `shards` (an edgemoe.shardset.ShardSet), read as the pool reads them.
+def measure_reads(shards, samples: int = 8, stream_bytes: int = 64 << 20
+                  ) -> tuple[float, float, float | None, float]:
+    """(bytes/s, seconds per read, sustained bytes/s, burst bytes) of cold expert reads from the
+    device holding `shards` (an edgemoe.shardset.ShardSet), read as the pool reads them.
 
-    Sustained: distinct experts read back to back (up to stream_bytes), the rate over all but
-    the first quarter of them (a rate limiter may let the start through as a burst). None with
-    fewer than 8 experts to read.
+    Sustained and burst: distinct experts read back to back (up to stream_bytes) after a pause;
+    the bytes done by each read's end, over all but the first quarter of the reads, fitted as
+    burst + sustained * elapsed (a rate limiter lets a burst through at full speed, then holds
+    its rate). None and 0 with fewer than 8 experts to read, or when the rate holds from the
+    start.
     Per read: whole experts and single tensors of `samples` experts, each after a pause long
     enough for the sustained rate to have paid for it (so the figure is one read's, as decode
     issues them between computations), the copy into a slot included; least squares on
     time = a + bytes / b separates the fixed cost per read a from the bandwidth b."""
     experts = list(shards.experts())
-    sustained = None
+    sustained, burst = None, 0.0
     stream, total = [], 0
     for shard in experts[::max(1, len(experts) // 64)]:
         if total >= stream_bytes:
@@ -105,12 +179,15 @@ def measure_reads(shards, samples: int = 8,
         stream.append(shard)
         total += shard.data_bytes
     if len(stream) >= 8:
-        ends = []
+        time.sleep(0.5)   # whatever read before has been paid for: the bucket is full
+        done, ends = [], []
+        t0 = time.perf_counter()
         for shard in stream:
             _cold_read(shard.path, shard.data_offset, shard.data_bytes)
-            ends.append(time.perf_counter())
+            ends.append(time.perf_counter() - t0)
+            done.append((done[-1] if done else 0) + shard.data_bytes)
         q = len(stream) // 4
-        sustained = sum(s.data_bytes for s in stream[q + 1:]) / (ends[-1] - ends[q])
+        sustained, burst = (float(v) for v in np.polyfit(ends[q:], done[q:], 1))
     picks = [experts[i] for i in np.linspace(0, len(experts) - 1, min(samples, len(experts)),
                                               dtype=int)]
     sizes, seconds = [], []
@@ -127,9 +204,9 @@ def measure_reads(shards, samples: int = 8,
         bandwidth, latency = float(sum(sizes) / sum(seconds)), 0.0
     else:
         bandwidth, latency = float(1.0 / slope), float(max(intercept, 0.0))
-    if sustained is not None and sustained >= bandwidth:
-        sustained = None   # no burst: one rate
-    return bandwidth, latency, sustained
+    if sustained is not None and (sustained >= bandwidth or burst <= 0):
+        sustained, burst = None, 0.0   # no burst: one rate
+    return bandwidth, latency, sustained, burst
 
 
 @dataclass(frozen=True)
@@ -303,36 +380,25 @@ def predict_ondemand(trace: RoutingTrace, slots: Mapping[int, int], k: int, prof
                      sensitivity: Mapping[int, float] | None = None,
                      threshold: float | None = None) -> Prediction:
     layers = trace.layers
-    seconds = profile.other_seconds
-    stall_total = bytes_total = 0.0
+    bytes_total = 0.0
     hits = wanted = issued = used = 0
-    experts_run = {}
-    for i, l in enumerate(layers):
+    reads, runs = {}, {}
+    for l in layers:
         s_l = sensitivity[l] if threshold is not None else None
         ids = trace.wanted(l, k, s_l, threshold)
         predicted = trace.predicted_ids(l, k) if n_prefetch else None
-        st = simulate_layer(ids, slots[l], predicted, n_prefetch)
-        experts_run[l] = float((ids >= 0).sum()) / trace.n_tokens
-        r = profile.read_seconds(expert_bytes[l])
-        overlap = profile.layer_seconds[l] + (
-            experts_run[layers[i - 1]] * profile.expert_seconds[layers[i - 1]] if i else 0.0)
-        late = max(0.0, r - overlap)
+        reads[l] = []
+        st = simulate_layer(ids, slots[l], predicted, n_prefetch, reads[l])
+        runs[l] = (np.asarray(ids) >= 0).sum(axis=1)
         # Steady state: loads into free slots fill the cache from cold, which a run does while
         # it reads its prompt, not per decoded token.
-        m = st.steady_misses / st.tokens
-        steady = st.steady_prefetches / st.prefetch_issued if st.prefetch_issued else 0.0
-        u = st.prefetch_used * steady / st.tokens
-        w = (st.prefetch_issued - st.prefetch_used) * steady / st.tokens
-        stall = m * r + u * late + w * min(1.0, m) * late
-        stall_total += stall
         bytes_total += (st.steady_misses + st.steady_prefetches) / st.tokens * expert_bytes[l]
-        seconds += profile.layer_seconds[l] + experts_run[l] * profile.expert_seconds[l] + stall
         hits, wanted = hits + st.hits, wanted + st.wanted
         issued, used = issued + st.prefetch_issued, used + st.prefetch_used
-    return Prediction(policy="ondemand", slots=dict(slots),
-                      seconds_per_token=profile.paced(seconds, bytes_total),
-                      stall_per_token=stall_total, hit_rate=hits / wanted,
-                      experts_per_token=float(np.mean(list(experts_run.values()))),
+    seconds, stall = ondemand_timeline(profile, layers, reads, runs, expert_bytes)
+    return Prediction(policy="ondemand", slots=dict(slots), seconds_per_token=seconds,
+                      stall_per_token=stall, hit_rate=hits / wanted,
+                      experts_per_token=float(np.mean([r.mean() for r in runs.values()])),
                       bytes_read_per_token=bytes_total,
                       prefetch_accuracy=used / issued if issued else None)
 
