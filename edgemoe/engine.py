@@ -302,10 +302,13 @@ class Engine:
                     # so the read overlaps this layer's experts and the next layer's attention.
                     following = [l for l in self._builder.moe_layers if l > il][0]
                     self.policy.prefetch(following, next_logits)
-                in_group = np.isin(ids, group)
-                slot_ids = np.zeros_like(ids)
-                for e, slot in slots.items():
-                    slot_ids[ids == e] = slot
+                if len(groups) == 1:
+                    in_group = ids >= 0
+                else:
+                    in_group = np.isin(ids, group)
+                table = np.zeros(hp.n_expert, dtype=np.int32)
+                table[list(slots)] = list(slots.values())
+                slot_ids = table[np.maximum(ids, 0)]
                 # Choices outside this group (or dropped: id -1) weigh 0 on an arbitrary slot;
                 # one token's are left out of the graph instead (adaptive gating computes less).
                 w = np.where(in_group, weights, 0.0).astype(np.float32)
