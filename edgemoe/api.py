@@ -43,7 +43,8 @@ class Model:
     (None: the best available).
     memory_budget: "2GiB" (the whole process) or "50%" (of the experts' bytes); policy: full,
     swap (the default with a budget), ondemand or static; adaptive_gating: ondemand's threshold
-    T; n_prefetch: ondemand's prefetched experts per layer; stats: keep a telemetry record per
+    T; n_prefetch: ondemand's prefetched experts per layer (None: what `edgemoe plan` chose for
+    this budget, else 1); stats: keep a telemetry record per
     engine step (`write_stats`). A budget below the minimum raises BudgetError before loading.
     """
 
@@ -57,7 +58,7 @@ class Model:
         memory_budget: str | None = None,
         policy: str | None = None,
         adaptive_gating: float | None = None,
-        n_prefetch: int = 1,
+        n_prefetch: int | None = None,
         stats: bool = False,
     ) -> None:
         from edgemoe.runtime import ResidencyConfig, StepLog, open_engine

@@ -245,6 +245,15 @@ def measure_profile(shards_path: str | Path, n_threads: int | None = None,
     engine, _ = open_engine(shards_path, cfg, n_ctx=n_ctx, n_threads=n_threads, n_batch=len(prompt))
     with engine:
         probe = _attach_probe(engine)
+        run = engine._run
+
+        def timed_run(g, values):   # an experts graph's own time, marked after it
+            t0 = time.perf_counter()
+            run(g, values)
+            if "ids" in g.inputs:
+                probe.marks.append(("experts", None, time.perf_counter() - t0))
+
+        engine._run = timed_run
         steps = []
         spans = decode(engine, on_step=lambda: steps.append(probe.marks.__len__()))
         marks = probe.marks
@@ -254,15 +263,19 @@ def measure_profile(shards_path: str | Path, n_threads: int | None = None,
     for i, (t0, t1) in enumerate(spans):
         end = steps[i + 1] if i + 1 < len(steps) else len(marks)
         step = marks[steps[i]:end]
-        prev = t0
-        ensured = None
+        # Per layer: gate (after its attention graph), ensure (after any load), prefetch of the
+        # next layer, then its experts graph runs and the next layer's attention follows.
+        prev, ensured, last, ran = t0, None, None, 0.0
         for kind, layer, t in step:
-            if kind == "gate":
-                attn[layer].append(t - prev)
+            if kind == "experts":      # t is the graph's duration
+                expert[last].append(t / k)
+                ran = t
+                continue
+            if kind == "gate":         # the previous layer's experts graph ran in between
+                attn[layer].append(t - prev - ran)
+                ran = 0.0
             elif kind == "ensure":
-                ensured = t
-            elif kind == "prefetch":
-                expert[layers[layers.index(layer) - 1]].append((t - ensured) / k)
+                ensured, last = t, layer
             prev = t
         other.append(t1 - ensured)   # the last layer's experts, dense tail, head; fixed below
     typical = float(np.median([np.median(v) for v in expert.values() if v])) if len(layers) > 1 \
@@ -283,7 +296,7 @@ def measure_profile(shards_path: str | Path, n_threads: int | None = None,
 
 def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = None,
                 n_ctx: int = 2048, n_batch: int = 512, kv_type: str = "f16",
-                n_threads: int | None = None, n_prefetch: int = 1,
+                n_threads: int | None = None, n_prefetch: int | None = None,
                 adaptive_gating: float | None = None, profile=None, write: bool = True):
     """The `edgemoe plan` answer: (predictions, report lines, plan document)."""
     from edgemoe.engine import Engine
@@ -326,7 +339,8 @@ def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = 
                                    "tok_per_s": p.tok_per_s, "hit_rate": p.hit_rate,
                                    "bytes_read_per_token": p.bytes_read_per_token,
                                    "swap_interval": p.swap_interval,
-                                   "prefetch_accuracy": p.prefetch_accuracy}
+                                   "prefetch_accuracy": p.prefetch_accuracy,
+                                   "n_prefetch": p.n_prefetch}
                         for p in preds}}
     sustained = (f" ({profile.sustained_bytes_per_s / 1e6:.0f} MB/s sustained after a "
                  f"{profile.burst_bytes / 1e6:.1f} MB burst)"
@@ -385,8 +399,9 @@ def register(subparsers) -> None:
     p.add_argument("-c", "--ctx-size", type=int, default=2048, metavar="N")
     p.add_argument("-b", "--batch-size", type=int, default=512, metavar="N")
     p.add_argument("-t", "--threads", type=int, default=None, metavar="N")
-    p.add_argument("--n-prefetch", type=int, default=1, metavar="N",
-                   help="ondemand: predicted experts prefetched per layer (default: 1)")
+    p.add_argument("--n-prefetch", type=int, default=None, metavar="N",
+                   help="ondemand: predicted experts prefetched per layer (default: the fastest "
+                   "of 0, 1 and 2 on this storage, which `edgemoe run` then uses)")
     p.add_argument("--adaptive-gating", type=float, default=None, metavar="T",
                    help="ondemand: drop the last expert when s_l * w^2 < T")
     p.add_argument("--no-write", action="store_true", help=f"do not write {PLAN_FILE}")

@@ -45,7 +45,8 @@ class ResidencyConfig:
     memory_budget: str | None = None
     policy: str | None = None
     adaptive_gating: float | None = None   # T of AdapMoE's rule (ondemand only)
-    n_prefetch: int = 1                    # ondemand: predicted experts loaded per layer
+    n_prefetch: int | None = None          # ondemand: predicted experts loaded per layer
+                                           # (None: what `edgemoe plan` chose, else 1)
     swap_interval: int | None = None       # swap: tokens per importance window (None: plan/16)
 
     @property
@@ -107,6 +108,15 @@ def read_plan_file(shards_dir: Path, budget: Budget, policy: str) -> dict | None
     return {**entry, "slots": {int(l): int(n) for l, n in entry["slots"].items()}}
 
 
+def prefetch_depth(shards: ShardSet, cfg: ResidencyConfig) -> int:
+    """ondemand's prefetch depth: the user's, else the plan file's for this budget, else 1."""
+    if cfg.n_prefetch is not None:
+        return cfg.n_prefetch
+    planned = read_plan_file(shards.root, cfg.budget, "ondemand")
+    depth = (planned or {}).get("n_prefetch")
+    return 1 if depth is None else int(depth)
+
+
 def choose_slots(shards: ShardSet, cfg: ResidencyConfig, needs: MemoryNeeds) -> SlotPlan:
     """Slots per layer under the budget: plan file, else the DP on the stored trace, else
     uniform. Raises BudgetError (with the minimum) below the minimum."""
@@ -130,7 +140,8 @@ def choose_slots(shards: ShardSet, cfg: ResidencyConfig, needs: MemoryNeeds) -> 
         if cfg.adaptive_gating is not None:
             sens = calib.Calibration.load(shards.root).sensitivity
         slots = allocate_for(name, trace, needs.n_expert_used, needs.expert_bytes, allowance,
-                             cfg.n_prefetch, sensitivity=sens, threshold=cfg.adaptive_gating)
+                             prefetch_depth(shards, cfg), sensitivity=sens,
+                             threshold=cfg.adaptive_gating)
     if slots is None:
         return uniform_slots(budget, needs)
     plan = make_plan(slots, needs)
@@ -200,7 +211,7 @@ def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048
             # then follows the text at hand.
             options["initial"] = {l: np.argsort(-cal.usage[l], kind="stable") for l in plan.slots}
     if name == "ondemand":
-        options["n_prefetch"] = cfg.n_prefetch
+        options["n_prefetch"] = prefetch_depth(shards, cfg)
         if cfg.adaptive_gating is not None:
             if cal is None or cal.sensitivity is None:
                 raise ShardSetError(f"{shards.root}: --adaptive-gating needs per-layer "
@@ -246,9 +257,10 @@ def add_residency_args(p) -> None:
     p.add_argument("--adaptive-gating", type=float, default=None, metavar="T",
                    help="ondemand: run one expert fewer when s_l * w^2 < T (s_l from "
                    "`edgemoe calibrate`)")
-    p.add_argument("--n-prefetch", type=int, default=1, metavar="N",
-                   help="ondemand: next-layer experts prefetched per layer, 0 = off "
-                   "(default: %(default)s)")
+    p.add_argument("--n-prefetch", type=int, default=None, metavar="N",
+                   help="ondemand: next-layer experts prefetched per layer, 0 = off (default: "
+                   "what `edgemoe plan` chose for this budget, the fastest on this storage; "
+                   "1 without a plan)")
     p.add_argument("--stats-json", type=Path, default=None, metavar="FILE",
                    help="write residency telemetry (per run and per token) to FILE")
 

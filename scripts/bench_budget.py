@@ -177,10 +177,12 @@ def child_plan(args) -> dict:
     profile = measure_profile(args.shards, args.threads, prompt=spec["text"][:N_PROMPT])
     common = dict(n_ctx=args.n_ctx, n_batch=N_PROMPT, n_threads=args.threads,
                   profile=profile, write=False)
-    preds, lines, _ = plan_shards(args.shards, spec["budget"], **common)
+    # Each ondemand run has its prefetch depth fixed, so is each prediction (a plan left to
+    # itself picks the fastest depth: `edgemoe plan` prints it and `run` uses it).
+    preds, lines, _ = plan_shards(args.shards, spec["budget"], n_prefetch=1, **common)
     out = {p.policy: p.tok_per_s for p in preds}
     if spec.get("adaptive_gating") is not None:
-        preds, more, _ = plan_shards(args.shards, spec["budget"], "ondemand",
+        preds, more, _ = plan_shards(args.shards, spec["budget"], "ondemand", n_prefetch=1,
                                      adaptive_gating=spec["adaptive_gating"], **common)
         out["ondemand+gating"] = preds[0].tok_per_s
         lines += more

@@ -77,6 +77,17 @@ def test_calibrate_then_plan_then_run_uses_the_plan(shards, capsys):
                                n_ctx=32, n_threads=1)
     with engine:
         assert dict(plan.slots) == slots
+        # The prefetch depth the plan chose (the fastest it predicted), unless the user says.
+        depth = doc["policies"]["ondemand"]["n_prefetch"]
+        assert depth in (0, 1, 2) and f"prefetch depth 0: " in out
+        assert engine.policy.n_prefetch == depth
+    doc["policies"]["ondemand"]["n_prefetch"] = 2 if depth != 2 else 0
+    (shards / PLAN_FILE).write_text(json.dumps(doc))
+    for cfg_depth, want in ((None, doc["policies"]["ondemand"]["n_prefetch"]), (1, 1)):
+        cfg = ResidencyConfig(memory_budget="50%", policy="ondemand", n_prefetch=cfg_depth)
+        engine, _ = open_engine(shards, cfg, n_ctx=32, n_threads=1)
+        with engine:
+            assert engine.policy.n_prefetch == want
 
     # Adaptive gating with the calibrated s_l: T set for half the (token, layer) pairs to run one
     # expert; decode then runs between 1 and 2 experts per layer-token.

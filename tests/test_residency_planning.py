@@ -13,7 +13,7 @@ from edgemoe.residency.allocation import (allocate_slots, brute_force_allocation
                                           total_cost)
 from edgemoe.residency.importance import ImportanceTracker, expert_norm, plan_swaps
 from edgemoe.residency.planner import (Profile, _Reader, allocate_for, choose_swap_interval,
-                                       ondemand_timeline, predict, simulate_swap)
+                                       ondemand_timeline, plan, predict, simulate_swap)
 from edgemoe.residency.routing import topk
 from edgemoe.residency.sensitivity import (drop_rate, fit_sensitivity, output_change_proxy,
                                            threshold_for_drop_rate)
@@ -347,6 +347,34 @@ def test_planner_predictions_order_and_interval(topics):
     assert swap.line().startswith("swap") and "swap every" in swap.line()
     with pytest.raises(ValueError, match="unknown policy"):
         predict("lru", topics, slots, 2, prof, eb)
+
+
+def test_plan_chooses_the_fastest_prefetch_depth(topics):
+    """Left to itself the planner prefetches when the predictor is right and reads are cheap
+    next to compute, and not when the predictor guesses and storage is the bottleneck."""
+    eb = {l: 4 * MiB for l in topics.layers}
+    needs = MemoryNeeds(base_bytes=100 * MiB, kv_bytes=10 * MiB, compute_bytes=10 * MiB,
+                        expert_bytes=eb, n_expert=16, n_expert_used=2)
+    budget = parse_budget("50%")
+    layers = topics.layers
+    exact = RoutingTrace(topics.probs, topics.x_norm,
+                         {l: np.log(topics.probs[l]) for l in layers[1:]})
+    rng = np.random.default_rng(1)
+    guess = RoutingTrace(topics.probs, topics.x_norm,
+                         {l: rng.normal(size=topics.probs[l].shape) for l in layers[1:]})
+    fast = Profile(read_bytes_per_s=2e9, read_latency_s=1e-4, layer_seconds={l: 2e-3 for l in layers},
+                   expert_seconds={l: 1e-3 for l in layers}, other_seconds=5e-3)
+    slow = _profile(layers, 40e6)
+    for trace, profile, prefetches in ((exact, fast, True), (guess, slow, False)):
+        preds, lines = plan(budget, needs, trace, profile)
+        ond = [p for p in preds if p.policy == "ondemand"][0]
+        tried = {d: predict("ondemand", trace, allocate_for("ondemand", trace, 2, eb, 96 * MiB, d),
+                            2, profile, eb, n_prefetch=d) for d in (0, 1, 2)}
+        assert ond.tok_per_s == pytest.approx(max(p.tok_per_s for p in tried.values()))
+        assert (ond.n_prefetch > 0) == prefetches, lines
+        assert "prefetch depth 0: " in ond.line()
+        fixed, _ = plan(budget, needs, trace, profile, n_prefetch=1)
+        assert [p for p in fixed if p.policy == "ondemand"][0].n_prefetch == 1
 
 
 def test_trace_roundtrip(tmp_path, topics):

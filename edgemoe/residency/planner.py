@@ -221,6 +221,7 @@ class Prediction:
     prefetch_accuracy: float | None = None
     swap_interval: int | None = None
     swaps_per_token: float = 0.0
+    n_prefetch: int | None = None   # ondemand: predicted experts prefetched per layer
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -229,8 +230,11 @@ class Prediction:
 
     def line(self) -> str:
         extra = ""
-        if self.prefetch_accuracy is not None:
-            extra += f", prefetch {self.prefetch_accuracy * 100:.0f}%"
+        if self.n_prefetch == 0:
+            extra += ", no prefetch"
+        elif self.prefetch_accuracy is not None:
+            extra += (f", prefetch {self.n_prefetch or ''}"
+                      f" ({self.prefetch_accuracy * 100:.0f}% used)")
         if self.swap_interval is not None:
             extra += f", swap every {self.swap_interval} tok ({self.swaps_per_token:.2f}/tok)"
         if self.notes:
@@ -400,7 +404,8 @@ def predict_ondemand(trace: RoutingTrace, slots: Mapping[int, int], k: int, prof
                       stall_per_token=stall, hit_rate=hits / wanted,
                       experts_per_token=float(np.mean([r.mean() for r in runs.values()])),
                       bytes_read_per_token=bytes_total,
-                      prefetch_accuracy=used / issued if issued else None)
+                      prefetch_accuracy=used / issued if issued else None,
+                      n_prefetch=n_prefetch)
 
 
 def allocate_for(policy: str, trace: RoutingTrace, k: int, expert_bytes: Mapping[int, int],
@@ -441,14 +446,19 @@ def predict(policy: str, trace: RoutingTrace, slots: Mapping[int, int], k: int,
     raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
 
 
+PREFETCH_CHOICES = (0, 1, 2)
+
+
 def plan(budget: Budget, needs: MemoryNeeds, trace: RoutingTrace, profile: Profile,
-         norms: Mapping[int, np.ndarray] | None = None, n_prefetch: int = 1,
+         norms: Mapping[int, np.ndarray] | None = None, n_prefetch: int | None = None,
          sensitivity: Mapping[int, float] | None = None,
          threshold: float | None = None,
          usage: Mapping[int, np.ndarray] | None = None) -> tuple[list[Prediction], list[str]]:
     """`edgemoe plan`: will it fit, how, how fast. Returns the predictions of every policy that
     can run under the budget (each with its own DP allocation) and the report's lines.
-    Raises BudgetError (stating the minimum) when nothing can run."""
+    n_prefetch None: ondemand's prefetch depth is the fastest of PREFETCH_CHOICES here (on
+    storage whose bandwidth is the bottleneck a wasted prefetch costs more than a used one
+    saves). Raises BudgetError (stating the minimum) when nothing can run."""
     allowance = expert_allowance(budget, needs)
     k = needs.n_expert_used
     fits_all = allowance >= needs.expert_bytes_total
@@ -470,12 +480,23 @@ def plan(budget: Budget, needs: MemoryNeeds, trace: RoutingTrace, profile: Profi
         if policy == "swap" and norms is None:
             lines.append("swap      needs expert norms (run `edgemoe calibrate`)")
             continue
-        opts = gating if policy == "ondemand" else {}
-        slots = allocate_for(policy, trace, k, needs.expert_bytes, allowance, n_prefetch, **opts)
-        extra = (dict(n_prefetch=n_prefetch, **opts) if policy == "ondemand"
-                 else dict(usage=usage) if policy == "swap" else {})
-        preds.append(predict(policy, trace, slots, k, profile, needs.expert_bytes, norms,
-                             **extra))
+        if policy != "ondemand":
+            slots = allocate_for(policy, trace, k, needs.expert_bytes, allowance)
+            extra = dict(usage=usage) if policy == "swap" else {}
+            preds.append(predict(policy, trace, slots, k, profile, needs.expert_bytes, norms,
+                                 **extra))
+            continue
+        tried = []
+        for depth in PREFETCH_CHOICES if n_prefetch is None else (n_prefetch,):
+            slots = allocate_for(policy, trace, k, needs.expert_bytes, allowance, depth, **gating)
+            tried.append(predict_ondemand(trace, slots, k, profile, needs.expert_bytes, depth,
+                                          **gating))
+        best = max(tried, key=lambda p: p.tok_per_s)
+        if len(tried) > 1:
+            best = dataclasses.replace(best, notes=best.notes + (
+                "prefetch depth " + ", ".join(f"{p.n_prefetch}: {p.tok_per_s:.2f}"
+                                              for p in tried) + " tok/s",))
+        preds.append(best)
     for p in preds:
         lines.append(p.line())
         lines.append(f"          slots per layer: {' '.join(str(p.slots[l]) for l in sorted(p.slots))}")
