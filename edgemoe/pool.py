@@ -4,8 +4,9 @@ whose last dimension is a slot; ggml_mul_mat_id indexes them by slot id.
 Residency policies (issue 4) drive the pool through `load`, `evict`, `resident`, `slot_of`; the
 graph reads `tensors(layer)` and, with masked routing, `route_mask(layer)` / `slot_map(layer)`.
 An expert is read from its shard with one positioned read of its contiguous data run (offsets
-from the manifest, no GGUF parsing), copied into its slot, and the page cache the read caused is
-dropped (the memory budget counts page cache).
+from the manifest, no GGUF parsing) and copied into its slot. The read uses O_DIRECT where the
+filesystem allows it, else the page cache it caused is dropped (the memory budget counts page
+cache).
 
 Threading: a background loader may call `load`/`evict` while the engine computes. File reads run
 without any lock (and release the GIL); the copy into a slot and the publication of the new
@@ -14,6 +15,8 @@ sees a slot half-written or a mapping that changed mid-step.
 """
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +28,63 @@ from edgemoe import ggml
 from edgemoe.errors import EdgeMoeError, ShardSetError
 from edgemoe.ggml import GGMLType
 from edgemoe.shardset import EXPERT_TENSORS, ShardSet
+
+
+_ALIGN = 4096                       # O_DIRECT: file offsets, lengths and memory aligned to this
+_direct = hasattr(os, "O_DIRECT")   # cleared for good the first time a filesystem refuses it
+_buffers = threading.local()
+
+
+def _thread_buffer(nbytes: int) -> np.ndarray:
+    """This thread's page-aligned read buffer, at least nbytes (reused: reads are serial per
+    thread and the pool copies out of it before the thread reads again)."""
+    buf = getattr(_buffers, "buf", None)
+    if buf is None or len(buf) < nbytes:
+        buf = _buffers.buf = mmap.mmap(-1, -(-nbytes // _ALIGN) * _ALIGN)
+    return np.frombuffer(buf, dtype=np.uint8)
+
+
+def read_span(path, offset: int, nbytes: int) -> np.ndarray:
+    """nbytes of `path` at `offset`, read with O_DIRECT where the filesystem allows it (straight
+    from the device into this thread's aligned buffer: no page cache to charge to the memory
+    budget and no copy out of it), else with a plain pread whose page cache is then dropped.
+    Returns a view of the thread's buffer. Raises OSError, or EOFError on a short read."""
+    global _direct
+    if _direct:
+        start = offset - offset % _ALIGN
+        end = -(-(offset + nbytes) // _ALIGN) * _ALIGN
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            _direct = False   # tmpfs and some FUSE filesystems refuse O_DIRECT
+        else:
+            try:
+                buf = _thread_buffer(end - start)[: end - start]
+                got = os.preadv(fd, [buf], start)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                _direct = False
+            else:
+                if got < offset + nbytes - start:
+                    raise EOFError(f"read {max(0, got - (offset - start))} of {nbytes} bytes "
+                                   f"at offset {offset}")
+                return buf[offset - start: offset - start + nbytes]
+            finally:
+                os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out = _thread_buffer(nbytes)[:nbytes]
+        got = os.preadv(fd, [out], offset)
+        if got != nbytes:
+            raise EOFError(f"read {got} of {nbytes} bytes at offset {offset}")
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return out
 
 
 class ExpertPool:
@@ -215,24 +275,14 @@ class ExpertPool:
 
     @staticmethod
     def _read(shard) -> np.ndarray:
-        """The expert's data run, read with one pread; the page cache it filled is dropped."""
-        out = np.empty(shard.data_bytes, dtype=np.uint8)
+        """The expert's data run (a view of the reading thread's buffer, valid until its next
+        read), read with one pread that leaves no page cache behind (see read_span)."""
         try:
-            fd = os.open(shard.path, os.O_RDONLY)
-        except OSError as exc:
-            raise ShardSetError(f"{shard.path}: cannot open expert shard ({exc.strerror})") from None
-        try:
-            got = os.preadv(fd, [out], shard.data_offset)
-            if got != shard.data_bytes:
-                raise ShardSetError(f"{shard.path}: read {got} of {shard.data_bytes} bytes at "
-                                    f"offset {shard.data_offset}; the shard is truncated")
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, shard.data_offset, shard.data_bytes, os.POSIX_FADV_DONTNEED)
+            return read_span(shard.path, shard.data_offset, shard.data_bytes)
+        except EOFError as exc:
+            raise ShardSetError(f"{shard.path}: {exc}; the shard is truncated") from None
         except OSError as exc:
             raise ShardSetError(f"{shard.path}: cannot read expert shard ({exc.strerror})") from None
-        finally:
-            os.close(fd)
-        return out
 
     def close(self) -> None:
         self.buffer.close()

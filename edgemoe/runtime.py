@@ -71,8 +71,9 @@ class ResidencyConfig:
 def needs_from_files(shards: ShardSet, n_ctx: int, kv_type: str, compute_bytes: int | None = None,
                      runtime_bytes: int | None = None) -> MemoryNeeds:
     """MemoryNeeds from the shard set's headers alone (nothing loaded). The read in flight is
-    the larger of the pool's (host buffer + page cache of one expert) and the base file's
-    page cache while its tensors are copied (the engine maps base.gguf whole, then drops it)."""
+    the larger of the pool's (host buffer + page cache, without O_DIRECT, of one expert) and the
+    base file's page cache while its tensors are copied (the engine maps base.gguf whole, then
+    drops it)."""
     try:
         reader = GGUFReader(shards.base_path)
     except Exception as exc:  # gguf-py raises ValueError/struct errors on a corrupt header

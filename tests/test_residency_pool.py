@@ -89,6 +89,47 @@ def test_swap_on_the_real_pool(shards, pool):
         assert pol.telemetry.counters.swaps > 0
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_read_span_returns_the_file_bytes(shards, monkeypatch, direct):
+    """Unaligned spans of a shard, through O_DIRECT (where /tmp's filesystem takes it) or the
+    buffered fallback, equal the file's bytes; a span past the end is a short read."""
+    import edgemoe.pool as pool_mod
+
+    monkeypatch.setattr(pool_mod, "_direct", direct and pool_mod._direct)
+    shard = shards.expert(shards.expert_layers[0], 3)
+    raw = Path(shard.path).read_bytes()
+    for offset, nbytes in ((shard.data_offset, shard.data_bytes), (1, 5000), (4095, 4098)):
+        got = pool_mod.read_span(shard.path, offset, nbytes)
+        assert got.tobytes() == raw[offset:offset + nbytes]
+    with pytest.raises(EOFError, match=f"of {len(raw)} bytes"):
+        pool_mod.read_span(shard.path, 100, len(raw))
+
+
+def test_a_filesystem_refusing_o_direct_falls_back(shards, monkeypatch):
+    import errno
+    import os
+
+    import edgemoe.pool as pool_mod
+
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+    real_open = os.open
+
+    def tmpfs_open(path, flags, *a):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(pool_mod, "_direct", True)
+    monkeypatch.setattr(pool_mod.os, "open", tmpfs_open)
+    shard = shards.expert(shards.expert_layers[1], 0)
+    got = pool_mod.read_span(shard.path, shard.data_offset, shard.data_bytes)
+    assert pool_mod._direct is False
+    with open(shard.path, "rb") as f:
+        f.seek(shard.data_offset)
+        assert got.tobytes() == f.read(shard.data_bytes)
+
+
 def test_measure_reads_and_record_a_trace(shards):
     from edgemoe.residency.planner import measure_reads
     from edgemoe.residency.traces import TraceRecorder

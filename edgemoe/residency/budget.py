@@ -85,9 +85,9 @@ class MemoryNeeds:
     expert_bytes: Mapping[int, int]  # layer -> bytes of one expert slot (gate + up + down)
     n_expert: int
     n_expert_used: int               # top-k: every expert layer needs at least k slots
-    # Transient bytes of the one read in flight (reads are serialised): edgemoe.pool reads an
-    # expert into a host buffer before copying it into its slot, and the page cache the read
-    # filled lives until it is dropped. None: twice the largest expert, the pool's worst case.
+    # Bytes of the one read in flight (reads are serialised): edgemoe.pool reads an expert into
+    # its thread's host buffer before copying it into its slot, and without O_DIRECT the page
+    # cache the read filled lives until it is dropped. None: twice the largest expert.
     read_bytes: int | None = None
     # The process before any model memory: interpreter, numpy, the ggml libraries, tokenizer.
     # The engine passes process_baseline_bytes() taken before it loads anything.

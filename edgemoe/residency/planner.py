@@ -34,6 +34,7 @@ from typing import Mapping
 
 import numpy as np
 
+from edgemoe.pool import read_span
 from edgemoe.residency.allocation import allocate_slots, loads_table
 from edgemoe.residency.budget import (Budget, MemoryNeeds, compute_text, expert_allowance,
                                      format_bytes)
@@ -138,22 +139,19 @@ def ondemand_timeline(profile: Profile, layers: list[int], reads: Mapping[int, l
 
 
 def _cold_read(path, offset: int, nbytes: int, slot: np.ndarray | None = None) -> float:
-    """Seconds of one pread of nbytes at offset, with the file's page cache dropped before and
-    after, and with `slot` the copy into it: as the pool loads an expert (read into a buffer,
-    then copied into the slot's tensors)."""
-    buf = np.empty(nbytes, dtype=np.uint8)
+    """Seconds of one read of nbytes at offset as the pool reads an expert (edgemoe.pool.
+    read_span, from the device: the file's page cache is dropped first), with `slot` the copy
+    into it."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        t0 = time.perf_counter()
-        os.preadv(fd, [buf], offset)
-        if slot is not None:
-            slot[:nbytes] = buf
-        seconds = time.perf_counter() - t0
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-    return seconds
+    t0 = time.perf_counter()
+    data = read_span(path, offset, nbytes)
+    if slot is not None:
+        slot[:nbytes] = data
+    return time.perf_counter() - t0
 
 
 def measure_reads(shards, samples: int = 8, stream_bytes: int = 64 << 20
