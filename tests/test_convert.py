@@ -17,7 +17,7 @@ from converters.arch.base import F32
 from edgemoe import quant
 from edgemoe.quant import GGMLType
 from edgemoe.shardset import ALIGNMENT, ShardSet
-from tiny_models import ARCHS, CONVERTER_ONLY_ARCHS, cached_checkpoint
+from tiny_models import ARCHS, cached_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +67,7 @@ def expected(ckpt, kind_type) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("arch", ARCHS + CONVERTER_ONLY_ARCHS)
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
 def test_every_tensor_round_trips(tiny_root, tmp_path, arch, qtype):
     ckpt = cached_checkpoint(tiny_root, arch, tokenizer="bpe")
@@ -84,7 +84,7 @@ def test_every_tensor_round_trips(tiny_root, tmp_path, arch, qtype):
         np.testing.assert_array_equal(got["token_embd.weight"].view(np.uint32), emb.view(np.uint32))
 
 
-@pytest.mark.parametrize("arch", ARCHS + CONVERTER_ONLY_ARCHS)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_layout_and_metadata(tiny_root, tmp_path, arch):
     ckpt = cached_checkpoint(tiny_root, arch, tokenizer="bpe")
     out = tmp_path / "shards"

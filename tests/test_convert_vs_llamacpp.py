@@ -20,7 +20,7 @@ from gguf import GGUFReader
 
 import converters
 from edgemoe.shardset import ShardSet
-from tiny_models import ARCHS, CONVERTER_ONLY_ARCHS, cached_checkpoint
+from tiny_models import ARCHS, cached_checkpoint
 
 SRC = Path(os.environ.get("LLAMA_CPP_SRC", "/tmp/x/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 pytestmark = [
@@ -56,7 +56,7 @@ def metadata(reader: GGUFReader) -> dict:
             if not k.startswith(("GGUF.", "tokenizer.", "edgemoe.")) and k not in DESCRIPTIVE}
 
 
-@pytest.mark.parametrize("arch", ARCHS + CONVERTER_ONLY_ARCHS)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_same_as_llama_cpp_converter(tiny_root, tmp_path, arch):
     ckpt = cached_checkpoint(tiny_root, arch, tokenizer="bpe")
     wrapper = tmp_path / "run_llamacpp_converter.py"

@@ -25,7 +25,8 @@ PROMPT = [5, 9, 33, 2, 100, 7, 8, 61, 12, 90, 4, 77]
 N_DECODE = 64
 # 8 experts, top-2: 50% of expert bytes is 4 slots per layer, 25% is 2 (= top-k).
 EXPERTS = {"mixtral": {"num_local_experts": 8}, "qwen2_moe": {"num_experts": 8},
-           "qwen3_moe": {"num_experts": 8}, "olmoe": {"num_experts": 8}}
+           "qwen3_moe": {"num_experts": 8}, "olmoe": {"num_experts": 8},
+           "granitemoe": {"num_local_experts": 8}}
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,7 @@ from pathlib import Path
 
 from tiny_tokenizers import make_bpe_tokenizer, make_spm_tokenizer
 
-ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-# Converted and checked against llama.cpp, but without an edgemoe runtime graph yet.
-CONVERTER_ONLY_ARCHS = ("granitemoe",)
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
 
 VOCAB_SIZE = 384  # used with tokenizer=None (tensor-only checkpoints)
 
@@ -85,8 +83,8 @@ def make_tiny_checkpoint(arch: str, out: str | Path, seed: int = 0, dtype: str =
     import torch
     import transformers
 
-    if arch not in ARCHS + CONVERTER_ONLY_ARCHS:
-        raise ValueError(f"unknown tiny arch {arch!r}; known: {ARCHS + CONVERTER_ONLY_ARCHS}")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown tiny arch {arch!r}; known: {ARCHS}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n_vocab = _tokenizer(tokenizer, out) or VOCAB_SIZE

@@ -4,11 +4,12 @@ Each module declares an `ArchSpec` (what differs from the shared pieces in arch.
 """
 from __future__ import annotations
 
-from edgemoe.arch import llama, olmoe, qwen2moe, qwen3moe
+from edgemoe.arch import granitemoe, llama, olmoe, qwen2moe, qwen3moe
 from edgemoe.arch.common import ArchSpec
 from edgemoe.errors import UnsupportedArchitecture
 
-REGISTRY: dict[str, ArchSpec] = {m.SPEC.name: m.SPEC for m in (llama, qwen2moe, qwen3moe, olmoe)}
+REGISTRY: dict[str, ArchSpec] = {m.SPEC.name: m.SPEC for m in (llama, qwen2moe, qwen3moe, olmoe,
+                                                     granitemoe)}
 
 
 def get(name: str) -> ArchSpec:

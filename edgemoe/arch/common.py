@@ -69,6 +69,13 @@ class HParams:
     expert_weights_norm: bool
     expert_weights_scale: float
     expert_layers: tuple[int, ...]
+    # Granite's multipliers (1 / 0 where a model has none): token embeddings are scaled by
+    # embedding_scale, attention scores by attention_scale instead of 1/sqrt(head_dim), each
+    # block's output by residual_scale before its residual add, logits divided by logit_scale.
+    embedding_scale: float = 1.0
+    attention_scale: float = 0.0
+    residual_scale: float = 1.0
+    logit_scale: float = 1.0
 
     @property
     def n_embd_q(self) -> int:
@@ -129,6 +136,10 @@ class HParams:
             expert_weights_norm=spec.expert_weights_norm,
             expert_weights_scale=float(get(Keys.LLM.EXPERT_WEIGHTS_SCALE, 1.0)),
             expert_layers=expert_layers,
+            embedding_scale=float(get(Keys.LLM.EMBEDDING_SCALE, 1.0)) or 1.0,
+            attention_scale=float(get(Keys.Attention.SCALE, 0.0)),
+            residual_scale=float(get(Keys.LLM.RESIDUAL_SCALE, 1.0)) or 1.0,
+            logit_scale=float(get(Keys.LLM.LOGIT_SCALE, 1.0)) or 1.0,
         )
 
 
@@ -327,12 +338,12 @@ class GraphBuilder:
         """The forward graph of a batch of n_tokens attending over n_kv cells; with
         all_logits=False only the last token's logits are computed (the output projection is
         the largest matmul of a prompt)."""
-        hp, w, M = self.hp, self.w, MODEL_TENSOR
+        hp = self.hp
         ctx, o, gf = self._begin(graph_nodes_upper_bound(hp))
         inputs = {"tokens": o.input(GGMLType.I32, (n_tokens,), "inp_tokens"),
                   **self._attn_inputs(o, n_tokens, n_kv)}
         outputs: dict[str, int] = {}
-        x = o.get_rows(w.get(M.TOKEN_EMBD), inputs["tokens"])  # (n_embd, n_tokens)
+        x = self._embed(o, inputs["tokens"])  # (n_embd, n_tokens)
         for il in range(hp.n_layer):
             # Under full routing the last layer's FFN runs for the tokens whose logits are
             # wanted only (policies see every token's routing under masked routing).
@@ -344,7 +355,7 @@ class GraphBuilder:
                 ffn = self._experts(o, h, il, ids, weights, m)
             else:
                 ffn = self._dense_ffn(o, h, il)
-            x = o.add(ffn, x)
+            x = self._residual(o, ffn, x)
         if not all_logits and routing != "full":
             x = self._last_column(o, x, n_tokens)
         outputs["logits"] = self._output(o, x)
@@ -367,7 +378,7 @@ class GraphBuilder:
         outputs: dict[str, int] = {}
         if il == 0:
             inputs["tokens"] = o.input(GGMLType.I32, (n_tokens,), "inp_tokens")
-            x = o.get_rows(w.get(M.TOKEN_EMBD), inputs["tokens"])
+            x = self._embed(o, inputs["tokens"])
         else:
             x = self._state_view(o, st.x, n_tokens)
         x, h = self._attention_block(o, gf, x, il, inputs, n_tokens, n_kv)
@@ -382,7 +393,8 @@ class GraphBuilder:
             if later:
                 outputs["next_logits"] = o.mul_mat(w.get(M.FFN_GATE_INP, later[0]), h)
         else:
-            outputs["store_x"] = self._store(o, o.add(self._dense_ffn(o, h, il), x), st.x, n_tokens)
+            outputs["store_x"] = self._store(o, self._residual(o, self._dense_ffn(o, h, il), x),
+                                             st.x, n_tokens)
         return self._finish(ctx, o, gf, n_tokens, n_kv, 0, inputs, outputs)
 
     def build_experts(self, il: int, n_tokens: int, shared: bool = True,
@@ -397,7 +409,7 @@ class GraphBuilder:
         x = self._state_view(o, st.x, n_tokens)
         h = self._state_view(o, st.h, n_tokens)
         ffn = self._experts(o, h, il, inputs["ids"], inputs["weights"], n_tokens, shared, k)
-        outputs = {"store_x": self._store(o, o.add(ffn, x), st.x, n_tokens)}
+        outputs = {"store_x": self._store(o, self._residual(o, ffn, x), st.x, n_tokens)}
         return self._finish(ctx, o, gf, n_tokens, 0, 0, inputs, outputs)
 
     def build_output(self, n_tokens: int, all_logits: bool) -> Graph:
@@ -410,6 +422,16 @@ class GraphBuilder:
 
     # -- pieces ------------------------------------------------------------------------------------
 
+    def _embed(self, o: ggml.Ops, tokens: int) -> int:
+        x = o.get_rows(self.w.get(MODEL_TENSOR.TOKEN_EMBD), tokens)
+        return o.scale(x, self.hp.embedding_scale) if self.hp.embedding_scale != 1.0 else x
+
+    def _residual(self, o: ggml.Ops, y: int, x: int) -> int:
+        """x + a block's output y (scaled first where the model says: Granite)."""
+        if self.hp.residual_scale != 1.0:
+            y = o.scale(y, self.hp.residual_scale)
+        return o.add(y, x)
+
     def _last_column(self, o: ggml.Ops, x: int, n_tokens: int) -> int:
         """The last token's column of an (n_embd, n_tokens) tensor."""
         row = ggml.row_size(GGMLType.F32, self.hp.n_embd)
@@ -419,6 +441,8 @@ class GraphBuilder:
         w, M = self.w, MODEL_TENSOR
         x = self._norm(o, x, w.get(M.OUTPUT_NORM))
         logits = o.mul_mat(w.get(M.OUTPUT) or w.get(M.TOKEN_EMBD), x)  # (n_vocab, n_out)
+        if self.hp.logit_scale != 1.0:
+            logits = o.scale(logits, 1.0 / self.hp.logit_scale)
         return o.name(logits, "result_output")
 
     def _attention_block(self, o, gf, x, il, inputs, n_tokens, n_kv,
@@ -427,7 +451,7 @@ class GraphBuilder:
         token only with last_only."""
         w, M = self.w, MODEL_TENSOR
         h = self._norm(o, x, w.get(M.ATTN_NORM, il))
-        x = o.add(self._attention(o, gf, h, il, inputs, n_tokens, n_kv), x)
+        x = self._residual(o, self._attention(o, gf, h, il, inputs, n_tokens, n_kv), x)
         if last_only:
             x = self._last_column(o, x, n_tokens)
         return x, self._norm(o, x, w.get(M.FFN_NORM, il))
@@ -472,7 +496,8 @@ class GraphBuilder:
         k_view = o.view_3d(k_all, D, n_kv, HKV, row, head, 0)  # (head_dim, n_kv, n_head_kv)
         v_view = o.view_3d(v_all, D, n_kv, HKV, row, head, 0)
         q = o.permute(q, 0, 2, 1, 3)                           # (head_dim, n_tokens, n_head)
-        att = o.flash_attn(q, k_view, v_view, inputs["kq_mask"], 1.0 / math.sqrt(D))
+        att = o.flash_attn(q, k_view, v_view, inputs["kq_mask"],
+                           hp.attention_scale or 1.0 / math.sqrt(D))
         att = o.reshape_2d(att, hp.n_embd_q, n_tokens)         # (n_embd_q, n_tokens)
         return self._linear(o, w.get(M.ATTN_OUT, il), att)
 

@@ -1,0 +1,8 @@
+"""GraniteMoE: the Mixtral layout (q/k rows permuted at conversion for interleaved RoPE,
+renormalised top-k) with Granite's four multipliers, which HParams reads from the GGUF
+(embedding, attention, residual and logit scales)."""
+from edgemoe import ggml
+from edgemoe.arch.common import ArchSpec
+
+SPEC = ArchSpec(name="granitemoe", hf_names=("granitemoe",), rope_mode=ggml.ROPE_NORM,
+                qk_norm=None, expert_weights_norm=True)
