@@ -79,7 +79,7 @@ def test_calibrate_then_plan_then_run_uses_the_plan(shards, capsys):
         assert dict(plan.slots) == slots
         # The prefetch depth the plan chose (the fastest it predicted), unless the user says.
         depth = doc["policies"]["ondemand"]["n_prefetch"]
-        assert depth in (0, 1, 2) and f"prefetch depth 0: " in out
+        assert depth in (0, 1, 2) and "prefetch depth 0: " in out
         assert engine.policy.n_prefetch == depth
     doc["policies"]["ondemand"]["n_prefetch"] = 2 if depth != 2 else 0
     (shards / PLAN_FILE).write_text(json.dumps(doc))
