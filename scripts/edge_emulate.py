@@ -572,7 +572,7 @@ def run_limited(cmd: list[str], profile: str | None = None, mem: int | str | Non
             if d not in disks:
                 disks.append(d)
     group = open_cgroup(mem, read_bps, disks) if (mem is not None or read_bps is not None) else None
-    proc = sampler = None
+    proc = sampler = timer = None
     try:
         drop_report = drop_page_cache(list(drop)) if drop else None
         start = time.monotonic()
@@ -590,7 +590,6 @@ def run_limited(cmd: list[str], profile: str | None = None, mem: int | str | Non
                 t.start()
                 readers.append(t)
         expired = threading.Event()
-        timer = None
         if timeout is not None:
             timer = threading.Timer(timeout, lambda: (expired.set(), proc.kill()))
             timer.start()
@@ -606,6 +605,8 @@ def run_limited(cmd: list[str], profile: str | None = None, mem: int | str | Non
             t.join()
         stats = group.stats() if group else None
     except BaseException:
+        if timer is not None:   # a pending Timer thread would hold the interpreter's exit
+            timer.cancel()
         if proc is not None and proc.returncode is None:
             _stop(proc)
         if sampler is not None:

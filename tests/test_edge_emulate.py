@@ -178,6 +178,26 @@ def test_interrupt_stops_child_and_removes_groups(tmp_path: Path):
             assert not any(n.startswith(name) for n in os.listdir(root))
 
 
+def test_interrupted_run_with_a_timeout_exits_at_once(tmp_path: Path):
+    # run_limited(timeout=...) arms a Timer thread; an interrupt must not leave it holding the
+    # interpreter's exit until the timeout (bench_budget hung 30 minutes after a SIGTERM).
+    marker = tmp_path / "started"
+    child = f"import time, pathlib; pathlib.Path({str(marker)!r}).touch(); time.sleep(60)"
+    code = ("import signal, sys; sys.path.insert(0, sys.argv[1]); import edge_emulate as ee; "
+            "signal.signal(signal.SIGTERM, ee._sigterm_as_interrupt); "
+            "ee.run_limited([sys.executable, '-c', sys.argv[2]], timeout=600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(SCRIPTS), child],
+                            stderr=subprocess.PIPE, text=True)
+    for _ in range(200):
+        if marker.exists():
+            break
+        subprocess.run(["sleep", "0.05"])
+    assert marker.exists()
+    proc.terminate()
+    _, err = proc.communicate(timeout=30)
+    assert "KeyboardInterrupt" in err and proc.returncode != 0
+
+
 @needs_cgroups
 def test_killed_emulator_takes_its_command_along_and_leftovers_are_removed(tmp_path: Path):
     # SIGKILL gives the emulator no chance to clean up: its command must still die (no process
