@@ -278,17 +278,19 @@ def measure_profile(shards_path: str | Path, n_threads: int | None = None,
                 ensured, last = t, layer
             prev = t
         other.append(t1 - ensured)   # the last layer's experts, dense tail, head; fixed below
-    typical = float(np.median([np.median(v) for v in expert.values() if v])) if len(layers) > 1 \
+    # Means, not medians: decode speed is tokens over total time, and this machine's hiccups
+    # (a shared host) are part of it.
+    typical = float(np.median([np.mean(v) for v in expert.values() if v])) if len(layers) > 1 \
         else 0.0
-    expert_seconds = {l: float(np.median(v)) if v else typical for l, v in expert.items()}
-    other_seconds = max(0.0, float(np.median(other)) - k * expert_seconds[layers[-1]])
+    expert_seconds = {l: float(np.mean(v)) if v else typical for l, v in expert.items()}
+    other_seconds = max(0.0, float(np.mean(other)) - k * expert_seconds[layers[-1]])
 
     cfg = ResidencyConfig(memory_budget=fraction, policy="static")
     engine, _ = open_engine(shards_path, cfg, n_ctx=n_ctx, n_threads=n_threads, n_batch=len(prompt))
     with engine:
-        fused = float(np.median([t1 - t0 for t0, t1 in decode(engine)]))
+        fused = float(np.mean([t1 - t0 for t0, t1 in decode(engine)]))
     return Profile(read_bytes_per_s=bandwidth, read_latency_s=latency,
-                   layer_seconds={l: float(np.median(v)) for l, v in attn.items()},
+                   layer_seconds={l: float(np.mean(v)) for l, v in attn.items()},
                    expert_seconds=expert_seconds, other_seconds=other_seconds,
                    fused_seconds=fused, sustained_bytes_per_s=sustained,
                    burst_bytes=burst)

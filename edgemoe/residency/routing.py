@@ -56,15 +56,14 @@ def adaptive_gate(ids: np.ndarray, weights: np.ndarray, sensitivity: float,
     s_l * w2^2 < T. The dropped weight goes to the kept experts in proportion, so the total gate
     mass is unchanged (1 for renormalising architectures, as in AdapMoE). Dropped ids are -1 with
     weight 0. Returns new (ids, weights); inputs are not modified."""
-    ids = np.array(ids, dtype=np.int32)
-    weights = np.array(weights, dtype=np.float32)
+    ids = np.asarray(ids, dtype=np.int32)
+    weights = np.asarray(weights, dtype=np.float32)
     total = weights.sum(axis=1, keepdims=True)                     # (n_tokens, 1)
-    rel = weights / total                                          # (n_tokens, k)
-    keep = np.ones_like(ids, dtype=bool)
-    for r in range(ids.shape[1] - 1, 0, -1):
-        # A rank may go only if every rank after it already went: the kept set stays a prefix.
-        tail_gone = ~keep[:, r + 1:].any(axis=1) if r + 1 < ids.shape[1] else True
-        keep[:, r] = ~(tail_gone & (sensitivity * rel[:, r] ** 2 < threshold))
+    drop = sensitivity * (weights / total) ** 2 < threshold        # (n_tokens, k)
+    # A rank goes only if every rank after it goes too (the kept set stays a prefix): keep the
+    # ranks before the longest all-drop suffix, and always the first.
+    keep = ~np.logical_and.accumulate(drop[:, ::-1], axis=1)[:, ::-1]
+    keep[:, 0] = True
     kept = np.where(keep, weights, 0.0)
     weights = kept * (total / kept.sum(axis=1, keepdims=True))
     return np.where(keep, ids, -1).astype(np.int32), weights.astype(np.float32)
