@@ -299,7 +299,8 @@ def measure_profile(shards_path: str | Path, n_threads: int | None = None,
 def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = None,
                 n_ctx: int = 2048, n_batch: int = 512, kv_type: str = "f16",
                 n_threads: int | None = None, n_prefetch: int | None = None,
-                adaptive_gating: float | None = None, profile=None, write: bool = True):
+                adaptive_gating: float | None = None, profile=None, write: bool = True,
+                prompt_tokens: int = 32, decode_tokens: int = 256):
     """The `edgemoe plan` answer: (predictions, report lines, plan document)."""
     from edgemoe.engine import Engine
     from edgemoe.residency.planner import plan as make_plans
@@ -327,7 +328,8 @@ def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = 
     profile = profile or measure_profile(shards_path, n_threads)
     preds, lines = make_plans(budget, needs, trace, profile, norms=cal.norms,
                               n_prefetch=n_prefetch, sensitivity=cal.sensitivity,
-                              threshold=adaptive_gating, usage=cal.usage)
+                              threshold=adaptive_gating, usage=cal.usage,
+                              prompt_tokens=prompt_tokens, decode_tokens=decode_tokens)
     if policy is not None:
         preds = [p for p in preds if p.policy == policy]
     doc = {"budget": str(budget), "n_ctx": n_ctx, "kv_type": kv_type,
@@ -378,7 +380,8 @@ def _plan_cmd(args: argparse.Namespace) -> int:
         _, lines, _ = plan_shards(args.shards, args.budget, args.policy, args.ctx_size,
                                   args.batch_size, n_threads=args.threads,
                                   n_prefetch=args.n_prefetch,
-                                  adaptive_gating=args.adaptive_gating, write=not args.no_write)
+                                  adaptive_gating=args.adaptive_gating, write=not args.no_write,
+                                  prompt_tokens=args.prompt_tokens, decode_tokens=args.tokens)
     except ValueError as exc:
         raise EdgeMoeError(str(exc)) from None
     print("\n".join(lines))
@@ -406,6 +409,12 @@ def register(subparsers) -> None:
                    "of 0, 1 and 2 on this storage, which `edgemoe run` then uses)")
     p.add_argument("--adaptive-gating", type=float, default=None, metavar="T",
                    help="ondemand: drop the last expert when s_l * w^2 < T")
+    p.add_argument("--prompt-tokens", type=int, default=32, metavar="N",
+                   help="ondemand: the run's prompt length; the cache fills from it, and decode "
+                   "pays for the slots it left free (default: %(default)s)")
+    p.add_argument("-n", "--tokens", type=int, default=256, metavar="N",
+                   help="ondemand: tokens the run decodes (default: %(default)s; at most what "
+                   "the calibration trace holds after the prompt)")
     p.add_argument("--no-write", action="store_true", help=f"do not write {PLAN_FILE}")
     p.set_defaults(func=_plan_cmd)
 

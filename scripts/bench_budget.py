@@ -176,7 +176,7 @@ def child_plan(args) -> dict:
     spec = json.loads(args.spec)
     profile = measure_profile(args.shards, args.threads, prompt=spec["text"][:N_PROMPT])
     common = dict(n_ctx=args.n_ctx, n_batch=N_PROMPT, n_threads=args.threads,
-                  profile=profile, write=False)
+                  profile=profile, write=False, prompt_tokens=N_PROMPT, decode_tokens=args.n)
     # Each ondemand run has its prefetch depth fixed, so is each prediction (a plan left to
     # itself picks the fastest depth: `edgemoe plan` prints it and `run` uses it).
     preds, lines, _ = plan_shards(args.shards, spec["budget"], n_prefetch=1, **common)

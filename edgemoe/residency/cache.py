@@ -93,14 +93,14 @@ def simulate_layer(wanted: Sequence[np.ndarray], n_slots: int,
     wanted[t]: experts token t runs in this layer (ids >= 0; -1 entries, dropped by adaptive
     gating, are ignored). predicted[t]: the next-layer predictor's experts for token t, best
     first, prefetched before wanted[t] is served.
-    reads, if given, gets one entry per token: (prefetched, demanded, needed), the experts read
-    by prefetch and on demand into occupied slots (steady-state reads; filling a free slot is
-    left out) and the distinct experts the token runs."""
+    reads, if given, gets one entry per token: (prefetched, demanded, needed, used), the experts
+    read by prefetch and on demand (filling free slots included), the distinct experts the token
+    runs, and how many of those a prefetch had brought in."""
     cache = LayerCache(n_slots)
     hits = misses = issued = used = n_wanted = fill_misses = fill_prefetches = 0
     prefetched: set[int] = set()
     for t, row in enumerate(wanted):
-        pre, dem = [], []
+        pre, dem, used_before = [], [], used
         if predicted is not None:
             guess = [int(e) for e in predicted[t]]
             for e in prefetch_candidates(cache, guess, n_prefetch):
@@ -112,8 +112,7 @@ def simulate_layer(wanted: Sequence[np.ndarray], n_slots: int,
                 prefetched.add(e)
                 issued += 1
                 fill_prefetches += got[1] is None
-                if got[1] is not None:
-                    pre.append(e)
+                pre.append(e)
         need = sorted({int(e) for e in row if e >= 0})
         n_wanted += len(need)
         for e in need:
@@ -127,13 +126,12 @@ def simulate_layer(wanted: Sequence[np.ndarray], n_slots: int,
                 misses += 1
                 slot, victim = cache.reserve(e, protect=need)
                 fill_misses += victim is None
-                if victim is not None:
-                    dem.append(e)
+                dem.append(e)
                 prefetched.discard(victim)
                 cache.commit(e, slot)
         prefetched.difference_update(need)
         if reads is not None:
-            reads.append((pre, dem, need))
+            reads.append((pre, dem, need, used - used_before))
     return CacheStats(tokens=len(wanted), wanted=n_wanted, hits=hits, misses=misses,
                       prefetch_issued=issued, prefetch_used=used, fill_misses=fill_misses,
                       fill_prefetches=fill_prefetches)

@@ -96,12 +96,14 @@ class _Reader:
 
 
 def ondemand_timeline(profile: Profile, layers: list[int], reads: Mapping[int, list],
-                      runs: Mapping[int, np.ndarray], expert_bytes: Mapping[int, int]
-                      ) -> tuple[float, float]:
-    """(seconds, stall seconds) per token of the ondemand policy replaying the trace's reads:
-    reads[l][t] = (prefetched, demanded, needed) from cache.simulate_layer, runs[l][t] the
-    experts token t runs in layer l. See the module's docstring for the order of events."""
-    n_tokens = len(reads[layers[0]])
+                      runs: Mapping[int, np.ndarray], expert_bytes: Mapping[int, int],
+                      tokens: range | None = None) -> tuple[float, float]:
+    """(seconds, stall seconds) per token of the ondemand policy replaying the trace's reads
+    over `tokens` (default: all): reads[l][t] = (prefetched, demanded, needed, used) from
+    cache.simulate_layer, runs[l][t] the experts token t runs in layer l. See the module's
+    docstring for the order of events."""
+    tokens = range(len(reads[layers[0]])) if tokens is None else tokens
+    n_tokens = len(tokens)
     reader = _Reader(profile)
     queued: list[tuple[int, int, float]] = []          # prefetches not started: (layer, e, at)
     started: dict[int, dict[int, float]] = {l: {} for l in layers}   # layer -> {e: done}
@@ -112,11 +114,11 @@ def ondemand_timeline(profile: Profile, layers: list[int], reads: Mapping[int, l
             started[l][e] = reader.read(at, expert_bytes[l])
 
     now = stall = 0.0
-    for t in range(n_tokens):
+    for t in tokens:
         now += profile.other_seconds
         for i, l in enumerate(layers):
             now += profile.layer_seconds[l]
-            _, demanded, needed = reads[l][t]
+            _, demanded, needed, _ = reads[l][t]
             start_queued(now)
             ready = now
             for job in [j for j in queued if j[0] == l]:
@@ -380,8 +382,16 @@ def predict_swap(trace: RoutingTrace, slots: Mapping[int, int], k: int, profile:
 def predict_ondemand(trace: RoutingTrace, slots: Mapping[int, int], k: int, profile: Profile,
                      expert_bytes: Mapping[int, int], n_prefetch: int = 1,
                      sensitivity: Mapping[int, float] | None = None,
-                     threshold: float | None = None) -> Prediction:
+                     threshold: float | None = None, prompt_tokens: int = 0,
+                     decode_tokens: int | None = None) -> Prediction:
+    """The decode of a run that reads the trace's first prompt_tokens as its prompt (from an
+    empty cache) and decodes the next decode_tokens (default: the rest of the trace): the
+    replay counts and times every read decode makes, the filling of slots the prompt left free
+    included (a short run pays for much of its cache; a long one for its steady state)."""
     layers = trace.layers
+    start = min(max(0, prompt_tokens), trace.n_tokens - 1)
+    end = trace.n_tokens if decode_tokens is None else min(trace.n_tokens, start + decode_tokens)
+    window = range(start, end)
     bytes_total = 0.0
     hits = wanted = issued = used = 0
     reads, runs = {}, {}
@@ -390,18 +400,17 @@ def predict_ondemand(trace: RoutingTrace, slots: Mapping[int, int], k: int, prof
         ids = trace.wanted(l, k, s_l, threshold)
         predicted = trace.predicted_ids(l, k) if n_prefetch else None
         reads[l] = []
-        st = simulate_layer(ids, slots[l], predicted, n_prefetch, reads[l])
+        simulate_layer(ids, slots[l], predicted, n_prefetch, reads[l])
         runs[l] = (np.asarray(ids) >= 0).sum(axis=1)
-        # Steady state: loads into free slots fill the cache from cold, which a run does while
-        # it reads its prompt, not per decoded token.
-        bytes_total += (st.steady_misses + st.steady_prefetches) / st.tokens * expert_bytes[l]
-        hits, wanted = hits + st.hits, wanted + st.wanted
-        issued, used = issued + st.prefetch_issued, used + st.prefetch_used
-    seconds, stall = ondemand_timeline(profile, layers, reads, runs, expert_bytes)
+        for pre, dem, need, u in (reads[l][t] for t in window):
+            bytes_total += (len(pre) + len(dem)) * expert_bytes[l]
+            hits, wanted = hits + len(need) - len(dem), wanted + len(need)
+            issued, used = issued + len(pre), used + u
+    seconds, stall = ondemand_timeline(profile, layers, reads, runs, expert_bytes, window)
     return Prediction(policy="ondemand", slots=dict(slots), seconds_per_token=seconds,
                       stall_per_token=stall, hit_rate=hits / wanted,
-                      experts_per_token=float(np.mean([r.mean() for r in runs.values()])),
-                      bytes_read_per_token=bytes_total,
+                      experts_per_token=float(np.mean([r[window].mean() for r in runs.values()])),
+                      bytes_read_per_token=bytes_total / len(window),
                       prefetch_accuracy=used / issued if issued else None,
                       n_prefetch=n_prefetch)
 
@@ -451,12 +460,15 @@ def plan(budget: Budget, needs: MemoryNeeds, trace: RoutingTrace, profile: Profi
          norms: Mapping[int, np.ndarray] | None = None, n_prefetch: int | None = None,
          sensitivity: Mapping[int, float] | None = None,
          threshold: float | None = None,
-         usage: Mapping[int, np.ndarray] | None = None) -> tuple[list[Prediction], list[str]]:
+         usage: Mapping[int, np.ndarray] | None = None, prompt_tokens: int = 32,
+         decode_tokens: int | None = 256) -> tuple[list[Prediction], list[str]]:
     """`edgemoe plan`: will it fit, how, how fast. Returns the predictions of every policy that
     can run under the budget (each with its own DP allocation) and the report's lines.
     n_prefetch None: ondemand's prefetch depth is the fastest of PREFETCH_CHOICES here (on
     storage whose bandwidth is the bottleneck a wasted prefetch costs more than a used one
-    saves). Raises BudgetError (stating the minimum) when nothing can run."""
+    saves). ondemand is predicted for a run that decodes decode_tokens after a prompt of
+    prompt_tokens, both taken from the trace (see predict_ondemand). Raises BudgetError
+    (stating the minimum) when nothing can run."""
     allowance = expert_allowance(budget, needs)
     k = needs.n_expert_used
     fits_all = allowance >= needs.expert_bytes_total
@@ -488,8 +500,13 @@ def plan(budget: Budget, needs: MemoryNeeds, trace: RoutingTrace, profile: Profi
         for depth in PREFETCH_CHOICES if n_prefetch is None else (n_prefetch,):
             slots = allocate_for(policy, trace, k, needs.expert_bytes, allowance, depth, **gating)
             tried.append(predict_ondemand(trace, slots, k, profile, needs.expert_bytes, depth,
-                                          **gating))
+                                          prompt_tokens=prompt_tokens,
+                                          decode_tokens=decode_tokens, **gating))
         best = max(tried, key=lambda p: p.tok_per_s)
+        span = min(trace.n_tokens, prompt_tokens + (decode_tokens or trace.n_tokens)) - \
+            min(prompt_tokens, trace.n_tokens - 1)
+        best = dataclasses.replace(best, notes=best.notes + (
+            f"{span} tokens decoded after a {prompt_tokens}-token prompt",))
         if len(tried) > 1:
             best = dataclasses.replace(best, notes=best.notes + (
                 "prefetch depth " + ", ".join(f"{p.n_prefetch}: {p.tok_per_s:.2f}"
