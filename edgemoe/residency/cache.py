@@ -72,10 +72,6 @@ class CacheStats:
         return self.misses - self.fill_misses
 
     @property
-    def steady_prefetches(self) -> int:
-        return self.prefetch_issued - self.fill_prefetches
-
-    @property
     def prefetch_accuracy(self) -> float | None:
         return self.prefetch_used / self.prefetch_issued if self.prefetch_issued else None
 

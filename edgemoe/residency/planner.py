@@ -407,12 +407,14 @@ def predict_ondemand(trace: RoutingTrace, slots: Mapping[int, int], k: int, prof
             hits, wanted = hits + len(need) - len(dem), wanted + len(need)
             issued, used = issued + len(pre), used + u
     seconds, stall = ondemand_timeline(profile, layers, reads, runs, expert_bytes, window)
+    notes = (() if prompt_tokens == 0 and decode_tokens is None else
+             (f"{len(window)} tokens decoded after a {start}-token prompt",))
     return Prediction(policy="ondemand", slots=dict(slots), seconds_per_token=seconds,
                       stall_per_token=stall, hit_rate=hits / wanted,
                       experts_per_token=float(np.mean([r[window].mean() for r in runs.values()])),
                       bytes_read_per_token=bytes_total / len(window),
                       prefetch_accuracy=used / issued if issued else None,
-                      n_prefetch=n_prefetch)
+                      n_prefetch=n_prefetch, notes=notes)
 
 
 def allocate_for(policy: str, trace: RoutingTrace, k: int, expert_bytes: Mapping[int, int],
@@ -503,10 +505,6 @@ def plan(budget: Budget, needs: MemoryNeeds, trace: RoutingTrace, profile: Profi
                                           prompt_tokens=prompt_tokens,
                                           decode_tokens=decode_tokens, **gating))
         best = max(tried, key=lambda p: p.tok_per_s)
-        span = min(trace.n_tokens, prompt_tokens + (decode_tokens or trace.n_tokens)) - \
-            min(prompt_tokens, trace.n_tokens - 1)
-        best = dataclasses.replace(best, notes=best.notes + (
-            f"{span} tokens decoded after a {prompt_tokens}-token prompt",))
         if len(tried) > 1:
             best = dataclasses.replace(best, notes=best.notes + (
                 "prefetch depth " + ", ".join(f"{p.n_prefetch}: {p.tok_per_s:.2f}"
