@@ -44,8 +44,8 @@ class Model:
     memory_budget: "2GiB" (the whole process) or "50%" (of the experts' bytes); policy: full,
     swap (the default with a budget), ondemand or static; adaptive_gating: ondemand's threshold
     T; n_prefetch: ondemand's prefetched experts per layer (None: what `edgemoe plan` chose for
-    this budget, else 1); stats: keep a telemetry record per
-    engine step (`write_stats`). A budget below the minimum raises BudgetError before loading.
+    this budget, else 1); stats: keep a telemetry record per engine step (`write_stats`). A
+    budget below the minimum raises BudgetError before loading.
     """
 
     def __init__(
