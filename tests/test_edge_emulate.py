@@ -26,6 +26,20 @@ def _our_groups() -> list[str]:
     return left
 
 
+def _sleeper(tmp_path: Path) -> tuple[Path, str]:
+    """Python code that touches a marker file, then sleeps a minute; and the marker."""
+    marker = tmp_path / "started"
+    return marker, f"import time, pathlib; pathlib.Path({str(marker)!r}).touch(); time.sleep(60)"
+
+
+def _started(marker: Path, seconds: float = 10.0) -> bool:
+    for _ in range(int(seconds / 0.05)):
+        if marker.exists():
+            return True
+        subprocess.run(["sleep", "0.05"])
+    return marker.exists()
+
+
 @pytest.fixture
 def cold_file(tmp_path: Path) -> Path:
     path = tmp_path / "shard.bin"
@@ -156,16 +170,11 @@ def test_groups_removed_when_the_command_cannot_start(tmp_path: Path):
 @needs_cgroups
 def test_interrupt_stops_child_and_removes_groups(tmp_path: Path):
     # The emulator itself gets SIGTERM mid-run: the child stops and the groups go away.
-    marker = tmp_path / "started"
-    code = f"import time, pathlib; pathlib.Path({str(marker)!r}).touch(); time.sleep(60)"
+    marker, code = _sleeper(tmp_path)
     proc = subprocess.Popen([sys.executable, str(SCRIPTS / "edge_emulate.py"), "--mem", "64MiB",
                              "--", sys.executable, "-c", code],
                             stderr=subprocess.PIPE, text=True)
-    for _ in range(200):
-        if marker.exists():
-            break
-        subprocess.run(["sleep", "0.05"])
-    assert marker.exists()
+    assert _started(marker)
     name = f"edgemoe-emulate-{proc.pid}-"
     assert any(n.startswith(name) for n in os.listdir("/sys/fs/cgroup/memory")) or \
         any(n.startswith(name) for n in os.listdir("/sys/fs/cgroup"))
@@ -181,18 +190,13 @@ def test_interrupt_stops_child_and_removes_groups(tmp_path: Path):
 def test_interrupted_run_with_a_timeout_exits_at_once(tmp_path: Path):
     # run_limited(timeout=...) arms a Timer thread; an interrupt must not leave it holding the
     # interpreter's exit until the timeout (bench_budget hung 30 minutes after a SIGTERM).
-    marker = tmp_path / "started"
-    child = f"import time, pathlib; pathlib.Path({str(marker)!r}).touch(); time.sleep(60)"
+    marker, child = _sleeper(tmp_path)
     code = ("import signal, sys; sys.path.insert(0, sys.argv[1]); import edge_emulate as ee; "
             "signal.signal(signal.SIGTERM, ee._sigterm_as_interrupt); "
             "ee.run_limited([sys.executable, '-c', sys.argv[2]], timeout=600)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(SCRIPTS), child],
                             stderr=subprocess.PIPE, text=True)
-    for _ in range(200):
-        if marker.exists():
-            break
-        subprocess.run(["sleep", "0.05"])
-    assert marker.exists()
+    assert _started(marker)
     proc.terminate()
     _, err = proc.communicate(timeout=30)
     assert "KeyboardInterrupt" in err and proc.returncode != 0
