@@ -245,15 +245,17 @@ class Prediction:
                 f"stall {self.stall_per_token * 1000:.1f} ms/tok{extra}")
 
 
-def _compute_seconds(profile: Profile, experts_run: Mapping[int, float]) -> float:
-    return profile.other_seconds + sum(profile.layer_seconds[l] + e * profile.expert_seconds[l]
-                                       for l, e in experts_run.items())
+def _masked_seconds(profile: Profile, layers, k: int) -> float:
+    """Per token under masked routing (one graph, k experts per layer)."""
+    if profile.fused_seconds is not None:
+        return profile.fused_seconds
+    return profile.other_seconds + sum(profile.layer_seconds[l] + k * profile.expert_seconds[l]
+                                       for l in layers)
 
 
 def _masked(policy: str, trace: RoutingTrace, slots: Mapping[int, int], k: int,
             profile: Profile, hits: float, wanted: float, notes=(), **extra) -> Prediction:
-    seconds = (profile.fused_seconds if profile.fused_seconds is not None
-               else _compute_seconds(profile, {l: k for l in trace.layers}))
+    seconds = _masked_seconds(profile, trace.layers, k)
     return Prediction(policy=policy, slots=dict(slots), seconds_per_token=seconds,
                       stall_per_token=0.0, hit_rate=hits / wanted, experts_per_token=float(k),
                       bytes_read_per_token=extra.pop("bytes_read_per_token", 0.0),
@@ -361,8 +363,7 @@ def predict_swap(trace: RoutingTrace, slots: Mapping[int, int], k: int, profile:
                  max_swaps: int | None = None, interval: int | None = None,
                  usage: Mapping[int, np.ndarray] | None = None) -> Prediction:
     max_swaps = len(trace.layers) if max_swaps is None else max_swaps   # SwapPolicy's default
-    seconds = (profile.fused_seconds if profile.fused_seconds is not None
-               else _compute_seconds(profile, {l: k for l in trace.layers}))
+    seconds = _masked_seconds(profile, trace.layers, k)
     mean_bytes = float(np.mean(list(expert_bytes.values())))
     read_tokens = profile.read_seconds(int(mean_bytes)) / seconds
     if interval is None:
