@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "converters.cli",      # convert, export, verify
     "edgemoe.cli_run",     # run, chat, info
     "edgemoe.cli_budget",  # plan, calibrate
+    "edgemoe.cli_perplexity",  # perplexity
 ]
 
 
