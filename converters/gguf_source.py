@@ -115,8 +115,8 @@ def plan_gguf(path: Path) -> Plan:
                 raise ConvertError(f"{r.data.filename}: tensor {t.name} appears twice in the split")
             tensors[t.name] = (r, t)
     shapes = {name: numpy_shape(t.shape) for name, (_, t) in tensors.items()}
-    gate_up = [n for n in (tensor_name(MODEL_TENSOR.FFN_GATE_UP_EXP, l)
-                           for l in range(int(kv.get(f"{arch.name}.block_count", 0))))
+    n_layer = int(kv.get(Keys.LLM.BLOCK_COUNT.format(arch=arch.name), 0))
+    gate_up = [n for n in (tensor_name(MODEL_TENSOR.FFN_GATE_UP_EXP, l) for l in range(n_layer))
                if n in tensors]
     if gate_up:
         raise ConvertError(f"{parts[0]}: tensor {gate_up[0]} (gate and up fused together) is not "

@@ -26,7 +26,7 @@ from gguf.constants import Keys
 
 from edgemoe import arch as arch_registry
 from edgemoe import ggml
-from edgemoe.arch.common import (BaseWeights, Graph, GraphBuilder, HParams, KVCache, SplitState,
+from edgemoe.arch.common import (BaseWeights, Graph, HParams, KVCache, SplitState,
                                  graph_nodes_upper_bound, kq_mask, kv_cells_for)
 from edgemoe.errors import ContextOverflow, EdgeMoeError, ShardSetError
 from edgemoe.ggml import GGMLType
@@ -88,8 +88,8 @@ class Engine:
         arch_field = reader.fields.get(Keys.General.ARCHITECTURE)
         if arch_field is None:
             raise ShardSetError(f"{self.base_path}: key {Keys.General.ARCHITECTURE} missing")
-        self.spec = arch_registry.get(arch_field.contents())
-        self.hparams = hp = HParams.from_gguf(reader, self.spec, self.base_path)
+        self.model = arch_registry.get(arch_field.contents())
+        self.hparams = hp = self.model.hparams_class.from_gguf(reader, self.model, self.base_path)
         self._check_match(hp)
         self.routing = routing
         self.n_ctx = n_ctx
@@ -98,7 +98,7 @@ class Engine:
         self.n_past = 0
         try:
             self.backend = self._own(ggml.Backend(device, n_threads))
-            self.weights = self._own(BaseWeights(self.base_path, reader, self.spec, hp, self.backend))
+            self.weights = self._own(BaseWeights(self.base_path, reader, self.model, hp, self.backend))
             del reader, arch_field  # its parts are views of the mapped file: unmap it now
             _drop_page_cache(self.base_path)
             self.pool = self._own(ExpertPool(self.shards, self.backend, n_slots))
@@ -107,7 +107,7 @@ class Engine:
             self.kv = self._own(KVCache(hp, n_ctx, KV_TYPES[kv_type], self.backend))
             self.state = (self._own(SplitState(hp, min(n_batch, n_ctx), self.backend))
                           if routing == "exact" else None)
-            self._builder = GraphBuilder(self.spec, hp, self.weights, self.pool, self.kv, self.state)
+            self._builder = self.model(hp, self.weights, self.pool, self.kv, self.state)
             self._graphs: OrderedDict[tuple, Graph] = OrderedDict()
             self._allocated: Graph | None = None  # the graph the scheduler last allocated
             # The scheduler hashes every node and leaf; a graph holds at most this many of each.

@@ -21,7 +21,6 @@ import numpy as np
 from gguf import GGUFReader
 
 from edgemoe import arch as arch_registry
-from edgemoe.arch.common import HParams
 from edgemoe.errors import BudgetError, EdgeMoeError, ShardSetError
 from edgemoe.residency import calibration as calib
 from edgemoe.residency.budget import (Budget, MemoryNeeds, SlotPlan, expert_allowance,
@@ -79,10 +78,11 @@ def needs_from_files(shards: ShardSet, n_ctx: int, kv_type: str, compute_bytes: 
     except Exception as exc:  # gguf-py raises ValueError/struct errors on a corrupt header
         raise ShardSetError(f"{shards.base_path}: not a readable GGUF ({exc})") from None
     base = sum(int(t.n_bytes) for t in reader.tensors)
-    hp = HParams.from_gguf(reader, arch_registry.get(shards.arch), shards.base_path)
+    model = arch_registry.get(shards.arch)
+    hp = model.hparams_class.from_gguf(reader, model, shards.base_path)
     del reader
     expert_bytes = {l: shards.expert(l, 0).data_bytes for l in shards.expert_layers}
-    kv = 2 * hp.n_layer * hp.n_embd_kv * n_ctx * _KV_BYTES[kv_type]
+    kv = hp.n_layer * (hp.n_embd_kv + hp.n_embd_v) * n_ctx * _KV_BYTES[kv_type]
     return MemoryNeeds(base_bytes=base, kv_bytes=kv, compute_bytes=compute_bytes,
                        expert_bytes=expert_bytes, n_expert=shards.n_expert,
                        n_expert_used=shards.n_expert_used,

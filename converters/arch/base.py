@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from gguf import (TENSOR_NAMES, ExpertGatingFuncType, GGUFWriter, MODEL_ARCH, MODEL_ARCH_NAMES,
+from gguf import (ExpertGatingFuncType, GGUFWriter, Keys, MODEL_ARCH, MODEL_ARCH_NAMES,
                   MODEL_TENSOR)
 
+from edgemoe.arch.common import tensor_name
 from edgemoe.errors import ConvertError
 from edgemoe.shardset import EXPERT_TENSORS, expert_tensor_name
 
@@ -86,12 +87,6 @@ def interleave_rope_halves(n_head: int) -> Callable[[np.ndarray], np.ndarray]:
         # (head, half-index, position-in-half, col) -> (head, position, half-index, col)
         return w.reshape(n_head, 2, half, cols).swapaxes(1, 2).reshape(rows, cols)
     return permute
-
-
-def tensor_name(t: MODEL_TENSOR, layer: int | None = None, suffix: str = "weight") -> str:
-    """llama.cpp's name of a tensor, from gguf-py's table (e.g. blk.0.attn_q.weight)."""
-    base = TENSOR_NAMES[t].format(bid=layer) if layer is not None else TENSOR_NAMES[t]
-    return f"{base}.{suffix}"
 
 
 def cfg_get(config: dict, *keys: str, default=None, required: bool = True):
@@ -253,21 +248,22 @@ class MoeArchitecture:
         w.add_rope_dimension_count(hp.head_dim)
 
     def hparams_from_gguf(self, kv: dict, tensors: dict[str, tuple[int, ...]]) -> Hparams:
-        """Hparams of a stock GGUF of this arch, from its metadata and tensor shapes (numpy order)."""
+        """Hparams of a stock GGUF of this arch, from its metadata (gguf.Keys) and tensor shapes
+        (numpy order)."""
         arch = self.name
 
         def key(name: str, default=None):
-            full = f"{arch}.{name}"
+            full = name.format(arch=arch)
             if full in kv:
                 return kv[full]
             if default is None:
                 raise ConvertError(f"GGUF metadata key {full} missing")
             return default
 
-        n_layer = int(key("block_count"))
-        n_embd = int(key("embedding_length"))
-        n_head = int(key("attention.head_count"))
-        n_expert = int(key("expert_count"))
+        n_layer = int(key(Keys.LLM.BLOCK_COUNT))
+        n_embd = int(key(Keys.LLM.EMBEDDING_LENGTH))
+        n_head = int(key(Keys.Attention.HEAD_COUNT))
+        n_expert = int(key(Keys.LLM.EXPERT_COUNT))
         layers = tuple(l for l in range(n_layer)
                        if tensor_name(MODEL_TENSOR.FFN_GATE_EXP, l) in tensors)
         if not layers:
@@ -277,14 +273,14 @@ class MoeArchitecture:
         vocab = tensors.get(tensor_name(MODEL_TENSOR.TOKEN_EMBD), (0, 0))[0]
         return Hparams(
             n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-            n_head_kv=int(key("attention.head_count_kv", n_head)),
-            head_dim=int(key("attention.key_length", n_embd // n_head)),
-            n_ff=int(key("feed_forward_length", n_ff_exp)), n_ff_exp=n_ff_exp,
-            n_ff_shexp=int(key("expert_shared_feed_forward_length", 0)),
-            n_expert=n_expert, n_expert_used=int(key("expert_used_count")),
-            n_vocab=int(vocab), n_ctx=int(key("context_length")),
-            rms_eps=float(key("attention.layer_norm_rms_epsilon")),
-            rope_theta=float(key("rope.freq_base", 10000.0)),
+            n_head_kv=int(key(Keys.Attention.HEAD_COUNT_KV, n_head)),
+            head_dim=int(key(Keys.Attention.KEY_LENGTH, n_embd // n_head)),
+            n_ff=int(key(Keys.LLM.FEED_FORWARD_LENGTH, n_ff_exp)), n_ff_exp=n_ff_exp,
+            n_ff_shexp=int(key(Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH, 0)),
+            n_expert=n_expert, n_expert_used=int(key(Keys.LLM.EXPERT_USED_COUNT)),
+            n_vocab=int(vocab), n_ctx=int(key(Keys.LLM.CONTEXT_LENGTH)),
+            rms_eps=float(key(Keys.Attention.LAYERNORM_RMS_EPS)),
+            rope_theta=float(key(Keys.Rope.FREQ_BASE, 10000.0)),
             tied_embeddings=tensor_name(MODEL_TENSOR.OUTPUT) not in tensors,
             expert_layers=layers,
         )

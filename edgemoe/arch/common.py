@@ -1,12 +1,12 @@
-"""The pieces every supported MoE architecture shares, built as one ggml graph per batch shape.
+"""The pieces every supported MoE architecture shares, and `Decoder`, the graph they make.
 
-A decoder layer is: RMSNorm -> GQA attention (q/k/v projections with optional biases, optional
-q/k RMSNorm, RoPE in the architecture's mode, a KV cache written with ggml_set_rows) -> residual
--> RMSNorm -> MoE FFN (router ffn_gate_inp, softmax, top-k, optional renormalisation, experts run
-by ggml_mul_mat_id over the pool's 3-D slot tensors, optional shared expert with a sigmoid gate)
--> residual. What differs between architectures is declared in an `ArchSpec`; the math follows
-llama.cpp's graphs (src/models/<arch>.cpp, build_moe_ffn), which is what makes an exported GGUF
-run identically there.
+A decoder layer is: norm -> attention (q/k/v projections with optional biases, RoPE in the
+architecture's mode, a KV cache written with ggml_set_rows, flash attention) -> residual -> norm
+-> MoE FFN (router ffn_gate_inp, gating, experts run by ggml_mul_mat_id over the pool's 3-D slot
+tensors, plus whatever a model adds beside them, such as a shared expert) -> residual. Each
+architecture is one module here, a `Decoder` subclass overriding the pieces it changes; the math
+follows llama.cpp's graphs (src/models/<arch>.cpp, build_moe_ffn), which is what makes an exported
+GGUF run identically there.
 
 Routing shapes (the seam the residency policies use):
 - "full": the router's top-k expert ids index the slot tensors directly (expert e in slot e).
@@ -32,18 +32,6 @@ from edgemoe.errors import ShardSetError
 # KV cells are allocated in steps of this many, so a decode graph keeps its shape for that many
 # tokens and is reused (the same granularity llama.cpp pads its KV view to).
 KV_STEP = 256
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """What one architecture declares; everything else is shared."""
-
-    name: str                 # general.architecture, as llama.cpp spells it
-    hf_names: tuple[str, ...] # transformers model types it comes from (for messages)
-    rope_mode: int            # ggml.ROPE_NORM (llama.cpp permutes q/k at conversion) or ROPE_NEOX
-    qk_norm: str | None       # None, "head": RMSNorm per head (Qwen3), "full": over all heads (OLMoE)
-    expert_weights_norm: bool # renormalise the top-k weights to sum to 1
-    shared_expert: bool = False  # Qwen2-MoE: ffn_*_shexp gated by sigmoid(ffn_gate_inp_shexp x)
 
 
 @dataclass(frozen=True)
@@ -76,6 +64,7 @@ class HParams:
     attention_scale: float = 0.0
     residual_scale: float = 1.0
     logit_scale: float = 1.0
+    head_dim_v: int = 0       # a value head's width when it differs from a key head's
 
     @property
     def n_embd_q(self) -> int:
@@ -83,11 +72,23 @@ class HParams:
 
     @property
     def n_embd_kv(self) -> int:
+        """Width of one token's cached keys."""
         return self.head_dim * self.n_head_kv
 
+    @property
+    def n_embd_v(self) -> int:
+        """Width of one token's cached values (and of the attention output)."""
+        return (self.head_dim_v or self.head_dim) * self.n_head_kv
+
     @classmethod
-    def from_gguf(cls, reader: GGUFReader, spec: ArchSpec, path: Path) -> "HParams":
-        arch = spec.name
+    def read_extra(cls, get) -> dict:
+        """A model's own fields, from `get(gguf.Keys.X, default)` (none here)."""
+        return {}
+
+    @classmethod
+    def from_gguf(cls, reader: GGUFReader, model: type["Decoder"], path: Path) -> "HParams":
+        """Read through gguf.Keys; a model's subclass adds its own keys in `read_extra`."""
+        arch = model.name
 
         def get(key: str, default=None):
             name = key.format(arch=arch)
@@ -101,8 +102,6 @@ class HParams:
         n_embd = int(get(Keys.LLM.EMBEDDING_LENGTH))
         n_head = int(get(Keys.Attention.HEAD_COUNT))
         head_dim = int(get(Keys.Attention.KEY_LENGTH, n_embd // n_head))
-        if int(get(Keys.Attention.VALUE_LENGTH, head_dim)) != head_dim:
-            raise ShardSetError(f"{path}: key_length != value_length is not supported")
         scaling = get(Keys.Rope.SCALING_TYPE, "none")
         if scaling not in ("none", "linear"):
             raise ShardSetError(f"{path}: rope scaling '{scaling}' is not supported "
@@ -133,13 +132,15 @@ class HParams:
             n_ff_exp=int(get(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, 0)),
             n_ff_shexp=int(get(Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH, 0)),
             # llama.cpp fixes renormalisation per architecture (it ignores the metadata key).
-            expert_weights_norm=spec.expert_weights_norm,
+            expert_weights_norm=model.expert_weights_norm,
             expert_weights_scale=float(get(Keys.LLM.EXPERT_WEIGHTS_SCALE, 1.0)),
             expert_layers=expert_layers,
             embedding_scale=float(get(Keys.LLM.EMBEDDING_SCALE, 1.0)) or 1.0,
             attention_scale=float(get(Keys.Attention.SCALE, 0.0)),
             residual_scale=float(get(Keys.LLM.RESIDUAL_SCALE, 1.0)) or 1.0,
             logit_scale=float(get(Keys.LLM.LOGIT_SCALE, 1.0)) or 1.0,
+            head_dim_v=int(get(Keys.Attention.VALUE_LENGTH, head_dim)),
+            **cls.read_extra(get),
         )
 
 
@@ -149,60 +150,20 @@ def tensor_name(kind: MODEL_TENSOR, layer: int | None = None, suffix: str = "wei
     return f"{base}.{suffix}"
 
 
-def expected_tensors(spec: ArchSpec, hp: HParams) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """Every base tensor the graph reads: name -> (ggml ne, required)."""
-    E, V, Q, KV, D = hp.n_embd, hp.n_vocab, hp.n_embd_q, hp.n_embd_kv, hp.head_dim
-    M = MODEL_TENSOR
-    out = {
-        tensor_name(M.TOKEN_EMBD): ((E, V), True),
-        tensor_name(M.OUTPUT_NORM): ((E,), True),
-        tensor_name(M.OUTPUT): ((E, V), False),  # absent when tied to token_embd
-    }
-    for il in range(hp.n_layer):
-        out[tensor_name(M.ATTN_NORM, il)] = ((E,), True)
-        out[tensor_name(M.ATTN_Q, il)] = ((E, Q), True)
-        out[tensor_name(M.ATTN_K, il)] = ((E, KV), True)
-        out[tensor_name(M.ATTN_V, il)] = ((E, KV), True)
-        out[tensor_name(M.ATTN_Q, il, "bias")] = ((Q,), False)
-        out[tensor_name(M.ATTN_K, il, "bias")] = ((KV,), False)
-        out[tensor_name(M.ATTN_V, il, "bias")] = ((KV,), False)
-        out[tensor_name(M.ATTN_OUT, il)] = ((Q, E), True)
-        if spec.qk_norm == "head":
-            out[tensor_name(M.ATTN_Q_NORM, il)] = ((D,), True)
-            out[tensor_name(M.ATTN_K_NORM, il)] = ((D,), True)
-        elif spec.qk_norm == "full":
-            out[tensor_name(M.ATTN_Q_NORM, il)] = ((Q,), True)
-            out[tensor_name(M.ATTN_K_NORM, il)] = ((KV,), True)
-        out[tensor_name(M.FFN_NORM, il)] = ((E,), True)
-        if il in hp.expert_layers:
-            out[tensor_name(M.FFN_GATE_INP, il)] = ((E, hp.n_expert), True)
-            if spec.shared_expert:
-                S = hp.n_ff_shexp
-                out[tensor_name(M.FFN_GATE_INP_SHEXP, il)] = ((E,), True)
-                out[tensor_name(M.FFN_GATE_SHEXP, il)] = ((E, S), True)
-                out[tensor_name(M.FFN_UP_SHEXP, il)] = ((E, S), True)
-                out[tensor_name(M.FFN_DOWN_SHEXP, il)] = ((S, E), True)
-        else:  # a dense layer between MoE layers
-            out[tensor_name(M.FFN_GATE, il)] = ((E, None), True)
-            out[tensor_name(M.FFN_UP, il)] = ((E, None), True)
-            out[tensor_name(M.FFN_DOWN, il)] = ((None, E), True)
-    return out
-
-
 class BaseWeights:
     """Every non-expert tensor of base.gguf, copied into one backend buffer in its own quant type
     (the file's page cache is dropped afterwards: the memory budget counts it)."""
 
-    def __init__(self, path: Path, reader: GGUFReader, spec: ArchSpec, hp: HParams,
+    def __init__(self, path: Path, reader: GGUFReader, model: type["Decoder"], hp: HParams,
                  backend: ggml.Backend):
-        wanted = expected_tensors(spec, hp)
+        wanted = model.tensors(hp)
         present = {t.name: t for t in reader.tensors}
         chosen = []
         for name, (ne, required) in wanted.items():
             t = present.get(name)
             if t is None:
                 if required:
-                    raise ShardSetError(f"{path}: tensor {name} missing (architecture {spec.name})")
+                    raise ShardSetError(f"{path}: tensor {name} missing (architecture {model.name})")
                 continue
             got = tuple(int(x) for x in t.shape)
             # None: a width the metadata does not fix (a dense layer's n_ff) - take the file's.
@@ -235,7 +196,8 @@ class BaseWeights:
 
 
 class KVCache:
-    """Per layer, K and V as (n_embd_kv, n_ctx) rows, one row per position (cell = position).
+    """Per layer, K as (n_embd_kv, n_ctx) and V as (n_embd_v, n_ctx) rows, one row per position
+    (cell = position).
     Written inside the graph with ggml_set_rows at the batch's positions."""
 
     def __init__(self, hp: HParams, n_ctx: int, kv_type: int, backend: ggml.Backend):
@@ -244,7 +206,7 @@ class KVCache:
         self.ctx = ggml.Context(2 * hp.n_layer)
         self.k = [self.ctx.new_tensor(kv_type, (hp.n_embd_kv, n_ctx), f"cache_k_l{il}")
                   for il in range(hp.n_layer)]
-        self.v = [self.ctx.new_tensor(kv_type, (hp.n_embd_kv, n_ctx), f"cache_v_l{il}")
+        self.v = [self.ctx.new_tensor(kv_type, (hp.n_embd_v, n_ctx), f"cache_v_l{il}")
                   for il in range(hp.n_layer)]
         self.buffer = ggml.Buffer(self.ctx, backend.weights_buffer_type, "the KV cache")
         # Unwritten cells are masked out, but must not hold NaN bit patterns (0 * NaN = NaN).
@@ -301,22 +263,81 @@ class Graph:
 
 
 def graph_nodes_upper_bound(hp: HParams) -> int:
-    # About 60 nodes per layer in the widest case (shared expert, q/k norms, masked routing).
-    return 128 + 96 * hp.n_layer
+    # About 60 nodes per layer in the widest case so far (shared expert, q/k norms, masked
+    # routing, a gating function of its own); room to spare costs a few bytes per node.
+    return 128 + 160 * hp.n_layer
 
 
-class GraphBuilder:
-    """Builds the graphs of one architecture over base weights, slot tensors and a KV cache.
+class Decoder:
+    """The graphs of one MoE decoder over base weights, expert slots and a KV cache.
+
+    Each architecture is a subclass in its own module (edgemoe/arch/<model>.py, named like its
+    converter) that overrides the pieces it changes: `tensors` (what it reads from base.gguf),
+    `norm`, `qkv`, `gate` (router weights), `shared_expert`, ... The pieces here are the common
+    case: RMSNorm, GQA attention with optional biases, softmax top-k routing, SwiGLU experts.
 
     `build` makes the whole forward pass (routing "full" or "masked"). Exact routing splits it:
     `build_attention(L)` (attention, residual, FFN norm, router; experts of a dense layer),
     `build_experts(L)` (the experts chosen by the host), `build_output()`, linked by SplitState.
     """
 
-    def __init__(self, spec: ArchSpec, hp: HParams, weights: BaseWeights, slots, kv: KVCache,
+    name: str = ""                    # general.architecture, as llama.cpp spells it
+    hf_names: tuple[str, ...] = ()    # transformers model types it comes from (for messages)
+    rope_mode: int = ggml.ROPE_NEOX   # ROPE_NORM where llama.cpp permutes q/k at conversion
+    expert_weights_norm: bool = False  # renormalise the top-k weights to sum to 1
+    hparams_class: type[HParams] = HParams
+
+    def __init__(self, hp: HParams, weights: BaseWeights, slots, kv: KVCache,
                  state: SplitState | None = None):
-        self.spec, self.hp, self.w, self.slots, self.kv, self.state = spec, hp, weights, slots, kv, state
+        self.hp, self.w, self.slots, self.kv, self.state = hp, weights, slots, kv, state
         self.moe_layers = [l for l in range(hp.n_layer) if l in hp.expert_layers]
+
+    # -- the base tensors it reads: name -> (ggml ne, required); None: a width the metadata does
+    #    not fix (a dense layer's n_ff) --------------------------------------------------------
+
+    @classmethod
+    def tensors(cls, hp: HParams) -> dict[str, tuple[tuple, bool]]:
+        E, V, M = hp.n_embd, hp.n_vocab, MODEL_TENSOR
+        out = {
+            tensor_name(M.TOKEN_EMBD): ((E, V), True),
+            tensor_name(M.OUTPUT_NORM): ((E,), True),
+            tensor_name(M.OUTPUT): ((E, V), False),  # absent when tied to token_embd
+        }
+        for il in range(hp.n_layer):
+            out.update(cls.attention_tensors(hp, il))
+            out[tensor_name(M.ATTN_NORM, il)] = ((E,), True)
+            out[tensor_name(M.FFN_NORM, il)] = ((E,), True)
+            out.update(cls.moe_tensors(hp, il) if il in hp.expert_layers
+                       else cls.dense_tensors(hp, il))
+        return out
+
+    @classmethod
+    def attention_tensors(cls, hp: HParams, il: int) -> dict:
+        E, Q, K, VV, M = hp.n_embd, hp.n_embd_q, hp.n_embd_kv, hp.n_embd_v, MODEL_TENSOR
+        O = hp.n_head * (hp.head_dim_v or hp.head_dim)
+        return {
+            tensor_name(M.ATTN_Q, il): ((E, Q), True),
+            tensor_name(M.ATTN_K, il): ((E, K), True),
+            tensor_name(M.ATTN_V, il): ((E, VV), True),
+            tensor_name(M.ATTN_OUT, il): ((O, E), True),
+            tensor_name(M.ATTN_Q, il, "bias"): ((Q,), False),
+            tensor_name(M.ATTN_K, il, "bias"): ((K,), False),
+            tensor_name(M.ATTN_V, il, "bias"): ((VV,), False),
+            tensor_name(M.ATTN_OUT, il, "bias"): ((E,), False),
+        }
+
+    @classmethod
+    def moe_tensors(cls, hp: HParams, il: int) -> dict:
+        return {tensor_name(MODEL_TENSOR.FFN_GATE_INP, il): ((hp.n_embd, hp.n_expert), True)}
+
+    @classmethod
+    def dense_tensors(cls, hp: HParams, il: int) -> dict:
+        E, M = hp.n_embd, MODEL_TENSOR
+        return {tensor_name(M.FFN_GATE, il): ((E, None), True),
+                tensor_name(M.FFN_UP, il): ((E, None), True),
+                tensor_name(M.FFN_DOWN, il): ((None, E), True)}
+
+    # -- whole graphs ------------------------------------------------------------------------------
 
     def _begin(self, n_nodes: int):
         ctx = ggml.Context(2 * n_nodes, graph_size=n_nodes)
@@ -343,7 +364,7 @@ class GraphBuilder:
         inputs = {"tokens": o.input(GGMLType.I32, (n_tokens,), "inp_tokens"),
                   **self._attn_inputs(o, n_tokens, n_kv)}
         outputs: dict[str, int] = {}
-        x = self._embed(o, inputs["tokens"])  # (n_embd, n_tokens)
+        x = self.embed(o, inputs["tokens"])  # (n_embd, n_tokens)
         for il in range(hp.n_layer):
             # Under full routing the last layer's FFN runs for the tokens whose logits are
             # wanted only (policies see every token's routing under masked routing).
@@ -352,13 +373,13 @@ class GraphBuilder:
             m = 1 if last_only else n_tokens
             if il in hp.expert_layers:
                 ids, weights = self._route(o, h, il, m, routing, inputs, outputs)
-                ffn = self._experts(o, h, il, ids, weights, m)
+                ffn = self.experts(o, h, il, ids, weights, m)
             else:
-                ffn = self._dense_ffn(o, h, il)
-            x = self._residual(o, ffn, x)
+                ffn = self.dense_ffn(o, h, il)
+            x = self.residual(o, ffn, x)
         if not all_logits and routing != "full":
             x = self._last_column(o, x, n_tokens)
-        outputs["logits"] = self._output(o, x)
+        outputs["logits"] = self.output(o, x)
         return self._finish(ctx, o, gf, n_tokens, n_kv, n_tokens if all_logits else 1, inputs,
                             outputs)
 
@@ -373,12 +394,12 @@ class GraphBuilder:
     def build_attention(self, il: int, n_tokens: int, n_kv: int) -> Graph:
         """Layer il up to its router (a dense layer: through its FFN); x and h go to SplitState."""
         hp, w, M, st = self.hp, self.w, MODEL_TENSOR, self.state
-        ctx, o, gf = self._begin(128)
+        ctx, o, gf = self._begin(192)
         inputs = self._attn_inputs(o, n_tokens, n_kv)
         outputs: dict[str, int] = {}
         if il == 0:
             inputs["tokens"] = o.input(GGMLType.I32, (n_tokens,), "inp_tokens")
-            x = self._embed(o, inputs["tokens"])
+            x = self.embed(o, inputs["tokens"])
         else:
             x = self._state_view(o, st.x, n_tokens)
         x, h = self._attention_block(o, gf, x, il, inputs, n_tokens, n_kv)
@@ -391,9 +412,9 @@ class GraphBuilder:
             outputs["weights"] = o.reshape_2d(weights, hp.n_expert_used, n_tokens)
             later = [l for l in self.moe_layers if l > il]
             if later:
-                outputs["next_logits"] = o.mul_mat(w.get(M.FFN_GATE_INP, later[0]), h)
+                outputs["next_logits"] = self.router_logits(o, h, later[0])
         else:
-            outputs["store_x"] = self._store(o, self._residual(o, self._dense_ffn(o, h, il), x),
+            outputs["store_x"] = self._store(o, self.residual(o, self.dense_ffn(o, h, il), x),
                                              st.x, n_tokens)
         return self._finish(ctx, o, gf, n_tokens, n_kv, 0, inputs, outputs)
 
@@ -403,13 +424,13 @@ class GraphBuilder:
         state. A selection run in several groups adds the shared expert with the first only.
         k: experts per token (default the model's; fewer when adaptive gating dropped some)."""
         st, k = self.state, k or self.hp.n_expert_used
-        ctx, o, gf = self._begin(64)
+        ctx, o, gf = self._begin(96)
         inputs = {"ids": o.input(GGMLType.I32, (k, n_tokens), "inp_ids"),
                   "weights": o.input(GGMLType.F32, (1, k, n_tokens), "inp_weights")}
         x = self._state_view(o, st.x, n_tokens)
         h = self._state_view(o, st.h, n_tokens)
-        ffn = self._experts(o, h, il, inputs["ids"], inputs["weights"], n_tokens, shared, k)
-        outputs = {"store_x": self._store(o, self._residual(o, ffn, x), st.x, n_tokens)}
+        ffn = self.experts(o, h, il, inputs["ids"], inputs["weights"], n_tokens, shared, k)
+        outputs = {"store_x": self._store(o, self.residual(o, ffn, x), st.x, n_tokens)}
         return self._finish(ctx, o, gf, n_tokens, 0, 0, inputs, outputs)
 
     def build_output(self, n_tokens: int, all_logits: bool) -> Graph:
@@ -418,15 +439,15 @@ class GraphBuilder:
         if not all_logits:
             x = self._last_column(o, x, n_tokens)
         return self._finish(ctx, o, gf, n_tokens, 0, n_tokens if all_logits else 1, {},
-                            {"logits": self._output(o, x)})
+                            {"logits": self.output(o, x)})
 
     # -- pieces ------------------------------------------------------------------------------------
 
-    def _embed(self, o: ggml.Ops, tokens: int) -> int:
+    def embed(self, o: ggml.Ops, tokens: int) -> int:
         x = o.get_rows(self.w.get(MODEL_TENSOR.TOKEN_EMBD), tokens)
         return o.scale(x, self.hp.embedding_scale) if self.hp.embedding_scale != 1.0 else x
 
-    def _residual(self, o: ggml.Ops, y: int, x: int) -> int:
+    def residual(self, o: ggml.Ops, y: int, x: int) -> int:
         """x + a block's output y (scaled first where the model says: Granite)."""
         if self.hp.residual_scale != 1.0:
             y = o.scale(y, self.hp.residual_scale)
@@ -437,10 +458,11 @@ class GraphBuilder:
         row = ggml.row_size(GGMLType.F32, self.hp.n_embd)
         return o.view_2d(x, self.hp.n_embd, 1, row, row * (n_tokens - 1))
 
-    def _output(self, o: ggml.Ops, x: int) -> int:
+    def output(self, o: ggml.Ops, x: int) -> int:
         w, M = self.w, MODEL_TENSOR
-        x = self._norm(o, x, w.get(M.OUTPUT_NORM))
-        logits = o.mul_mat(w.get(M.OUTPUT) or w.get(M.TOKEN_EMBD), x)  # (n_vocab, n_out)
+        x = self.norm(o, x, M.OUTPUT_NORM)
+        logits = self.linear(o, w.get(M.OUTPUT) or w.get(M.TOKEN_EMBD), x,
+                             w.get(M.OUTPUT, None, "bias"))  # (n_vocab, n_out)
         if self.hp.logit_scale != 1.0:
             logits = o.scale(logits, 1.0 / self.hp.logit_scale)
         return o.name(logits, "result_output")
@@ -449,81 +471,81 @@ class GraphBuilder:
                          last_only: bool = False) -> tuple[int, int]:
         """Pre-norm attention with its residual; returns (x, ffn-normalised x), of the last
         token only with last_only."""
-        w, M = self.w, MODEL_TENSOR
-        h = self._norm(o, x, w.get(M.ATTN_NORM, il))
-        x = self._residual(o, self._attention(o, gf, h, il, inputs, n_tokens, n_kv), x)
+        h = self.norm(o, x, MODEL_TENSOR.ATTN_NORM, il)
+        x = self.residual(o, self.attention(o, gf, h, il, inputs, n_tokens, n_kv), x)
         if last_only:
             x = self._last_column(o, x, n_tokens)
-        return x, self._norm(o, x, w.get(M.FFN_NORM, il))
+        return x, self.norm(o, x, MODEL_TENSOR.FFN_NORM, il)
 
-    def _norm(self, o: ggml.Ops, x: int, weight: int) -> int:
-        return o.mul(o.rms_norm(x, self.hp.rms_eps), weight)
+    def norm(self, o: ggml.Ops, x: int, kind: MODEL_TENSOR, il: int | None = None) -> int:
+        """RMSNorm of x's columns scaled by the norm tensor `kind` of layer il."""
+        return o.mul(o.rms_norm(x, self.hp.rms_eps), self.w.get(kind, il))
 
-    def _linear(self, o: ggml.Ops, weight: int, x: int, bias: int | None = None) -> int:
+    def linear(self, o: ggml.Ops, weight: int, x: int, bias: int | None = None) -> int:
         y = o.mul_mat(weight, x)
         return o.add(y, bias) if bias else y
 
-    def _attention(self, o: ggml.Ops, gf: int, x: int, il: int, inputs: dict[str, int],
-                   n_tokens: int, n_kv: int) -> int:
-        hp, w, spec, M = self.hp, self.w, self.spec, MODEL_TENSOR
-        D, H, HKV = hp.head_dim, hp.n_head, hp.n_head_kv
-        q = self._linear(o, w.get(M.ATTN_Q, il), x, w.get(M.ATTN_Q, il, "bias"))  # (n_embd_q, n_tokens)
-        k = self._linear(o, w.get(M.ATTN_K, il), x, w.get(M.ATTN_K, il, "bias"))  # (n_embd_kv, n_tokens)
-        v = self._linear(o, w.get(M.ATTN_V, il), x, w.get(M.ATTN_V, il, "bias"))
-        if spec.qk_norm == "full":
-            q = self._norm(o, q, w.get(M.ATTN_Q_NORM, il))
-            k = self._norm(o, k, w.get(M.ATTN_K_NORM, il))
-        q = o.reshape_3d(q, D, H, n_tokens)
-        k = o.reshape_3d(k, D, HKV, n_tokens)
-        if spec.qk_norm == "head":
-            q = self._norm(o, q, w.get(M.ATTN_Q_NORM, il))
-            k = self._norm(o, k, w.get(M.ATTN_K_NORM, il))
-        pos = inputs["pos"]
-        q = o.rope(q, pos, hp.n_rot, spec.rope_mode, hp.n_ctx_train, hp.rope_freq_base,
-                   hp.rope_freq_scale)
-        k = o.rope(k, pos, hp.n_rot, spec.rope_mode, hp.n_ctx_train, hp.rope_freq_base,
-                   hp.rope_freq_scale)
+    def project(self, o: ggml.Ops, kind: MODEL_TENSOR, il: int, x: int) -> int:
+        """Layer il's projection `kind` of x, with its bias when the model has one."""
+        return self.linear(o, self.w.get(kind, il), x, self.w.get(kind, il, "bias"))
 
+    def qkv(self, o: ggml.Ops, x: int, il: int, n_tokens: int) -> tuple[int, int, int]:
+        """q (head_dim, n_head, n_tokens), k (head_dim, n_head_kv, n_tokens), v (n_embd_v,
+        n_tokens), before RoPE."""
+        hp, M = self.hp, MODEL_TENSOR
+        q = o.reshape_3d(self.project(o, M.ATTN_Q, il, x), hp.head_dim, hp.n_head, n_tokens)
+        k = o.reshape_3d(self.project(o, M.ATTN_K, il, x), hp.head_dim, hp.n_head_kv, n_tokens)
+        return q, k, self.project(o, M.ATTN_V, il, x)
+
+    def rope(self, o: ggml.Ops, t: int, inputs: dict[str, int]) -> int:
+        hp = self.hp
+        return o.rope(t, inputs["pos"], hp.n_rot, self.rope_mode, hp.n_ctx_train,
+                      hp.rope_freq_base, hp.rope_freq_scale)
+
+    def attention(self, o: ggml.Ops, gf: int, x: int, il: int, inputs: dict[str, int],
+                  n_tokens: int, n_kv: int) -> int:
+        q, k, v = self.qkv(o, x, il, n_tokens)
+        q, k = self.rope(o, q, inputs), self.rope(o, k, inputs)
+        scale = self.hp.attention_scale or 1.0 / math.sqrt(self.hp.head_dim)
+        att = self.attend(o, gf, q, k, v, il, inputs, n_tokens, n_kv, scale)
+        return self.project(o, MODEL_TENSOR.ATTN_OUT, il, att)
+
+    def attend(self, o: ggml.Ops, gf: int, q: int, k: int, v: int, il: int,
+               inputs: dict[str, int], n_tokens: int, n_kv: int, scale: float) -> int:
+        """Scaled dot-product attention of q over the cached keys and values, this batch's k
+        and v written into their cells first: (n_head * head_dim_v, n_tokens)."""
+        hp = self.hp
+        D, Dv, HKV = hp.head_dim, hp.head_dim_v or hp.head_dim, hp.n_head_kv
         # Write this batch's K and V into their cells, then attend over the first n_kv cells
         # through views of the written caches (which orders the writes before the reads).
         kv_t = self.kv.type
-        row = ggml.row_size(kv_t, hp.n_embd_kv)
         k_all = o.set_rows(self.kv.k[il], o.reshape_2d(k, hp.n_embd_kv, n_tokens), inputs["kv_idx"])
-        v_all = o.set_rows(self.kv.v[il], o.reshape_2d(v, hp.n_embd_kv, n_tokens), inputs["kv_idx"])
+        v_all = o.set_rows(self.kv.v[il], o.reshape_2d(v, hp.n_embd_v, n_tokens), inputs["kv_idx"])
         ggml.lib.ggml_build_forward_expand(gf, k_all)
         ggml.lib.ggml_build_forward_expand(gf, v_all)
-        head = ggml.row_size(kv_t, D)
-        k_view = o.view_3d(k_all, D, n_kv, HKV, row, head, 0)  # (head_dim, n_kv, n_head_kv)
-        v_view = o.view_3d(v_all, D, n_kv, HKV, row, head, 0)
+        k_view = o.view_3d(k_all, D, n_kv, HKV, ggml.row_size(kv_t, hp.n_embd_kv),
+                           ggml.row_size(kv_t, D), 0)   # (head_dim, n_kv, n_head_kv)
+        v_view = o.view_3d(v_all, Dv, n_kv, HKV, ggml.row_size(kv_t, hp.n_embd_v),
+                           ggml.row_size(kv_t, Dv), 0)
         q = o.permute(q, 0, 2, 1, 3)                           # (head_dim, n_tokens, n_head)
-        att = o.flash_attn(q, k_view, v_view, inputs["kq_mask"],
-                           hp.attention_scale or 1.0 / math.sqrt(D))
-        att = o.reshape_2d(att, hp.n_embd_q, n_tokens)         # (n_embd_q, n_tokens)
-        return self._linear(o, w.get(M.ATTN_OUT, il), att)
+        att = o.flash_attn(q, k_view, v_view, inputs["kq_mask"], scale)
+        return o.reshape_2d(att, Dv * hp.n_head, n_tokens)     # (n_head * head_dim_v, n_tokens)
 
-    def _ffn(self, o: ggml.Ops, x: int, gate: int, up: int, down: int) -> int:
+    def ffn(self, o: ggml.Ops, x: int, gate: int, up: int, down: int) -> int:
         return o.mul_mat(down, o.swiglu_split(o.mul_mat(gate, x), o.mul_mat(up, x)))
 
-    def _dense_ffn(self, o: ggml.Ops, h: int, il: int) -> int:
+    def dense_ffn(self, o: ggml.Ops, h: int, il: int) -> int:
         w, M = self.w, MODEL_TENSOR
-        return self._ffn(o, h, w.get(M.FFN_GATE, il), w.get(M.FFN_UP, il), w.get(M.FFN_DOWN, il))
+        return self.ffn(o, h, w.get(M.FFN_GATE, il), w.get(M.FFN_UP, il), w.get(M.FFN_DOWN, il))
 
-    def _route(self, o: ggml.Ops, h: int, il: int, n_tokens: int, routing: str,
-               inputs: dict[str, int], outputs: dict[str, int]) -> tuple[int, int]:
-        """Router of MoE layer il: (slot ids I32 (k, n_tokens), weights F32 (1, k, n_tokens)).
-        Except under full routing, its unmasked logits are an output (policies score them)."""
-        hp, w, M = self.hp, self.w, MODEL_TENSOR
+    def router_logits(self, o: ggml.Ops, h: int, il: int) -> int:
+        return o.mul_mat(self.w.get(MODEL_TENSOR.FFN_GATE_INP, il), h)  # (n_expert, n_tokens)
+
+    def gate(self, o: ggml.Ops, logits: int, n_tokens: int) -> tuple[int, int]:
+        """The router: (expert ids I32 (k, n_tokens), weights F32 (1, k, n_tokens)) from its
+        logits (n_expert, n_tokens). Softmax, top-k, optional renormalisation and scale."""
+        hp = self.hp
         n_expert, k = hp.n_expert, hp.n_expert_used
-        logits = o.mul_mat(w.get(M.FFN_GATE_INP, il), h)  # (n_expert, n_tokens)
-        if routing != "full":
-            outputs[f"router_logits-{il}"] = logits
-        if routing == "masked":
-            # The experts' input norm feeds importance scores (SwapMoE Eq. 1).
-            outputs[f"x_norm-{il}"] = o.sqrt(o.sum_rows(o.sqr(h)))  # (1, n_tokens)
-            mask = o.input(GGMLType.F32, (n_expert,), f"inp_route_mask-{il}")
-            slot_map = o.input(GGMLType.I32, (1, n_expert), f"inp_slot_map-{il}")
-            inputs[f"route_mask-{il}"], inputs[f"slot_map-{il}"] = mask, slot_map
-            logits = o.add(logits, mask)  # -inf hides non-resident experts from softmax and top-k
         probs = o.soft_max(logits)                       # (n_expert, n_tokens)
         selected = o.argsort_top_k(probs, k)             # I32 (k, n_tokens)
         weights = o.get_rows(o.reshape_3d(probs, 1, n_expert, n_tokens), selected)  # (1, k, n_tokens)
@@ -533,6 +555,24 @@ class GraphBuilder:
             weights = o.reshape_3d(o.div(weights, total), 1, k, n_tokens)
         if hp.expert_weights_scale not in (0.0, 1.0):
             weights = o.scale(weights, hp.expert_weights_scale)
+        return selected, weights
+
+    def _route(self, o: ggml.Ops, h: int, il: int, n_tokens: int, routing: str,
+               inputs: dict[str, int], outputs: dict[str, int]) -> tuple[int, int]:
+        """Router of MoE layer il: (slot ids I32 (k, n_tokens), weights F32 (1, k, n_tokens)).
+        Except under full routing, its unmasked logits are an output (policies score them)."""
+        n_expert, k = self.hp.n_expert, self.hp.n_expert_used
+        logits = self.router_logits(o, h, il)  # (n_expert, n_tokens)
+        if routing != "full":
+            outputs[f"router_logits-{il}"] = logits
+        if routing == "masked":
+            # The experts' input norm feeds importance scores (SwapMoE Eq. 1).
+            outputs[f"x_norm-{il}"] = o.sqrt(o.sum_rows(o.sqr(h)))  # (1, n_tokens)
+            mask = o.input(GGMLType.F32, (n_expert,), f"inp_route_mask-{il}")
+            slot_map = o.input(GGMLType.I32, (1, n_expert), f"inp_slot_map-{il}")
+            inputs[f"route_mask-{il}"], inputs[f"slot_map-{il}"] = mask, slot_map
+            logits = o.add(logits, mask)  # -inf hides non-resident experts from softmax and top-k
+        selected, weights = self.gate(o, logits, n_tokens)
         if routing == "masked":
             chosen = o.cont(selected)  # expert ids, an output so policies can audit the mask
             outputs[f"selected-{il}"] = chosen
@@ -541,17 +581,24 @@ class GraphBuilder:
             selected = o.reshape_2d(o.get_rows(inputs[f"slot_map-{il}"], flat), k, n_tokens)
         return selected, weights
 
-    def _experts(self, o: ggml.Ops, h: int, il: int, ids: int, weights: int, n_tokens: int,
-                 shared: bool = True, k: int | None = None) -> int:
-        """Weighted sum of the k experts per token in slots `ids` (+ the shared expert):
-        (n_embd, n_tokens)."""
-        hp, w, M = self.hp, self.w, MODEL_TENSOR
-        k = k or hp.n_expert_used
+    def expert_ffn(self, o: ggml.Ops, x3: int, il: int, ids: int) -> int:
+        """Each token's k experts on x3 (n_embd, 1, n_tokens): (n_embd, k, n_tokens)."""
         slots = self.slots.tensors(il)  # ffn_gate/ffn_up: (n_embd, n_ff_exp, n_slots)
-        x3 = o.reshape_3d(h, hp.n_embd, 1, n_tokens)
         gate = o.mul_mat_id(slots["ffn_gate"], x3, ids)  # (n_ff_exp, k, n_tokens)
         up = o.mul_mat_id(slots["ffn_up"], x3, ids)
-        out = o.mul_mat_id(slots["ffn_down"], o.swiglu_split(gate, up), ids)  # (n_embd, k, n_tokens)
+        return o.mul_mat_id(slots["ffn_down"], o.swiglu_split(gate, up), ids)
+
+    def shared_expert(self, o: ggml.Ops, h: int, il: int) -> int | None:
+        """What a layer adds to its routed experts' output besides them (none here)."""
+        return None
+
+    def experts(self, o: ggml.Ops, h: int, il: int, ids: int, weights: int, n_tokens: int,
+                shared: bool = True, k: int | None = None) -> int:
+        """Weighted sum of the k experts per token in slots `ids` (+ the shared expert):
+        (n_embd, n_tokens)."""
+        hp = self.hp
+        k = k or hp.n_expert_used
+        out = self.expert_ffn(o, o.reshape_3d(h, hp.n_embd, 1, n_tokens), il, ids)
         out = o.mul(out, weights)
         # Sum the k weighted expert outputs: views of the (n_embd, k, n_tokens) tensor.
         row = ggml.row_size(GGMLType.F32, hp.n_embd)
@@ -559,12 +606,9 @@ class GraphBuilder:
         for j in range(k):
             part = o.view_2d(out, hp.n_embd, n_tokens, row * k, row * j)
             moe = part if moe is None else o.add(moe, part)
-        if self.spec.shared_expert and shared:
-            shexp = self._ffn(o, h, w.get(M.FFN_GATE_SHEXP, il), w.get(M.FFN_UP_SHEXP, il),
-                              w.get(M.FFN_DOWN_SHEXP, il))
-            gate_w = o.sigmoid(o.mul_mat(w.get(M.FFN_GATE_INP_SHEXP, il), h))  # (1, n_tokens)
-            moe = o.add(moe, o.mul(shexp, gate_w))
-        return moe
+        extra = self.shared_expert(o, h, il) if shared else None
+        return moe if extra is None else o.add(moe, extra)
+
 
 
 def kq_mask(pos: np.ndarray, n_kv: int) -> np.ndarray:
