@@ -314,7 +314,7 @@ def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = 
     expert_allowance(budget, needs)   # below the minimum: say so before measuring anything
     if not budget.relative:
         with Engine(shards_path, n_ctx=n_ctx, n_batch=n_batch, kv_type=kv_type, routing="exact",
-                    n_slots=shards.n_expert_used, load_experts=False) as probe:
+                    n_slots=shards.n_expert_used, load_experts=False, n_outputs=1) as probe:
             compute = probe.memory()["compute"]
         needs = needs_from_files(shards, n_ctx, kv_type, compute, needs.runtime_bytes)
     cal = calib.Calibration.load(shards_path)

@@ -34,8 +34,10 @@ from edgemoe.pool import ExpertPool
 from edgemoe.shardset import ShardSet
 
 KV_TYPES = {"f16": GGMLType.F16, "f32": GGMLType.F32}
-# Cached graphs: recent prompt shapes and the current decode shape (per layer under exact routing).
-_MAX_GRAPHS = 256
+# Cached graphs (recent prompt shapes and the current decode shape, per layer under exact
+# routing) may hold this many times the metadata of the graphs one step needs; the least
+# recently used beyond that are freed (a chat of ever-new prompt lengths stays bounded).
+_GRAPH_CACHE_STEPS = 3
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -64,14 +66,19 @@ class Engine:
     - "exact": per layer, an attention+router graph, then the host maps the chosen experts to
       slots (loading misses), then an expert graph (the ondemand policy).
     `n_slots` sizes the pool (see ExpertPool); `load_experts=False` leaves the slots empty for
-    a residency policy (`set_policy`) to fill.
+    a residency policy (`set_policy`) to fill. `n_outputs`: rows of logits per batch the compute
+    buffers are reserved for (None: n_batch, every row; 1: what generation samples). A batch
+    asking for more rows grows the buffers then.
     """
 
     def __init__(self, shards_path: str | Path, n_ctx: int = 2048, n_threads: int | None = None,
                  device: str | None = None, n_batch: int = 512, kv_type: str = "f16",
-                 routing: str = "full", n_slots=None, load_experts: bool = True):
+                 routing: str = "full", n_slots=None, load_experts: bool = True,
+                 n_outputs: int | None = None):
         if n_ctx < 1 or n_batch < 1:
             raise EdgeMoeError(f"n_ctx ({n_ctx}) and n_batch ({n_batch}) must be positive")
+        if n_outputs is not None and n_outputs < 1:
+            raise EdgeMoeError(f"n_outputs ({n_outputs}) must be positive")
         if kv_type not in KV_TYPES:
             raise EdgeMoeError(f"kv_type {kv_type!r}: expected one of {sorted(KV_TYPES)}")
         if routing not in ("full", "masked", "exact"):
@@ -109,20 +116,25 @@ class Engine:
                           if routing == "exact" else None)
             self._builder = self.model(hp, self.weights, self.pool, self.kv, self.state)
             self._graphs: OrderedDict[tuple, Graph] = OrderedDict()
+            self._graph_bytes = 0
             self._allocated: Graph | None = None  # the graph the scheduler last allocated
             # The scheduler hashes every node and leaf; a graph holds at most this many of each.
             self.sched = self._own(ggml.Scheduler(self.backend, 2 * graph_nodes_upper_bound(hp)))
-            # Size the compute buffers for the largest graph now, so memory() is known up front.
+            # Size the compute buffers for the largest graph this engine will run now, so
+            # memory() is known up front: a full batch over the whole context with n_outputs
+            # rows of logits.
             n, n_kv = min(n_batch, n_ctx), kv_cells_for(n_ctx, n_ctx)
+            n_out = min(n, n_outputs or n)
+            self.n_outputs = n_out
             if routing == "exact":
-                for il in range(hp.n_layer):
-                    self.sched.reserve(self._graph(("attention", il, n, n_kv)).graph)
-                    if il in hp.expert_layers:
-                        key = ("experts", il, n, True, hp.n_expert_used)
-                        self.sched.reserve(self._graph(key).graph)
-                self.sched.reserve(self._graph(("output", n, True)).graph)
+                keys = [("attention", il, n, n_kv) for il in range(hp.n_layer)]
+                keys += [("experts", il, n, True, hp.n_expert_used) for il in hp.expert_layers]
+                keys.append(("output", n, n_out))
             else:
-                self.sched.reserve(self._graph(("forward", n, n_kv, True)).graph)
+                keys = [("forward", n, n_kv, n_out)]
+            self._graph_cap = _GRAPH_CACHE_STEPS * sum(self._graph(key).ctx.nbytes for key in keys)
+            for key in keys:
+                self.sched.reserve(self._graph(key).graph)
         except BaseException:
             self.close()
             raise
@@ -158,48 +170,67 @@ class Engine:
 
     # -- inference -------------------------------------------------------------------------------
 
-    def eval(self, tokens, all_logits: bool = True) -> np.ndarray:
-        """Append `tokens` to the context; returns their logits, float32 (n_tokens, n_vocab), or
-        only the last token's (1, n_vocab) with all_logits=False (cheaper prompt processing).
-        Batches longer than n_batch are split; each batch runs the experts with ggml_mul_mat_id."""
+    def eval(self, tokens, all_logits: bool = True, *, logits_from: int | None = None
+             ) -> np.ndarray:
+        """Append `tokens` to the context; returns logits, float32 (n_rows, n_vocab), of the
+        tokens from index `logits_from` on (negative: from the end, -1 the last token only;
+        len(tokens): none). Without it, every token's (all_logits) or the last token's. Only
+        those rows go through the output projection. Batches longer than n_batch are split;
+        each batch runs the experts with ggml_mul_mat_id."""
         toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if toks.size == 0:
             raise EdgeMoeError("eval needs at least one token")
         if toks.min() < 0 or toks.max() >= self.n_vocab:
             bad = int(toks[(toks < 0) | (toks >= self.n_vocab)][0])
             raise EdgeMoeError(f"token id {bad} is outside the vocabulary (0..{self.n_vocab - 1})")
+        if logits_from is None:
+            logits_from = 0 if all_logits else -1
+        first = logits_from + toks.size if logits_from < 0 else logits_from
+        if not 0 <= first <= toks.size:
+            raise EdgeMoeError(f"logits_from={logits_from} is outside the {toks.size} tokens")
         with self._lock:
             if self._closed:
                 raise EdgeMoeError("the engine is closed")
             if self.n_past + toks.size > self.n_ctx:
                 raise ContextOverflow(f"{self.n_past} tokens in context + {toks.size} new exceed "
                                       f"n_ctx={self.n_ctx}")
-            out = np.empty((toks.size if all_logits else 1, self.n_vocab), dtype=np.float32)
+            out = np.empty((toks.size - first, self.n_vocab), dtype=np.float32)
             for start in range(0, toks.size, self.n_batch):
                 chunk = toks[start:start + self.n_batch].astype(np.int32)
-                self._eval_batch(chunk, out[start:start + chunk.size] if all_logits else out,
-                                 all_logits)
+                end = start + chunk.size
+                n_out = end - max(first, start) if end > first else 0
+                self._eval_batch(chunk, out[end - n_out - first:end - first], n_out)
             return out
+
+    def _build(self, key: tuple) -> Graph:
+        kind, b = key[0], self._builder
+        if kind == "forward":
+            return b.build(key[1], key[2], self.routing, key[3])
+        if kind == "attention":
+            return b.build_attention(key[1], key[2], key[3])
+        if kind == "experts":
+            return b.build_experts(*key[1:])
+        return b.build_output(key[1], key[2])
 
     def _graph(self, key: tuple) -> Graph:
         """The graph for `key` (kind, ...shape), built on first use and kept while recent."""
         g = self._graphs.get(key)
         if g is None:
-            kind, b = key[0], self._builder
-            if kind == "forward":
-                g = b.build(key[1], key[2], self.routing, key[3])
-            elif kind == "attention":
-                g = b.build_attention(key[1], key[2], key[3])
-            elif kind == "experts":
-                g = b.build_experts(*key[1:])
-            else:
-                g = b.build_output(key[1], key[2])
-            self._graphs[key] = g
-            while len(self._graphs) > _MAX_GRAPHS:
-                self._graphs.popitem(last=False)[1].close()
+            g = self._graphs[key] = self._build(key)
+            self._graph_bytes += g.ctx.nbytes
+            for old in list(self._graphs):
+                if self._graph_bytes <= getattr(self, "_graph_cap", self._graph_bytes):
+                    break
+                if self._graphs[old] is not g and self._graphs[old] is not self._allocated:
+                    self._drop_graph(old)
         else:
             self._graphs.move_to_end(key)
         return g
+
+    def _drop_graph(self, key: tuple) -> None:
+        g = self._graphs.pop(key)
+        self._graph_bytes -= g.ctx.nbytes
+        g.close()
 
     def set_policy(self, policy) -> None:
         """Let a residency policy (edgemoe.residency) drive the pool: it is warmed now, asked
@@ -222,8 +253,15 @@ class Engine:
         with self.pool.compute_lock:
             # Decode recomputes one graph step after step: its allocation still holds.
             if self._allocated is not g:
+                before = self.sched.buffer_bytes()
                 self.sched.alloc(g.graph)
                 self._allocated = g
+                if self.sched.buffer_bytes() != before:
+                    # The compute buffers grew (a graph larger than the reservation, e.g. more
+                    # rows of logits): ggml keeps the addresses an allocated graph's tensors
+                    # had, which now point into the freed buffers. Only g is valid.
+                    for key in [k for k, other in self._graphs.items() if other is not g]:
+                        self._drop_graph(key)
             for name, t in g.inputs.items():
                 ggml.tensor_set(t, values[name])
             self.sched.compute(g.graph)
@@ -240,31 +278,31 @@ class Engine:
             table[e] = slot
         return table
 
-    def _eval_batch(self, tokens: np.ndarray, out: np.ndarray, all_logits: bool) -> None:
+    def _eval_batch(self, tokens: np.ndarray, out: np.ndarray, n_out: int) -> None:
+        """One batch; the logits of its last n_out tokens go to `out`."""
         n = tokens.size
         n_kv = kv_cells_for(self.n_past + n, self.n_ctx)
         pos = np.arange(self.n_past, self.n_past + n, dtype=np.int32)
         values = {"tokens": tokens, "pos": pos, "kv_idx": pos.astype(np.int64),
                   "kq_mask": kq_mask(pos, n_kv)}
-        # One token has one row of logits either way: share the decode graph.
-        last_only = not all_logits and n > 1
         if self.routing == "exact":
-            self._eval_exact(n, n_kv, values, not last_only, out)
+            self._eval_exact(n, n_kv, values, n_out, out)
         else:
-            self._eval_forward(n, n_kv, values, not last_only, out)
+            self._eval_forward(n, n_kv, values, n_out, out)
         self.n_past += n
         if self.policy is not None:
             self.last_step = self.policy.end_step(n)
 
-    def _eval_forward(self, n, n_kv, values, all_logits, out) -> None:
-        g = self._graph(("forward", n, n_kv, all_logits))
+    def _eval_forward(self, n, n_kv, values, n_out, out) -> None:
+        g = self._graph(("forward", n, n_kv, n_out))
         moe_layers = self._builder.moe_layers if self.routing == "masked" else []
         for layer in moe_layers:
             table = self._slot_table(layer)
             values[f"route_mask-{layer}"] = np.where(table >= 0, 0.0, -np.inf).astype(np.float32)
             values[f"slot_map-{layer}"] = np.maximum(table, 0)
         self._run(g, values)
-        ggml.tensor_get(g.outputs["logits"], out)
+        if n_out:
+            ggml.tensor_get(g.outputs["logits"], out)
         n_expert = self.hparams.n_expert
         k = self.hparams.n_expert_used
         self.router_logits = {l: self._get(g, f"router_logits-{l}", (n, n_expert)) for l in moe_layers}
@@ -275,7 +313,7 @@ class Engine:
                 self.policy.observe(layer, _softmax(self.router_logits[layer]), x_norm,
                                     self.selected[layer])
 
-    def _eval_exact(self, n, n_kv, values, all_logits, out) -> None:
+    def _eval_exact(self, n, n_kv, values, n_out, out) -> None:
         hp, k = self.hparams, self.hparams.n_expert_used
         self.router_logits, self.selected = {}, {}
         for il in range(hp.n_layer):
@@ -318,9 +356,10 @@ class Engine:
                     used = slot_ids.shape[1]
                 self._run(self._graph(("experts", il, n, i == 0, used)),
                           {"ids": slot_ids, "weights": w.reshape(n, used, 1)})
-        g = self._graph(("output", n, all_logits))
-        self._run(g, {})
-        ggml.tensor_get(g.outputs["logits"], out)
+        if n_out:
+            g = self._graph(("output", n, n_out))
+            self._run(g, {})
+            ggml.tensor_get(g.outputs["logits"], out)
 
     def _ensure(self, layer: int, experts: np.ndarray) -> dict[int, int]:
         """{expert: slot} for `experts`, loading those not resident (through the policy if any)."""
@@ -344,8 +383,10 @@ class Engine:
         """Bytes held on the backend by each part (the process adds Python and libraries)."""
         # Exact routing's layer state (residual and FFN input of a batch) counts as compute.
         state = self.state.nbytes if self.state is not None else 0
+        # So do the graphs' metadata (ggml contexts in host memory), at the cache's bound.
         return {"base_weights": self.weights.nbytes, "expert_slots": self.pool.bytes_held(),
-                "kv_cache": self.kv.nbytes, "compute": self.sched.buffer_bytes() + state}
+                "kv_cache": self.kv.nbytes,
+                "compute": self.sched.buffer_bytes() + state + self._graph_cap}
 
     @property
     def device(self) -> str:
@@ -361,6 +402,7 @@ class Engine:
             for g in getattr(self, "_graphs", {}).values():
                 g.close()
             self._graphs = OrderedDict()
+            self._graph_bytes = 0
             for part in reversed(self._parts):
                 part.close()
             self._parts = []

@@ -233,11 +233,14 @@ class Generator:
         logits = None
         for start in range(0, len(tokens), batch):
             chunk = list(tokens[start : start + batch])
-            out = self.engine.eval(chunk)  # (len(chunk), n_vocab)
+            last = start + batch >= len(tokens)
+            # Only the last token is sampled: no other row goes through the output projection.
+            out = self.engine.eval(chunk, logits_from=-1 if last else len(chunk))
             self._cached.extend(chunk)
             if self.on_eval is not None:
                 self.on_eval(len(chunk))
-            logits = out[-1]
+            if last:
+                logits = out[-1]
         assert logits is not None
         return logits
 

@@ -166,6 +166,7 @@ class Context:
         if graph_size:
             mem += lib.ggml_graph_overhead_custom(graph_size, False)
         self.graph_size = graph_size
+        self.nbytes = mem  # host memory ggml_init allocates for the metadata
         self.ptr = _check(lib.ggml_init(_InitParams(mem, None, True)), "ggml_init")
 
     def new_tensor(self, ggml_type: int, ne: tuple[int, ...], name: str | None = None) -> int:

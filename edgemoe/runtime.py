@@ -172,14 +172,15 @@ def load_calibration(shards: ShardSet, need_norms: bool) -> calib.Calibration | 
 
 def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048,
                 n_threads: int | None = None, device: str | None = None, n_batch: int = 512,
-                kv_type: str = "f16", telemetry=None):
+                kv_type: str = "f16", telemetry=None, n_outputs: int | None = 1):
     """An Engine under `cfg`; the policy is attached (engine.policy) and warmed. Returns the
-    engine and the SlotPlan (None without a budget or policy)."""
+    engine and the SlotPlan (None without a budget or policy). Compute buffers are reserved
+    for `n_outputs` rows of logits per batch (1: generation, which samples the last token)."""
     from edgemoe.engine import Engine
 
     if not cfg.active:
         return Engine(shards_path, n_ctx=n_ctx, n_threads=n_threads, device=device,
-                      n_batch=n_batch, kv_type=kv_type), None
+                      n_batch=n_batch, kv_type=kv_type, n_outputs=n_outputs), None
     if kv_type not in _KV_BYTES:
         raise EdgeMoeError(f"kv_type {kv_type!r}: expected one of {sorted(_KV_BYTES)}")
     name = cfg.policy_name
@@ -187,7 +188,7 @@ def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048
     shards = ShardSet.open(shards_path)
     routing = ROUTING[name]
     kw = dict(n_ctx=n_ctx, n_threads=n_threads, device=device, n_batch=n_batch, kv_type=kv_type,
-              routing=routing, load_experts=False)
+              routing=routing, load_experts=False, n_outputs=n_outputs)
     needs = needs_from_files(shards, n_ctx, kv_type)
     expert_allowance(budget, needs)   # refuse before loading anything, compute not yet known
     if not budget.relative:

@@ -25,6 +25,8 @@ TOKENS = [5, 9, 33, 2, 100, 7, 8, 61, 12, 90, 4, 77]
 def shard_sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
     out = {arch: make_tiny_shards(arch, root, seed=3) for arch in ("qwen3_moe", "olmoe")}
+    # A vocabulary far larger than the tokenizer's (the converter pads it), as real ones are.
+    out["big_vocab"] = make_tiny_shards("qwen3_moe", root / "big", seed=3, vocab_size=16384)
     out["hf_qwen3_moe"] = root / "qwen3_moe_hf"
     return out
 
@@ -55,6 +57,55 @@ def test_truncate_then_reevaluate_gives_the_same_logits(shard_sets):
         last = engine.eval(TOKENS, all_logits=False)
         assert last.shape == (1, engine.n_vocab)
         assert _relerr(last[0], full[-1]) < 1e-5
+
+
+@pytest.mark.parametrize("routing", ["full", "masked", "exact"])
+@pytest.mark.parametrize("n_outputs", [None, 1])
+def test_logits_of_chosen_rows_match_all_rows(shard_sets, routing, n_outputs):
+    """Rows from an index on (across batch boundaries, n_batch 5 over 12 tokens), the last row,
+    or none: the same values as the rows of an all-logits eval. With buffers reserved for one
+    row, asking for more grows them (and the graphs cached before are rebuilt)."""
+    kw = dict(n_ctx=32, n_threads=1, kv_type="f32", n_batch=5, routing=routing)
+    with Engine(shard_sets["qwen3_moe"], n_outputs=n_outputs, **kw) as engine:
+        engine.eval(TOKENS, logits_from=-1)
+        engine.reset()
+        full = engine.eval(TOKENS)
+        for start in (-1, -3, 0, 4, 5, 7, len(TOKENS) - 1, len(TOKENS)):
+            engine.reset()
+            got = engine.eval(TOKENS, logits_from=start)
+            want = full[start:] if start < len(TOKENS) else full[:0]
+            assert got.shape == want.shape
+            if got.size:
+                assert _relerr(got, want) < 1e-5
+            assert engine.n_past == len(TOKENS)
+        with pytest.raises(EdgeMoeError, match="logits_from"):
+            engine.eval(TOKENS[:2], logits_from=3)
+
+
+def test_compute_buffers_are_reserved_for_the_rows_asked(shard_sets):
+    """One row of logits per batch (generation) reserves less than a whole batch of them."""
+    kw = dict(n_ctx=256, n_threads=1, n_batch=128)
+    with Engine(shard_sets["big_vocab"], **kw) as every, \
+            Engine(shard_sets["big_vocab"], n_outputs=1, **kw) as one:
+        row = one.n_vocab * 4
+        assert every.memory()["compute"] >= 128 * row     # a batch of logits
+        assert one.memory()["compute"] < every.memory()["compute"] - 96 * row
+        assert one.n_outputs == 1 and every.n_outputs == 128
+
+
+def test_graph_cache_is_bounded_by_bytes(shard_sets):
+    """A chat evaluates a new prompt length every turn: the cached graphs stay within the bound
+    memory() counts, and results do not change when graphs are rebuilt."""
+    with Engine(shard_sets["qwen3_moe"], n_ctx=128, n_threads=1, n_batch=16, n_outputs=1,
+                routing="exact") as engine:
+        first = engine.eval(TOKENS, logits_from=-1)
+        for n in range(1, 40):
+            engine.reset()
+            engine.eval((TOKENS * 4)[:n], logits_from=-1)
+            assert engine._graph_bytes <= engine._graph_cap
+        engine.reset()
+        assert np.array_equal(engine.eval(TOKENS, logits_from=-1), first)
+        assert engine.memory()["compute"] >= engine._graph_cap
 
 
 def test_context_overflow_leaves_the_context_intact(shard_sets):

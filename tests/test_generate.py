@@ -43,7 +43,7 @@ class FakeEngine:
         self.n_past = 0
         self.calls: list[list[int]] = []
 
-    def eval(self, tokens):
+    def eval(self, tokens, *, logits_from=0):
         assert 0 < len(tokens) <= self.n_batch
         assert self.n_past + len(tokens) <= self.n_ctx
         self.calls.append(list(tokens))
@@ -51,7 +51,7 @@ class FakeEngine:
         out = np.zeros((len(tokens), self.n_vocab), dtype=np.float32)
         for row, t in enumerate(tokens):
             out[row, self.script.get(t, 1)] = 10.0
-        return out
+        return out[logits_from:] if logits_from >= 0 else out[len(tokens) + logits_from:]
 
     def truncate(self, n):
         assert 0 <= n <= self.n_past
@@ -186,9 +186,9 @@ def test_sampled_generation_is_reproducible_with_a_seed():
         noise = np.random.default_rng(0)  # the same logits every run
 
         class NoisyEngine(FakeEngine):
-            def eval(self, tokens):
-                super().eval(tokens)
-                return noise.normal(size=(len(tokens), self.n_vocab)).astype(np.float32)
+            def eval(self, tokens, **kw):
+                n = len(super().eval(tokens, **kw))
+                return noise.normal(size=(n, self.n_vocab)).astype(np.float32)
 
         params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=seed)
         g = Generator(NoisyEngine(len(PIECES), {}), FakeVocab(PIECES)).generate("a", 12, params)

@@ -355,11 +355,13 @@ class Decoder:
                 "kq_mask": o.input(GGMLType.F16, (n_kv, n_tokens), "inp_kq_mask")}
 
     def build(self, n_tokens: int, n_kv: int, routing: str = "full",
-              all_logits: bool = True) -> Graph:
-        """The forward graph of a batch of n_tokens attending over n_kv cells; with
-        all_logits=False only the last token's logits are computed (the output projection is
-        the largest matmul of a prompt)."""
+              n_out: int | None = None) -> Graph:
+        """The forward graph of a batch of n_tokens attending over n_kv cells, with logits for
+        its last n_out tokens (None: all; 0: none). The output projection (n_vocab rows) is
+        the largest matmul of a prompt and its result the largest buffer: llama.cpp's
+        n_outputs idea, computing only the rows that are sampled or scored."""
         hp = self.hp
+        n_out = n_tokens if n_out is None else n_out
         ctx, o, gf = self._begin(graph_nodes_upper_bound(hp))
         inputs = {"tokens": o.input(GGMLType.I32, (n_tokens,), "inp_tokens"),
                   **self._attn_inputs(o, n_tokens, n_kv)}
@@ -367,21 +369,27 @@ class Decoder:
         x = self.embed(o, inputs["tokens"])  # (n_embd, n_tokens)
         for il in range(hp.n_layer):
             # Under full routing the last layer's FFN runs for the tokens whose logits are
-            # wanted only (policies see every token's routing under masked routing).
-            last_only = not all_logits and routing == "full" and il == hp.n_layer - 1
-            x, h = self._attention_block(o, gf, x, il, inputs, n_tokens, n_kv, last_only)
-            m = 1 if last_only else n_tokens
+            # wanted only (policies see every token's routing under masked routing). Without
+            # logits nothing after the last layer's K/V write is in the graph at all.
+            trim = routing == "full" and il == hp.n_layer - 1 and 0 < n_out < n_tokens
+            x, h = self._attention_block(o, gf, x, il, inputs, n_tokens, n_kv,
+                                         n_out if trim else None)
+            m = n_out if trim else n_tokens
+            if n_out == 0 and il == hp.n_layer - 1:
+                if il in hp.expert_layers and routing != "full":  # policies see its routing
+                    self._route(o, h, il, m, routing, inputs, outputs, map_slots=False)
+                break
             if il in hp.expert_layers:
                 ids, weights = self._route(o, h, il, m, routing, inputs, outputs)
                 ffn = self.experts(o, h, il, ids, weights, m)
             else:
                 ffn = self.dense_ffn(o, h, il)
             x = self.residual(o, ffn, x)
-        if not all_logits and routing != "full":
-            x = self._last_column(o, x, n_tokens)
-        outputs["logits"] = self.output(o, x)
-        return self._finish(ctx, o, gf, n_tokens, n_kv, n_tokens if all_logits else 1, inputs,
-                            outputs)
+        if n_out:
+            if routing != "full" and n_out < n_tokens:
+                x = self._last_columns(o, x, n_tokens, n_out)
+            outputs["logits"] = self.output(o, x)
+        return self._finish(ctx, o, gf, n_tokens, n_kv, n_out, inputs, outputs)
 
     # -- exact routing: one graph per stage ------------------------------------------------------
 
@@ -433,13 +441,13 @@ class Decoder:
         outputs = {"store_x": self._store(o, self.residual(o, ffn, x), st.x, n_tokens)}
         return self._finish(ctx, o, gf, n_tokens, 0, 0, inputs, outputs)
 
-    def build_output(self, n_tokens: int, all_logits: bool) -> Graph:
+    def build_output(self, n_tokens: int, n_out: int) -> Graph:
+        """Logits of the last n_out (>= 1) of n_tokens in state."""
         ctx, o, gf = self._begin(16)
         x = self._state_view(o, self.state.x, n_tokens)
-        if not all_logits:
-            x = self._last_column(o, x, n_tokens)
-        return self._finish(ctx, o, gf, n_tokens, 0, n_tokens if all_logits else 1, {},
-                            {"logits": self.output(o, x)})
+        if n_out < n_tokens:
+            x = self._last_columns(o, x, n_tokens, n_out)
+        return self._finish(ctx, o, gf, n_tokens, 0, n_out, {}, {"logits": self.output(o, x)})
 
     # -- pieces ------------------------------------------------------------------------------------
 
@@ -453,10 +461,10 @@ class Decoder:
             y = o.scale(y, self.hp.residual_scale)
         return o.add(y, x)
 
-    def _last_column(self, o: ggml.Ops, x: int, n_tokens: int) -> int:
-        """The last token's column of an (n_embd, n_tokens) tensor."""
+    def _last_columns(self, o: ggml.Ops, x: int, n_tokens: int, n: int) -> int:
+        """The last n tokens' columns of an (n_embd, n_tokens) tensor (contiguous)."""
         row = ggml.row_size(GGMLType.F32, self.hp.n_embd)
-        return o.view_2d(x, self.hp.n_embd, 1, row, row * (n_tokens - 1))
+        return o.view_2d(x, self.hp.n_embd, n, row, row * (n_tokens - n))
 
     def output(self, o: ggml.Ops, x: int) -> int:
         w, M = self.w, MODEL_TENSOR
@@ -468,13 +476,13 @@ class Decoder:
         return o.name(logits, "result_output")
 
     def _attention_block(self, o, gf, x, il, inputs, n_tokens, n_kv,
-                         last_only: bool = False) -> tuple[int, int]:
+                         n_keep: int | None = None) -> tuple[int, int]:
         """Pre-norm attention with its residual; returns (x, ffn-normalised x), of the last
-        token only with last_only."""
+        n_keep tokens only when given."""
         h = self.norm(o, x, MODEL_TENSOR.ATTN_NORM, il)
         x = self.residual(o, self.attention(o, gf, h, il, inputs, n_tokens, n_kv), x)
-        if last_only:
-            x = self._last_column(o, x, n_tokens)
+        if n_keep is not None:
+            x = self._last_columns(o, x, n_tokens, n_keep)
         return x, self.norm(o, x, MODEL_TENSOR.FFN_NORM, il)
 
     def norm(self, o: ggml.Ops, x: int, kind: MODEL_TENSOR, il: int | None = None) -> int:
@@ -558,9 +566,11 @@ class Decoder:
         return selected, weights
 
     def _route(self, o: ggml.Ops, h: int, il: int, n_tokens: int, routing: str,
-               inputs: dict[str, int], outputs: dict[str, int]) -> tuple[int, int]:
+               inputs: dict[str, int], outputs: dict[str, int],
+               map_slots: bool = True) -> tuple[int, int]:
         """Router of MoE layer il: (slot ids I32 (k, n_tokens), weights F32 (1, k, n_tokens)).
-        Except under full routing, its unmasked logits are an output (policies score them)."""
+        Except under full routing, its unmasked logits are an output (policies score them).
+        map_slots=False: the experts will not run (masked routing: no slot_map input)."""
         n_expert, k = self.hp.n_expert, self.hp.n_expert_used
         logits = self.router_logits(o, h, il)  # (n_expert, n_tokens)
         if routing != "full":
@@ -569,13 +579,17 @@ class Decoder:
             # The experts' input norm feeds importance scores (SwapMoE Eq. 1).
             outputs[f"x_norm-{il}"] = o.sqrt(o.sum_rows(o.sqr(h)))  # (1, n_tokens)
             mask = o.input(GGMLType.F32, (n_expert,), f"inp_route_mask-{il}")
-            slot_map = o.input(GGMLType.I32, (1, n_expert), f"inp_slot_map-{il}")
-            inputs[f"route_mask-{il}"], inputs[f"slot_map-{il}"] = mask, slot_map
+            inputs[f"route_mask-{il}"] = mask
+            if map_slots:
+                inputs[f"slot_map-{il}"] = o.input(GGMLType.I32, (1, n_expert),
+                                                   f"inp_slot_map-{il}")
             logits = o.add(logits, mask)  # -inf hides non-resident experts from softmax and top-k
         selected, weights = self.gate(o, logits, n_tokens)
         if routing == "masked":
             chosen = o.cont(selected)  # expert ids, an output so policies can audit the mask
             outputs[f"selected-{il}"] = chosen
+            if not map_slots:
+                return chosen, weights
             # One map for all tokens: look the k*n_tokens choices up as a flat list of rows.
             flat = o.reshape_2d(chosen, k * n_tokens, 1)
             selected = o.reshape_2d(o.get_rows(inputs[f"slot_map-{il}"], flat), k, n_tokens)
