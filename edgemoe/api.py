@@ -77,8 +77,7 @@ class Model:
             self.engine.close()
             raise
         try:
-            self._hits = ExpertHits(self.engine)
-            self._generator = Generator(self.engine, self.vocab, on_eval=self._hits.count)
+            self._generator = Generator(self.engine, self.vocab)
         except BaseException:
             self.vocab.close()
             self.engine.close()
@@ -141,26 +140,22 @@ class Model:
         with self._exclusive():
             self._check_open()
             memory = self.engine.memory()
-            pool = self.engine.pool
+            pool, policy = self.engine.pool, self.engine.policy
             return {
                 "memory": memory,
                 "memory_bytes": sum(memory.values()),
                 "rss_bytes": psutil.Process().memory_info().rss,
-                "resident_experts": sum(len(pool.resident(l)) for l in pool.layers),
+                "resident_experts": sum(len(policy.resident(l)) for l in policy.layers),
                 "total_experts": len(pool.layers) * pool.n_expert,
                 "hit_rate": self._hit_rate(),
                 "n_past": int(self.engine.n_past),
             }
 
     def _hit_rate(self) -> float | None:
-        policy = self.engine.policy
-        if policy is None:
-            return self._hits.hit_rate
-        return record(policy.telemetry.counters, 0)["hit_rate"]
+        return record(self.engine.policy.telemetry.counters, 0)["hit_rate"]
 
-    def residency_summary(self) -> str | None:
-        """The residency policy's one-line summary since the model was opened (None when every
-        expert is resident without a policy)."""
+    def residency_summary(self) -> str:
+        """The residency policy's one-line summary since the model was opened."""
         from edgemoe.runtime import residency_summary
 
         return residency_summary(self.engine)
@@ -169,8 +164,6 @@ class Model:
         """Residency telemetry as JSON: per run, and per engine step when opened with stats."""
         from edgemoe.runtime import write_stats_json
 
-        if self.engine.policy is None:
-            raise EdgeMoeError("no residency policy: open the model with memory_budget or policy")
         write_stats_json(self.engine, path)
 
     def reset(self) -> None:
@@ -321,40 +314,6 @@ class Model:
                                  f"'content', got {m!r}")
             clean.append({"role": m["role"], "content": m["content"]})
         return self.vocab.apply_chat_template(clean, add_generation_prompt=True)
-
-
-class ExpertHits:
-    """Counts, over every evaluated token and MoE layer, the experts the router wanted (its
-    top-k) and how many of them were resident in the pool.
-
-    With full routing every expert holds a slot, so every wanted expert is a hit; with masked
-    routing the engine exposes the unmasked router logits of the last step, and the top-k of
-    those are checked against the pool (residency as it stands after the step).
-    """
-
-    def __init__(self, engine) -> None:
-        self.engine = engine
-        self.top_k = engine.shards.n_expert_used
-        self.wanted = 0
-        self.hits = 0
-
-    def count(self, n_tokens: int) -> None:
-        pool = self.engine.pool
-        router_logits = self.engine.router_logits  # layer -> (n_tokens, n_expert)
-        if not router_logits:
-            n = n_tokens * self.top_k * len(pool.layers)
-            self.wanted += n
-            self.hits += n
-            return
-        for layer, logits in router_logits.items():
-            wanted = np.argpartition(-logits, self.top_k - 1, axis=1)[:, : self.top_k]
-            resident = np.fromiter(pool.resident(layer), dtype=np.int64)
-            self.wanted += wanted.size
-            self.hits += int(np.isin(wanted, resident).sum())
-
-    @property
-    def hit_rate(self) -> float | None:
-        return self.hits / self.wanted if self.wanted else None
 
 
 def _usage(generation: Generation) -> dict:

@@ -21,15 +21,11 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from edgemoe.errors import EdgeMoeError
 from edgemoe.residency import calibration as calib
 from edgemoe.residency.budget import expert_allowance, parse_budget
-from edgemoe.residency.routing import topk
-from edgemoe.residency.sensitivity import fit_sensitivity
 from edgemoe.residency.traces import RoutingTrace
-from edgemoe.runtime import PLAN_FILE, POLICIES, TRACE_FILE, ResidencyConfig, open_engine
+from edgemoe.runtime import PLAN_FILE, POLICIES, TRACE_FILE
 
 # Used when no --text is given: plain prose on several topics, so routing sees some variety.
 DEFAULT_TEXT = """\
@@ -63,68 +59,6 @@ have a prime factor missing from the list.
 """
 
 
-class _Probe:
-    """Wraps the engine's policy while calibrating or profiling: records each step's router
-    probabilities and expert-input norms (masked routing) or prefetch predictor (the next
-    layer's router on this layer's input; exact routing), can drop the last-ranked expert
-    of one (layer, row) of the next step, and timestamps the phases of every layer."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.predicted: dict[int, np.ndarray] = {}
-        self.observed: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # probs, x_norm (masked)
-        self.last_weight: dict[int, np.ndarray] = {}   # layer -> (n_tokens,) renormalised
-        self.drop: tuple[int, int] | None = None
-        self.marks: list[tuple[str, int, float]] = []
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def gate(self, layer, ids, weights, decode):
-        self.marks.append(("gate", layer, time.perf_counter()))
-        weights = np.asarray(weights, dtype=np.float32)
-        self.last_weight[layer] = weights[:, -1] / weights.sum(axis=1)
-        if self.drop is not None and self.drop[0] == layer:
-            row = self.drop[1]
-            ids, weights = np.array(ids, dtype=np.int32), weights.copy()
-            total = weights[row].sum()
-            ids[row, -1], weights[row, -1] = -1, 0.0
-            weights[row] *= total / weights[row].sum()   # the gate mass stays, as adaptive gating
-        return self.inner.gate(layer, ids, weights, decode)
-
-    def observe(self, layer, probs, x_norm, selected=None):
-        self.observed[layer] = (np.array(probs, dtype=np.float32), np.array(x_norm, np.float32))
-        self.inner.observe(layer, probs, x_norm, selected)
-
-    def ensure(self, layer, experts):
-        out = self.inner.ensure(layer, experts)
-        self.marks.append(("ensure", layer, time.perf_counter()))
-        return out
-
-    def prefetch(self, layer, logits):
-        self.marks.append(("prefetch", layer, time.perf_counter()))
-        self.predicted[layer] = np.array(logits, dtype=np.float32)
-        self.inner.prefetch(layer, logits)
-
-
-def _attach_probe(engine) -> _Probe:
-    probe = _Probe(engine.policy)
-    engine.policy = probe
-    return probe
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
-def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
-    """KL(p || q) per row, in nats."""
-    lp, lq = _log_softmax(p_logits), _log_softmax(q_logits)
-    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
-
-
 def calibration_tokens(shards_path: Path, text: str, limit: int) -> list[int]:
     from edgemoe.shardset import ShardSet
     from edgemoe.tokenizer import Vocab
@@ -136,164 +70,33 @@ def calibration_tokens(shards_path: Path, text: str, limit: int) -> list[int]:
     return tokens[:limit]
 
 
+def _engine_opener(shards_path: Path, n_threads: int | None, **fixed):
+    """open(policy=None, **kw) -> an Engine on the shard set (calibration and profiling open
+    the engines they watch)."""
+    from edgemoe.engine import Engine
+
+    return lambda **kw: Engine(shards_path, n_threads=n_threads, **{**fixed, **kw})
+
+
 def calibrate(shards_path: str | Path, tokens: list[int], samples: int = 16, window: int = 16,
               n_threads: int | None = None,
               seed: int = 0) -> tuple[calib.Calibration, RoutingTrace]:
-    """Norms, usage, sensitivities and the routing trace of `tokens` (see the module doc), with
-    every expert resident. Two passes over the text: masked routing with the full policy gives
-    each layer's router probabilities and the experts' input norms (observe), exact routing
-    gives the next layer's router on each layer's input (prefetch) and hosts the drops."""
+    """Norms, usage, sensitivities and the routing trace of `tokens` (residency.calibration)."""
     from edgemoe.shardset import ShardSet
 
     shards_path = Path(shards_path)
-    shards = ShardSet.open(shards_path)
-    norms = calib.compute_norms(shards)
-    layers = list(shards.expert_layers)
-    recorded = {name: {l: [] for l in layers} for name in ("probs", "x_norm", "predicted")}
-    open_kw = dict(n_ctx=len(tokens), n_threads=n_threads, n_batch=min(256, len(tokens)))
-
-    engine, _ = open_engine(shards_path, ResidencyConfig(policy="full"), **open_kw)
-    with engine:
-        probe = _attach_probe(engine)
-        for start in range(0, len(tokens), engine.n_batch):
-            probe.observed = {}
-            engine.eval(tokens[start:start + engine.n_batch], all_logits=False)
-            for l in layers:
-                probs, x_norm = probe.observed[l]
-                recorded["probs"][l].append(probs)
-                recorded["x_norm"][l].append(x_norm)
-    cfg = ResidencyConfig(policy="ondemand", n_prefetch=0)
-    engine, _ = open_engine(shards_path, cfg, **open_kw)
-    with engine:
-        probe = _attach_probe(engine)
-        for start in range(0, len(tokens), engine.n_batch):
-            probe.predicted = {}
-            engine.eval(tokens[start:start + engine.n_batch], all_logits=False)
-            for l in layers[1:]:
-                recorded["predicted"][l].append(probe.predicted[l])
-        sensitivity = None
-        if shards.n_expert_used > 1 and samples > 0:
-            sensitivity = _isolated_sensitivity(engine, probe, tokens, layers, samples, window,
-                                                seed)
-    trace = RoutingTrace(**{name: {l: np.concatenate(rows).astype(np.float32)
-                                   for l, rows in table.items() if rows}
-                            for name, table in recorded.items()})
-    usage = {l: np.bincount(topk(trace.probs[l], shards.n_expert_used)[0].ravel(),
-                            minlength=shards.n_expert) for l in layers}
-    cal = calib.Calibration(norms=norms, usage=usage, sensitivity=sensitivity,
-                            sensitivity_method="isolated" if sensitivity else None,
-                            tokens=len(tokens))
-    return cal, trace
+    opener = _engine_opener(shards_path, n_threads, n_ctx=len(tokens),
+                            n_batch=min(256, len(tokens)))
+    return calib.calibrate(opener, ShardSet.open(shards_path), tokens, samples, window, seed)
 
 
-def _isolated_sensitivity(engine, probe: _Probe, tokens, layers, samples, window, seed):
-    """s_l per layer: at each sampled position r, drop layer l's last-ranked expert at r only
-    and sum KL(full || dropped) over positions r .. r + window - 1 (attention carries the
-    change on); fit against that expert's renormalised weight squared."""
-    rng = np.random.default_rng(seed)
-    window = max(1, min(window, len(tokens) // 2))
-    positions = np.sort(rng.choice(np.arange(1, len(tokens) - window + 1),
-                                   size=min(samples, len(tokens) - window), replace=False))
-    w_last = {l: [] for l in layers}
-    loss = {l: [] for l in layers}
-    for r in positions.tolist():
-        span = tokens[r:r + window]
-        engine.reset()
-        engine.eval(tokens[:r], all_logits=False)
-        base = engine.eval(span)
-        for l in layers:
-            engine.truncate(r)
-            probe.drop = (l, 0)
-            try:
-                dropped = engine.eval(span)
-            finally:
-                probe.drop = None
-            w_last[l].append(float(probe.last_weight[l][0]))
-            loss[l].append(float(_kl(base, dropped).sum()))
-    return {l: fit_sensitivity(np.array(w_last[l]), np.array(loss[l])) for l in layers}
-
-
-def measure_profile(shards_path: str | Path, n_threads: int | None = None,
-                    n_decode: int = 64, prompt: list[int] | None = None):
-    """A planner Profile measured here: cold expert reads from the shards' device, per-layer
-    compute from the split graphs exact routing runs (attention + router, one expert), the rest,
-    and the per-token time of masked routing's single graph. Runs with top-k slots per layer
-    (the least memory); only compute is timed, never a read."""
-    from edgemoe.residency.planner import Profile, measure_reads
+def measure_profile(shards_path: str | Path, n_threads: int | None = None, n_decode: int = 64):
+    """The planner's Profile measured on this machine (residency.profiling)."""
+    from edgemoe.residency.profiling import measure_profile as measure
     from edgemoe.shardset import ShardSet
 
-    shards = ShardSet.open(shards_path)
-    bandwidth, latency, sustained, burst = measure_reads(shards)
-    k, n_expert = shards.n_expert_used, shards.n_expert
-    fraction = f"{min(100.0, 100.0 * (k + 0.5) / n_expert):.6f}%"
-    prompt = prompt or list(range(1, 9))
-    n_ctx = len(prompt) + n_decode + 1
-    layers = list(shards.expert_layers)
-
-    def decode(engine, on_step=None):
-        logits = engine.eval(prompt, all_logits=False)
-        seconds = []
-        for _ in range(n_decode):
-            if on_step:
-                on_step()
-            t0 = time.perf_counter()
-            logits = engine.eval([int(np.argmax(logits[-1]))])
-            seconds.append((t0, time.perf_counter()))
-        return seconds
-
-    cfg = ResidencyConfig(memory_budget=fraction, policy="ondemand", n_prefetch=0)
-    engine, _ = open_engine(shards_path, cfg, n_ctx=n_ctx, n_threads=n_threads, n_batch=len(prompt))
-    with engine:
-        probe = _attach_probe(engine)
-        run = engine._run
-
-        def timed_run(g, values):   # an experts graph's own time, marked after it
-            t0 = time.perf_counter()
-            run(g, values)
-            if "ids" in g.inputs:
-                probe.marks.append(("experts", None, time.perf_counter() - t0))
-
-        engine._run = timed_run
-        steps = []
-        spans = decode(engine, on_step=lambda: steps.append(probe.marks.__len__()))
-        marks = probe.marks
-    attn = {l: [] for l in layers}
-    expert = {l: [] for l in layers}
-    other = []
-    for i, (t0, t1) in enumerate(spans):
-        end = steps[i + 1] if i + 1 < len(steps) else len(marks)
-        step = marks[steps[i]:end]
-        # Per layer: gate (after its attention graph), ensure (after any load), prefetch of the
-        # next layer, then its experts graph runs and the next layer's attention follows.
-        prev, ensured, last, ran = t0, None, None, 0.0
-        for kind, layer, t in step:
-            if kind == "experts":      # t is the graph's duration
-                expert[last].append(t / k)
-                ran = t
-                continue
-            if kind == "gate":         # the previous layer's experts graph ran in between
-                attn[layer].append(t - prev - ran)
-                ran = 0.0
-            elif kind == "ensure":
-                ensured, last = t, layer
-            prev = t
-        other.append(t1 - ensured)   # the last layer's experts, dense tail, head; fixed below
-    # Means, not medians: decode speed is tokens over total time, and this machine's hiccups
-    # (a shared host) are part of it.
-    typical = float(np.median([np.mean(v) for v in expert.values() if v])) if len(layers) > 1 \
-        else 0.0
-    expert_seconds = {l: float(np.mean(v)) if v else typical for l, v in expert.items()}
-    other_seconds = max(0.0, float(np.mean(other)) - k * expert_seconds[layers[-1]])
-
-    cfg = ResidencyConfig(memory_budget=fraction, policy="static")
-    engine, _ = open_engine(shards_path, cfg, n_ctx=n_ctx, n_threads=n_threads, n_batch=len(prompt))
-    with engine:
-        fused = float(np.mean([t1 - t0 for t0, t1 in decode(engine)]))
-    return Profile(read_bytes_per_s=bandwidth, read_latency_s=latency,
-                   layer_seconds={l: float(np.mean(v)) for l, v in attn.items()},
-                   expert_seconds=expert_seconds, other_seconds=other_seconds,
-                   fused_seconds=fused, sustained_bytes_per_s=sustained,
-                   burst_bytes=burst)
+    shards_path = Path(shards_path)
+    return measure(ShardSet.open(shards_path), _engine_opener(shards_path, n_threads), n_decode)
 
 
 def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = None,
@@ -304,7 +107,7 @@ def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = 
     """The `edgemoe plan` answer: (predictions, report lines, plan document)."""
     from edgemoe.engine import Engine
     from edgemoe.residency.planner import plan as make_plans
-    from edgemoe.runtime import needs_from_files
+    from edgemoe.runtime import empty_policy, needs_from_files
     from edgemoe.shardset import ShardSet
 
     shards_path = Path(shards_path)
@@ -313,8 +116,9 @@ def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = 
     needs = needs_from_files(shards, n_ctx, kv_type)
     expert_allowance(budget, needs)   # below the minimum: say so before measuring anything
     if not budget.relative:
-        with Engine(shards_path, n_ctx=n_ctx, n_batch=n_batch, kv_type=kv_type, routing="exact",
-                    n_slots=shards.n_expert_used, load_experts=False, n_outputs=1) as probe:
+        k = shards.n_expert_used
+        with Engine(shards_path, n_ctx=n_ctx, n_batch=n_batch, kv_type=kv_type, n_slots=k,
+                    policy=empty_policy("ondemand", k), n_outputs=1) as probe:
             compute = probe.memory()["compute"]
         needs = needs_from_files(shards, n_ctx, kv_type, compute, needs.runtime_bytes)
     cal = calib.Calibration.load(shards_path)

@@ -5,20 +5,23 @@ Graphs are built once per (batch size, KV cells, routing) shape and recomputed w
 a decode step keeps one shape for KV_STEP tokens. Compute buffers come from ggml_backend_sched,
 reserved for the largest graph at start, so memory() is known before the first token.
 
-Residency policies (edgemoe.residency) plug in like this:
-    engine = Engine(path, routing="masked" | "exact", n_slots={layer: n}, load_experts=False)
-    policy = SwapPolicy(engine.pool, slots, ...)      # or OnDemandPolicy for routing="exact"
-    engine.set_policy(policy)                         # warm(); the engine closes it on close()
+Every engine runs a residency policy (edgemoe.residency) over its expert pool; the policy's slot
+table is the only record of which expert is where:
+    engine = Engine(path, n_slots={layer: n}, policy=lambda pool: SwapPolicy(pool, slots, ...))
     engine.eval(tokens)   # masked: slot_of(L) before, observe(L, probs, x_norm, selected) after;
                           # exact: per layer gate/groups/ensure, prefetch(L+1, predicted logits);
                           # then end_step(n_tokens) -> engine.last_step
+Without `policy` every expert is resident (FullPolicy). Observers (add_observer) see the router
+outputs and the timing of every graph without changing what runs (calibration, profiling).
 """
 from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from gguf import GGUFReader
@@ -31,6 +34,8 @@ from edgemoe.arch.common import (BaseWeights, Graph, HParams, KVCache, SplitStat
 from edgemoe.errors import ContextOverflow, EdgeMoeError, ShardSetError
 from edgemoe.ggml import GGMLType
 from edgemoe.pool import ExpertPool
+from edgemoe.residency.policies import FullPolicy, Policy
+from edgemoe.residency.routing import softmax
 from edgemoe.shardset import ShardSet
 
 KV_TYPES = {"f16": GGMLType.F16, "f32": GGMLType.F32}
@@ -38,11 +43,6 @@ KV_TYPES = {"f16": GGMLType.F16, "f32": GGMLType.F32}
 # routing) may hold this many times the metadata of the graphs one step needs; the least
 # recently used beyond that are freed (a chat of ever-new prompt lengths stays bounded).
 _GRAPH_CACHE_STEPS = 3
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def _drop_page_cache(path: Path) -> None:
@@ -58,22 +58,23 @@ def _drop_page_cache(path: Path) -> None:
 class Engine:
     """Run a shard set. One eval at a time (a lock makes it safe to call from any thread).
 
-    `routing` is one of
-    - "full": one graph per step; experts index their own slots (every expert resident);
-    - "masked": one graph per step; the router is restricted to routable experts through
-      per-layer mask and expert->slot inputs (the swap/static/full policies), and its unmasked
-      logits and the experts' input norms are outputs;
-    - "exact": per layer, an attention+router graph, then the host maps the chosen experts to
-      slots (loading misses), then an expert graph (the ondemand policy).
-    `n_slots` sizes the pool (see ExpertPool); `load_experts=False` leaves the slots empty for
-    a residency policy (`set_policy`) to fill. `n_outputs`: rows of logits per batch the compute
+    `n_slots` sizes the expert pool (see ExpertPool; None: a slot for every expert) and
+    `policy(pool) -> Policy` makes the residency policy that fills it (None: FullPolicy). The
+    policy's `masked` chooses the graphs:
+    - masked (full, static, swap): one graph per step; the router is restricted to the
+      policy's routable experts through per-layer mask and expert->slot inputs; when the policy
+      or an observer wants them, the unmasked router logits, the experts' input norms and the
+      selection are outputs;
+    - exact (ondemand): per layer, an attention+router graph, then the policy maps the chosen
+      experts to slots (loading misses), then an experts graph.
+    The policy loads its initial experts on warm(), or at the first eval. `n_outputs`: rows of logits per batch the compute
     buffers are reserved for (None: n_batch, every row; 1: what generation samples). A batch
     asking for more rows grows the buffers then.
     """
 
     def __init__(self, shards_path: str | Path, n_ctx: int = 2048, n_threads: int | None = None,
                  device: str | None = None, n_batch: int = 512, kv_type: str = "f16",
-                 routing: str = "full", n_slots=None, load_experts: bool = True,
+                 n_slots=None, policy: Callable[[ExpertPool], Policy] | None = None,
                  n_outputs: int | None = None):
         if n_ctx < 1 or n_batch < 1:
             raise EdgeMoeError(f"n_ctx ({n_ctx}) and n_batch ({n_batch}) must be positive")
@@ -81,8 +82,6 @@ class Engine:
             raise EdgeMoeError(f"n_outputs ({n_outputs}) must be positive")
         if kv_type not in KV_TYPES:
             raise EdgeMoeError(f"kv_type {kv_type!r}: expected one of {sorted(KV_TYPES)}")
-        if routing not in ("full", "masked", "exact"):
-            raise EdgeMoeError(f"routing {routing!r}: expected 'full', 'masked' or 'exact'")
         self._lock = threading.RLock()
         self._closed = False
         self._parts: list = []  # owned handles, closed in reverse order
@@ -98,7 +97,10 @@ class Engine:
         self.model = arch_registry.get(arch_field.contents())
         self.hparams = hp = self.model.hparams_class.from_gguf(reader, self.model, self.base_path)
         self._check_match(hp)
-        self.routing = routing
+        self.policy: Policy | None = None
+        self._warm = False
+        self.observers: list = []
+        self._route_inputs: dict[int, tuple] = {}   # layer -> (slot table, mask, slot map)
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.n_vocab = hp.n_vocab
@@ -109,11 +111,15 @@ class Engine:
             del reader, arch_field  # its parts are views of the mapped file: unmap it now
             _drop_page_cache(self.base_path)
             self.pool = self._own(ExpertPool(self.shards, self.backend, n_slots))
-            if load_experts:
-                self.pool.load_all()
+            if policy is None:
+                self.policy = FullPolicy(self.pool, hp.n_expert, hp.n_expert_used,
+                                         self.pool.layers)
+            else:
+                self.policy = policy(self.pool)
+            exact = not self.policy.masked
             self.kv = self._own(KVCache(hp, n_ctx, KV_TYPES[kv_type], self.backend))
             self.state = (self._own(SplitState(hp, min(n_batch, n_ctx), self.backend))
-                          if routing == "exact" else None)
+                          if exact else None)
             self._builder = self.model(hp, self.weights, self.pool, self.kv, self.state)
             self._graphs: OrderedDict[tuple, Graph] = OrderedDict()
             self._graph_bytes = 0
@@ -126,23 +132,18 @@ class Engine:
             n, n_kv = min(n_batch, n_ctx), kv_cells_for(n_ctx, n_ctx)
             n_out = min(n, n_outputs or n)
             self.n_outputs = n_out
-            if routing == "exact":
+            if exact:
                 keys = [("attention", il, n, n_kv) for il in range(hp.n_layer)]
                 keys += [("experts", il, n, True, hp.n_expert_used) for il in hp.expert_layers]
                 keys.append(("output", n, n_out))
             else:
-                keys = [("forward", n, n_kv, n_out)]
+                keys = [("forward", n, n_kv, True, n_out)]
             self._graph_cap = _GRAPH_CACHE_STEPS * sum(self._graph(key).ctx.nbytes for key in keys)
             for key in keys:
                 self.sched.reserve(self._graph(key).graph)
         except BaseException:
             self.close()
             raise
-        self.policy = None
-        # Per MoE layer, of the last step (masked and exact routing): unmasked router logits
-        # (n_tokens, n_expert) and the experts that ran (n_tokens, k; -1: dropped by gating).
-        self.router_logits: dict[int, np.ndarray] = {}
-        self.selected: dict[int, np.ndarray] = {}
         self.last_step: dict | None = None  # the policy's telemetry record of the last step
 
     def _own(self, obj):
@@ -194,6 +195,7 @@ class Engine:
             if self.n_past + toks.size > self.n_ctx:
                 raise ContextOverflow(f"{self.n_past} tokens in context + {toks.size} new exceed "
                                       f"n_ctx={self.n_ctx}")
+            self.warm()
             out = np.empty((toks.size - first, self.n_vocab), dtype=np.float32)
             for start in range(0, toks.size, self.n_batch):
                 chunk = toks[start:start + self.n_batch].astype(np.int32)
@@ -205,7 +207,7 @@ class Engine:
     def _build(self, key: tuple) -> Graph:
         kind, b = key[0], self._builder
         if kind == "forward":
-            return b.build(key[1], key[2], self.routing, key[3])
+            return b.build(*key[1:])
         if kind == "attention":
             return b.build_attention(key[1], key[2], key[3])
         if kind == "experts":
@@ -232,24 +234,30 @@ class Engine:
         self._graph_bytes -= g.ctx.nbytes
         g.close()
 
-    def set_policy(self, policy) -> None:
-        """Let a residency policy (edgemoe.residency) drive the pool: it is warmed now, asked
-        for routable experts (masked) or for slots of chosen experts (exact) every step, fed
-        the router outputs, and told when each step ends."""
-        if self.routing == "full":
-            raise EdgeMoeError("a residency policy needs masked or exact routing")
-        if policy.masked != (self.routing == "masked"):
-            raise EdgeMoeError(f"policy {policy.name!r} needs "
-                               f"{'masked' if policy.masked else 'exact'} routing, the engine "
-                               f"was opened with {self.routing!r}")
+    def warm(self) -> None:
+        """Let the policy load its initial experts (blocking; once). eval() does it if needed."""
         with self._lock:
-            policy.warm()
-            self.policy = policy
+            if not self._warm:
+                self.policy.warm()
+                self._warm = True
 
-    def _run(self, g: Graph, values: dict[str, np.ndarray]) -> None:
+    def add_observer(self, observer) -> None:
+        """Watch every step without changing it (edgemoe.residency.observer.EngineObserver):
+        router outputs, the next layer's predicted routing, and the time of every graph and
+        every wait for experts. With an observer, masked graphs compute the router outputs."""
+        with self._lock:
+            self.observers.append(observer)
+
+    def remove_observer(self, observer) -> None:
+        with self._lock:
+            self.observers.remove(observer)
+
+    def _run(self, g: Graph, values: dict[str, np.ndarray], kind: str,
+             layer: int | None = None) -> None:
         """Allocate `g`, fill its inputs from `values`, compute it. The pool's compute_lock is
         held only while a graph runs, so a loader thread can fill slots between the graphs of
-        one step (exact routing waits on such loads)."""
+        one step (exact routing waits on such loads). Observers get (kind, layer, start, end)."""
+        t0 = time.perf_counter() if self.observers else 0.0
         with self.pool.compute_lock:
             # Decode recomputes one graph step after step: its allocation still holds.
             if self._allocated is not g:
@@ -265,18 +273,13 @@ class Engine:
             for name, t in g.inputs.items():
                 ggml.tensor_set(t, values[name])
             self.sched.compute(g.graph)
+        if self.observers:
+            t1 = time.perf_counter()
+            for obs in self.observers:
+                obs.graph(kind, layer, t0, t1)
 
     def _get(self, g: Graph, name: str, shape: tuple, dtype=np.float32) -> np.ndarray:
         return ggml.tensor_get(g.outputs[name], np.empty(shape, dtype=dtype))
-
-    def _slot_table(self, layer: int) -> np.ndarray:
-        """int32 (n_expert,): the slot of each routable expert, -1 for the others."""
-        if self.policy is not None:
-            return np.asarray(self.policy.slot_of(layer), dtype=np.int32)
-        table = np.full(self.hparams.n_expert, -1, dtype=np.int32)
-        for e, slot in self.pool.resident(layer).items():
-            table[e] = slot
-        return table
 
     def _eval_batch(self, tokens: np.ndarray, out: np.ndarray, n_out: int) -> None:
         """One batch; the logits of its last n_out tokens go to `out`."""
@@ -285,61 +288,71 @@ class Engine:
         pos = np.arange(self.n_past, self.n_past + n, dtype=np.int32)
         values = {"tokens": tokens, "pos": pos, "kv_idx": pos.astype(np.int64),
                   "kq_mask": kq_mask(pos, n_kv)}
-        if self.routing == "exact":
-            self._eval_exact(n, n_kv, values, n_out, out)
-        else:
+        t0 = time.perf_counter()
+        if self.policy.masked:
             self._eval_forward(n, n_kv, values, n_out, out)
+        else:
+            self._eval_exact(n, n_kv, values, n_out, out)
         self.n_past += n
-        if self.policy is not None:
-            self.last_step = self.policy.end_step(n)
+        self.last_step = self.policy.end_step(n)
+        for obs in self.observers:
+            obs.step(n, t0, time.perf_counter())
 
     def _eval_forward(self, n, n_kv, values, n_out, out) -> None:
-        g = self._graph(("forward", n, n_kv, n_out))
-        moe_layers = self._builder.moe_layers if self.routing == "masked" else []
+        policy = self.policy
+        observed = policy.observes or bool(self.observers)
+        g = self._graph(("forward", n, n_kv, observed, n_out))
+        moe_layers = self._builder.moe_layers
         for layer in moe_layers:
-            table = self._slot_table(layer)
-            values[f"route_mask-{layer}"] = np.where(table >= 0, 0.0, -np.inf).astype(np.float32)
-            values[f"slot_map-{layer}"] = np.maximum(table, 0)
-        self._run(g, values)
+            table = policy.slot_of(layer)                       # (n_expert,) slot or -1
+            key = table.tobytes()
+            cached = self._route_inputs.get(layer)
+            if cached is None or cached[0] != key:              # the table changed
+                cached = self._route_inputs[layer] = (
+                    key, np.where(table >= 0, 0.0, -np.inf).astype(np.float32),
+                    np.maximum(table, 0))
+            values[f"route_mask-{layer}"], values[f"slot_map-{layer}"] = cached[1], cached[2]
+        self._run(g, values, "forward")
         if n_out:
             ggml.tensor_get(g.outputs["logits"], out)
-        n_expert = self.hparams.n_expert
-        k = self.hparams.n_expert_used
-        self.router_logits = {l: self._get(g, f"router_logits-{l}", (n, n_expert)) for l in moe_layers}
-        self.selected = {l: self._get(g, f"selected-{l}", (n, k), np.int32) for l in moe_layers}
-        if self.policy is not None:
-            for layer in moe_layers:
-                x_norm = self._get(g, f"x_norm-{layer}", (n,))
-                self.policy.observe(layer, _softmax(self.router_logits[layer]), x_norm,
-                                    self.selected[layer])
+        if not observed:
+            return
+        n_expert, k = self.hparams.n_expert, self.hparams.n_expert_used
+        for layer in moe_layers:
+            logits = self._get(g, f"router_logits-{layer}", (n, n_expert))
+            x_norm = self._get(g, f"x_norm-{layer}", (n,))
+            selected = self._get(g, f"selected-{layer}", (n, k), np.int32)
+            if policy.observes:
+                policy.observe(layer, softmax(logits), x_norm, selected)
+            for obs in self.observers:
+                obs.routed(layer, logits, x_norm, selected)
 
     def _eval_exact(self, n, n_kv, values, n_out, out) -> None:
-        hp, k = self.hparams, self.hparams.n_expert_used
-        self.router_logits, self.selected = {}, {}
+        hp, k, policy = self.hparams, self.hparams.n_expert_used, self.policy
         for il in range(hp.n_layer):
             g = self._graph(("attention", il, n, n_kv))
-            self._run(g, values)
+            self._run(g, values, "attention", il)
             if il not in hp.expert_layers:
                 continue
             ids = self._get(g, "selected", (n, k), np.int32)        # (n_tokens, k) expert ids
             weights = self._get(g, "weights", (n, k))
-            self.router_logits[il] = self._get(g, f"router_logits-{il}", (n, hp.n_expert))
             next_logits = (self._get(g, "next_logits", (n, hp.n_expert))
                            if "next_logits" in g.outputs else None)
-            if self.policy is not None:
-                ids, weights = self.policy.gate(il, ids, weights, n == 1)
-                ids, weights = np.asarray(ids, dtype=np.int32), np.asarray(weights, np.float32)
-                groups = self.policy.groups(il, ids)
-            else:
-                groups = [np.unique(ids[ids >= 0])]
-            self.selected[il] = ids
+            ids, weights = policy.gate(il, ids, weights, n == 1)
+            ids, weights = np.asarray(ids, dtype=np.int32), np.asarray(weights, np.float32)
+            groups = policy.groups(il, ids)
             for i, group in enumerate(groups):
-                slots = self._ensure(il, group)
-                if i == 0 and self.policy is not None and next_logits is not None:
+                t0 = time.perf_counter()
+                slots = policy.ensure(il, group)
+                for obs in self.observers:
+                    obs.ensured(il, t0, time.perf_counter())
+                if i == 0 and next_logits is not None:
                     # Issued once this layer's loads are done (they must not queue behind it),
                     # so the read overlaps this layer's experts and the next layer's attention.
                     following = [l for l in self._builder.moe_layers if l > il][0]
-                    self.policy.prefetch(following, next_logits)
+                    for obs in self.observers:
+                        obs.predicted(following, next_logits)
+                    policy.prefetch(following, next_logits)
                 if len(groups) == 1:
                     in_group = ids >= 0
                 else:
@@ -355,17 +368,11 @@ class Engine:
                     slot_ids, w = slot_ids[in_group][None, :], w[in_group][None, :]
                     used = slot_ids.shape[1]
                 self._run(self._graph(("experts", il, n, i == 0, used)),
-                          {"ids": slot_ids, "weights": w.reshape(n, used, 1)})
+                          {"ids": slot_ids, "weights": w.reshape(n, used, 1)}, "experts", il)
         if n_out:
             g = self._graph(("output", n, n_out))
-            self._run(g, {})
+            self._run(g, {}, "output")
             ggml.tensor_get(g.outputs["logits"], out)
-
-    def _ensure(self, layer: int, experts: np.ndarray) -> dict[int, int]:
-        """{expert: slot} for `experts`, loading those not resident (through the policy if any)."""
-        if self.policy is not None:
-            return self.policy.ensure(layer, experts)
-        return {int(e): self.pool.load(layer, int(e)) for e in experts}
 
     def reset(self) -> None:
         """Forget the context (the cache cells are masked, so nothing needs clearing)."""

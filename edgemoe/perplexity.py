@@ -186,10 +186,9 @@ def _renormalized(logp16: np.ndarray) -> np.ndarray:
 
 
 def _experts_run(engine, n_layers: int) -> int:
-    """Experts computed over every MoE layer by the engine's last (one-token) step."""
-    if not engine.selected:   # plain full routing: every layer runs its top-k
-        return n_layers * engine.hparams.n_expert_used
-    return int(sum((ids >= 0).sum() for ids in engine.selected.values()))
+    """Experts computed over every MoE layer by the engine's last (one-token) step (the
+    policy's telemetry record of it)."""
+    return int(engine.last_step["experts_run"])
 
 
 def evaluate(engine, tokens: Sequence[int], n_ctx: int, bos: int | None = None,

@@ -1,17 +1,16 @@
 """The expert slot pool: per MoE layer, three 3-D backend tensors (ffn_gate, ffn_up, ffn_down)
 whose last dimension is a slot; ggml_mul_mat_id indexes them by slot id.
 
-Residency policies (issue 4) drive the pool through `load`, `evict`, `resident`, `slot_of`; the
-graph reads `tensors(layer)` and, with masked routing, `route_mask(layer)` / `slot_map(layer)`.
-An expert is read from its shard with one positioned read of its contiguous data run (offsets
+A residency policy (edgemoe.residency) decides which expert holds which slot and keeps that
+table itself; the pool only holds the bytes: `load(layer, expert, slot)` writes an expert into a
+slot, and the graph reads `tensors(layer)`. An expert is read from its shard with one positioned read of its contiguous data run (offsets
 from the manifest, no GGUF parsing) and copied into its slot. The read uses O_DIRECT where the
 filesystem allows it, else the page cache it caused is dropped (the memory budget counts page
 cache).
 
-Threading: a background loader may call `load`/`evict` while the engine computes. File reads run
-without any lock (and release the GIL); the copy into a slot and the publication of the new
-mapping happen under `compute_lock`, which the engine holds while a graph runs, so a graph never
-sees a slot half-written or a mapping that changed mid-step.
+Threading: a policy's loader thread calls `load` while the engine computes. File reads run
+without any lock (and release the GIL); the copy into a slot happens under `compute_lock`, which
+the engine holds while a graph runs, so a graph never sees a slot half-written.
 """
 from __future__ import annotations
 
@@ -19,7 +18,6 @@ import errno
 import mmap
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping
 
 import numpy as np
@@ -91,7 +89,7 @@ class ExpertPool:
     """Slots for the experts of every MoE layer of a shard set.
 
     `n_slots` is one count for every layer, a {layer: count} mapping, or None (every expert gets
-    a slot: the `full` policy). A slot count below the router's top-k cannot run and is refused.
+    a slot, as the `full` policy needs). A slot count below the router's top-k cannot run and is refused.
     """
 
     def __init__(self, shards: ShardSet, backend: ggml.Backend,
@@ -123,8 +121,6 @@ class ExpertPool:
 
         self.compute_lock = threading.RLock()
         self._lock = threading.Lock()
-        self._slot_of: dict[int, dict[int, int]] = {l: {} for l in self.layers}
-        self._busy: dict[int, set[int]] = {l: set() for l in self.layers}  # slots being written
         self.bytes_read = 0
         self.loads = 0
 
@@ -175,39 +171,7 @@ class ExpertPool:
     def n_slots(self, layer: int) -> int:
         return self._n_slots[layer]
 
-    def slot_map(self, layer: int) -> np.ndarray:
-        """int32 (n_expert,): the slot of each resident expert; 0 for others (masked anyway)."""
-        out = np.zeros(self.n_expert, dtype=np.int32)
-        with self._lock:
-            for e, s in self._slot_of[layer].items():
-                out[e] = s
-        return out
-
-    def route_mask(self, layer: int) -> np.ndarray:
-        """float32 (n_expert,): 0 for resident experts, -inf for the others."""
-        out = np.full(self.n_expert, -np.inf, dtype=np.float32)
-        with self._lock:
-            out[list(self._slot_of[layer])] = 0.0
-        return out
-
     # -- what policies call ----------------------------------------------------------------------
-
-    def resident(self, layer: int) -> dict[int, int]:
-        """{expert: slot} of the experts whose weights are in a slot of `layer`."""
-        with self._lock:
-            return dict(self._slot_of[layer])
-
-    def slot_of(self, layer: int, expert: int) -> int | None:
-        with self._lock:
-            return self._slot_of[layer].get(expert)
-
-    def free_slots(self, layer: int) -> list[int]:
-        with self._lock:
-            return self._free(layer)
-
-    def _free(self, layer: int) -> list[int]:
-        used = set(self._slot_of[layer].values()) | self._busy[layer]
-        return [s for s in range(self._n_slots[layer]) if s not in used]
 
     def bytes_held(self) -> int:
         """Bytes of backend memory the slots occupy (resident or not)."""
@@ -217,61 +181,25 @@ class ExpertPool:
         """Bytes one expert of `layer` occupies in its slot (all experts of a layer are alike)."""
         return sum(self.slot_bytes[layer].values())
 
-    def evict(self, layer: int, expert: int) -> int | None:
-        """Forget `expert`'s slot (returned, now free); its bytes stay until overwritten."""
-        with self.compute_lock, self._lock:
-            return self._slot_of[layer].pop(expert, None)
-
-    def load(self, layer: int, expert: int, slot: int | None = None) -> int:
-        """Read `expert` of `layer` from its shard into `slot` (a free one when None); returns the
-        slot. Loading a resident expert returns its slot without reading. A slot given explicitly
-        that holds another expert evicts it."""
+    def load(self, layer: int, expert: int, slot: int) -> None:
+        """Read `expert` of `layer` from its shard into `slot`. Which expert holds which slot is
+        the policy's to know (edgemoe.residency): the pool only writes bytes. The copy happens
+        under compute_lock, so no graph sees a slot half-written."""
+        if not 0 <= slot < self._n_slots[layer]:
+            raise EdgeMoeError(f"layer {layer}: slot {slot} is out of range "
+                               f"(0..{self._n_slots[layer] - 1})")
         shard = self.shards.expert(layer, expert)
+        data = self._read(shard)
+        base = data.ctypes.data
+        with self.compute_lock:
+            for proj in EXPERT_TENSORS:
+                info = shard.tensors[proj]
+                size = self.slot_bytes[layer][proj]
+                ggml.tensor_set_ptr(self._tensors[layer][proj],
+                                    base + info.offset - shard.data_offset, slot * size, size)
         with self._lock:
-            if expert in self._slot_of[layer]:
-                return self._slot_of[layer][expert]
-            if slot is None:
-                free = self._free(layer)
-                if not free:
-                    raise EdgeMoeError(f"layer {layer}: all {self._n_slots[layer]} expert slots "
-                                       "are taken; evict one first")
-                slot = free[0]
-            elif not 0 <= slot < self._n_slots[layer] or slot in self._busy[layer]:
-                raise EdgeMoeError(f"layer {layer}: slot {slot} is out of range or being loaded")
-            self._busy[layer].add(slot)
-        try:
-            data = self._read(shard)
-            with self.compute_lock:
-                with self._lock:  # whoever held the slot is gone before its bytes change
-                    for e, s in list(self._slot_of[layer].items()):
-                        if s == slot:
-                            del self._slot_of[layer][e]
-                base = data.ctypes.data
-                for proj in EXPERT_TENSORS:
-                    info = shard.tensors[proj]
-                    size = self.slot_bytes[layer][proj]
-                    ggml.tensor_set_ptr(self._tensors[layer][proj], base + info.offset - shard.data_offset,
-                                        slot * size, size)
-                with self._lock:
-                    self._slot_of[layer][expert] = slot
-                    self.bytes_read += shard.data_bytes
-                    self.loads += 1
-        finally:
-            with self._lock:
-                self._busy[layer].discard(slot)
-        return slot
-
-    def load_all(self, n_readers: int = 4) -> None:
-        """Every expert into the slot of its own index (the `full` policy). Reads overlap on
-        `n_readers` threads (they release the GIL); copies into slots stay serial."""
-        for layer in self.layers:
-            if self._n_slots[layer] < self.n_expert:
-                raise EdgeMoeError(f"layer {layer}: {self._n_slots[layer]} slots cannot hold "
-                                   f"all {self.n_expert} experts")
-        jobs = [(layer, e) for layer in self.layers for e in range(self.n_expert)]
-        with ThreadPoolExecutor(n_readers, thread_name_prefix="edgemoe-load") as readers:
-            # list() re-raises the first failed read, naming its shard.
-            list(readers.map(lambda job: self.load(job[0], job[1], job[1]), jobs))
+            self.bytes_read += shard.data_bytes
+            self.loads += 1
 
     @staticmethod
     def _read(shard) -> np.ndarray:

@@ -26,12 +26,11 @@ from edgemoe.residency import calibration as calib
 from edgemoe.residency.budget import (Budget, MemoryNeeds, SlotPlan, expert_allowance,
                                       make_plan, parse_budget, process_baseline_bytes,
                                       uniform_slots)
-from edgemoe.residency.policies import make_policy
+from edgemoe.residency.policies import FullPolicy, OnDemandPolicy, StaticPolicy, make_policy
 from edgemoe.residency.telemetry import Telemetry, record
 from edgemoe.shardset import ShardSet
 
 POLICIES = ("full", "swap", "ondemand", "static")
-ROUTING = {"full": "masked", "swap": "masked", "static": "masked", "ondemand": "exact"}
 PLAN_FILE = "plan.json"
 TRACE_FILE = "routing_trace.npz"
 _KV_BYTES = {"f16": 2, "f32": 4}
@@ -39,18 +38,14 @@ _KV_BYTES = {"f16": 2, "f32": 4}
 
 @dataclass(frozen=True)
 class ResidencyConfig:
-    """What the user asked for. memory_budget None and policy None: every expert resident with
-    the engine's plain full routing (no policy, no telemetry overhead)."""
+    """What the user asked for. memory_budget None and policy None: every expert resident (the
+    full policy, as the engine runs without a budget)."""
     memory_budget: str | None = None
     policy: str | None = None
     adaptive_gating: float | None = None   # T of AdapMoE's rule (ondemand only)
     n_prefetch: int | None = None          # ondemand: predicted experts loaded per layer
                                            # (None: what `edgemoe plan` chose, else 1)
     swap_interval: int | None = None       # swap: tokens per importance window (None: plan/16)
-
-    @property
-    def active(self) -> bool:
-        return self.memory_budget is not None or self.policy is not None
 
     @property
     def policy_name(self) -> str:
@@ -170,30 +165,43 @@ def load_calibration(shards: ShardSet, need_norms: bool) -> calib.Calibration | 
         return None
 
 
+def empty_policy(name: str, k: int):
+    """A policy factory for an engine that is opened only to be measured (compute buffers):
+    `name`'s routing shape, top-k slots per layer, nothing ever read (it never runs a step)."""
+    def make(pool):
+        slots = {l: k for l in pool.layers}
+        if name == "ondemand":
+            return OnDemandPolicy(pool, slots, pool.n_expert, k, n_prefetch=0)
+        return StaticPolicy(pool, slots, pool.n_expert, k,
+                            scores={l: np.zeros(pool.n_expert) for l in pool.layers})
+    return make
+
+
 def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048,
                 n_threads: int | None = None, device: str | None = None, n_batch: int = 512,
                 kv_type: str = "f16", telemetry=None, n_outputs: int | None = 1):
-    """An Engine under `cfg`; the policy is attached (engine.policy) and warmed. Returns the
-    engine and the SlotPlan (None without a budget or policy). Compute buffers are reserved
-    for `n_outputs` rows of logits per batch (1: generation, which samples the last token)."""
+    """An Engine under `cfg`; its policy (engine.policy) has loaded its experts. Returns the
+    engine and the SlotPlan (None without a budget: every expert resident). Compute buffers are
+    reserved for `n_outputs` rows of logits per batch (1: generation, which samples the last
+    token)."""
     from edgemoe.engine import Engine
 
-    if not cfg.active:
-        return Engine(shards_path, n_ctx=n_ctx, n_threads=n_threads, device=device,
-                      n_batch=n_batch, kv_type=kv_type, n_outputs=n_outputs), None
+    name = cfg.policy_name
+    kw = dict(n_ctx=n_ctx, n_threads=n_threads, device=device, n_batch=n_batch, kv_type=kv_type,
+              n_outputs=n_outputs)
+    if cfg.memory_budget is None and name == "full":
+        engine = Engine(shards_path, policy=lambda pool: FullPolicy(
+            pool, pool.n_expert, pool.shards.n_expert_used, pool.layers, telemetry), **kw)
+        return _warmed(engine), None
     if kv_type not in _KV_BYTES:
         raise EdgeMoeError(f"kv_type {kv_type!r}: expected one of {sorted(_KV_BYTES)}")
-    name = cfg.policy_name
     budget = cfg.budget
     shards = ShardSet.open(shards_path)
-    routing = ROUTING[name]
-    kw = dict(n_ctx=n_ctx, n_threads=n_threads, device=device, n_batch=n_batch, kv_type=kv_type,
-              routing=routing, load_experts=False, n_outputs=n_outputs)
     needs = needs_from_files(shards, n_ctx, kv_type)
     expert_allowance(budget, needs)   # refuse before loading anything, compute not yet known
     if not budget.relative:
         k = shards.n_expert_used
-        with Engine(shards_path, n_slots=k, **kw) as probe:
+        with Engine(shards_path, n_slots=k, policy=empty_policy(name, k), **kw) as probe:
             compute = probe.memory()["compute"]
         # The process measured again: the probe loaded the ggml libraries and started the
         # backend, which stay for the real engine (its own buffers went back when it closed).
@@ -219,18 +227,26 @@ def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048
                 raise ShardSetError(f"{shards.root}: --adaptive-gating needs per-layer "
                                     "sensitivities; run `edgemoe calibrate` first")
             options.update(sensitivity=cal.sensitivity, threshold=cfg.adaptive_gating)
-    engine = Engine(shards_path, n_slots=dict(plan.slots), **kw)
-    try:
-        policy = make_policy(name, engine.pool, plan.slots, shards.n_expert,
-                             shards.n_expert_used, norms=cal.norms if cal else None,
-                             usage=cal.usage if cal else None, **options)
-        engine.set_policy(policy)
-    except BaseException:
-        engine.close()
-        raise
+
+    def policy(pool):
+        return make_policy(name, pool, plan.slots, shards.n_expert, shards.n_expert_used,
+                           norms=cal.norms if cal else None,
+                           usage=cal.usage if cal else None, **options)
+
+    engine = _warmed(Engine(shards_path, n_slots=dict(plan.slots), policy=policy, **kw))
     engine.slot_plan = plan
     engine.memory_needs = needs
     return engine, plan
+
+
+def _warmed(engine):
+    """The engine with its policy's experts loaded (closed again if a read fails)."""
+    try:
+        engine.warm()
+    except BaseException:
+        engine.close()
+        raise
+    return engine
 
 
 class StepLog(Telemetry):
@@ -272,11 +288,9 @@ def residency_config(args) -> ResidencyConfig:
                            adaptive_gating=args.adaptive_gating, n_prefetch=args.n_prefetch)
 
 
-def residency_summary(engine) -> str | None:
-    """The one line printed after every run (None: plain full routing, nothing to report)."""
-    policy = getattr(engine, "policy", None)
-    if policy is None:
-        return None
+def residency_summary(engine) -> str:
+    """The one line printed after every run."""
+    policy = engine.policy
     return f"{policy.telemetry.summary()} [{policy.name}]"
 
 

@@ -102,17 +102,17 @@ def _vm_hwm() -> int:
 
 def child_needs(args) -> dict:
     from edgemoe.engine import Engine
-    from edgemoe.runtime import needs_from_files
+    from edgemoe.runtime import empty_policy, needs_from_files
     from edgemoe.shardset import ShardSet
 
     shards = ShardSet.open(args.shards)
     needs = needs_from_files(shards, args.n_ctx, "f16")
-    with Engine(args.shards, n_ctx=args.n_ctx, n_batch=N_PROMPT, n_threads=args.threads,
-                routing="exact", n_slots=shards.n_expert_used, load_experts=False) as probe:
-        compute = probe.memory()["compute"]
-    with Engine(args.shards, n_ctx=args.n_ctx, n_batch=N_PROMPT, n_threads=args.threads,
-                routing="masked", n_slots=shards.n_expert_used, load_experts=False) as probe:
-        compute = max(compute, probe.memory()["compute"])
+    k = shards.n_expert_used
+    compute = 0
+    for name in ("ondemand", "static"):   # exact and masked routing
+        with Engine(args.shards, n_ctx=args.n_ctx, n_batch=N_PROMPT, n_threads=args.threads,
+                    n_slots=k, policy=empty_policy(name, k)) as probe:
+            compute = max(compute, probe.memory()["compute"])
     return {"runtime": needs.runtime_bytes, "fixed_without_compute": needs.fixed_bytes,
             "compute": compute, "experts": needs.expert_bytes_total,
             "minimum": needs.minimum_bytes + compute}

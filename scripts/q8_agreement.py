@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def _stats(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     """(top-1 agreement, mean KL(ref || got))."""
-    from edgemoe.cli_budget import _kl   # the KL calibration uses
+    from edgemoe.residency.calibration import kl_divergence as _kl   # the KL calibration uses
 
     top1 = float((got.argmax(-1) == ref.argmax(-1)).mean())
     return top1, float(_kl(ref, got).mean())

@@ -17,6 +17,9 @@ from edgemoe import arch as arch_registry  # noqa: E402
 from edgemoe.engine import Engine  # noqa: E402
 from edgemoe.errors import (ContextOverflow, EdgeMoeError, ShardSetError,  # noqa: E402
                             UnsupportedArchitecture)
+from edgemoe.residency.observer import EngineObserver  # noqa: E402
+from edgemoe.residency.policies import MaskedPolicy, OnDemandPolicy  # noqa: E402
+from edgemoe.runtime import empty_policy  # noqa: E402
 
 TOKENS = [5, 9, 33, 2, 100, 7, 8, 61, 12, 90, 4, 77]
 
@@ -59,14 +62,23 @@ def test_truncate_then_reevaluate_gives_the_same_logits(shard_sets):
         assert _relerr(last[0], full[-1]) < 1e-5
 
 
-@pytest.mark.parametrize("routing", ["full", "masked", "exact"])
+def _all_resident_ondemand(pool):
+    return OnDemandPolicy(pool, {l: pool.n_expert for l in pool.layers}, pool.n_expert,
+                          pool.shards.n_expert_used)
+
+
+@pytest.mark.parametrize("routing", ["full", "observed", "exact"])
 @pytest.mark.parametrize("n_outputs", [None, 1])
 def test_logits_of_chosen_rows_match_all_rows(shard_sets, routing, n_outputs):
     """Rows from an index on (across batch boundaries, n_batch 5 over 12 tokens), the last row,
     or none: the same values as the rows of an all-logits eval. With buffers reserved for one
-    row, asking for more grows them (and the graphs cached before are rebuilt)."""
-    kw = dict(n_ctx=32, n_threads=1, kv_type="f32", n_batch=5, routing=routing)
+    row, asking for more grows them (and the graphs cached before are rebuilt). Under the full
+    policy, watched by an observer (router outputs of every row), and under exact routing."""
+    kw = dict(n_ctx=32, n_threads=1, kv_type="f32", n_batch=5,
+              policy=_all_resident_ondemand if routing == "exact" else None)
     with Engine(shard_sets["qwen3_moe"], n_outputs=n_outputs, **kw) as engine:
+        if routing == "observed":
+            engine.add_observer(_Router())
         engine.eval(TOKENS, logits_from=-1)
         engine.reset()
         full = engine.eval(TOKENS)
@@ -97,7 +109,7 @@ def test_graph_cache_is_bounded_by_bytes(shard_sets):
     """A chat evaluates a new prompt length every turn: the cached graphs stay within the bound
     memory() counts, and results do not change when graphs are rebuilt."""
     with Engine(shard_sets["qwen3_moe"], n_ctx=128, n_threads=1, n_batch=16, n_outputs=1,
-                routing="exact") as engine:
+                policy=_all_resident_ondemand) as engine:
         first = engine.eval(TOKENS, logits_from=-1)
         for n in range(1, 40):
             engine.reset()
@@ -165,8 +177,33 @@ def test_memory_reports_every_part(shard_sets):
         assert engine.device
 
 
+class _Router(EngineObserver):
+    def __init__(self):
+        self.logits = {}
+
+    def routed(self, layer, logits, x_norm, selected):
+        self.logits[layer] = logits.copy()
+
+
+class _Placed(MaskedPolicy):
+    """A masked policy whose slot table the test sets: place(layer, {expert: slot})."""
+    name = "placed"
+
+    def initial_experts(self, layer):
+        return []
+
+    def place(self, layer, placement):
+        table = self.tables[layer]
+        for e in list(table.resident):
+            table.free.append(table.retire(e))
+        for e, slot in placement.items():
+            self.pool.load(layer, e, slot)
+            table.free.remove(slot)
+            table.commit(e, slot)
+
+
 def test_router_logits_match_transformers(shard_sets):
-    """With masked routing the unmasked router logits are an output (for importance scores)."""
+    """An observer sees the unmasked router logits (what importance scores are made from)."""
     torch = pytest.importorskip("torch")
     import transformers
 
@@ -174,23 +211,36 @@ def test_router_logits_match_transformers(shard_sets):
                                                               dtype=torch.float32).eval()
     with torch.no_grad():
         ref = model(torch.tensor([TOKENS]), output_router_logits=True).router_logits
-    with Engine(shard_sets["qwen3_moe"], n_ctx=32, n_threads=1, kv_type="f32", routing="masked") as engine:
+    with Engine(shard_sets["qwen3_moe"], n_ctx=32, n_threads=1, kv_type="f32") as engine:
+        router = _Router()
+        engine.add_observer(router)
         engine.eval(TOKENS)
-        for layer, got in engine.router_logits.items():
+        assert set(router.logits) == set(engine.pool.layers)
+        for layer, got in router.logits.items():
             want = ref[layer].reshape(len(TOKENS), -1).numpy()
             assert got.shape == want.shape
             assert _relerr(got, want) < 1e-4
 
 
-def test_masked_routing_follows_the_slot_map(shard_sets):
+def test_masked_routing_follows_the_slot_table(shard_sets):
     path = shard_sets["qwen3_moe"]
     with Engine(path, n_ctx=32, n_threads=1, kv_type="f32") as full:
         want = full.eval(TOKENS)
-    with Engine(path, n_ctx=32, n_threads=1, kv_type="f32", routing="masked", load_experts=False) as engine:
-        pool = engine.pool
+        assert full.last_step["hit_rate"] == 1.0
+        # An observer changes nothing but what the graph outputs.
+        full.add_observer(_Router())
+        full.reset()
+        assert _relerr(full.eval(TOKENS), want) < 1e-6
+    policy = []
+
+    def placed(pool):
+        policy.append(_Placed(pool, {l: 4 for l in pool.layers}, 4, 2))
+        return policy[0]
+
+    with Engine(path, n_ctx=32, n_threads=1, kv_type="f32", policy=placed) as engine:
+        pool, policy = engine.pool, policy[0]
         for layer in pool.layers:  # every expert resident, in reversed slots
-            for e in range(pool.n_expert):
-                assert pool.load(layer, e, pool.n_expert - 1 - e) == pool.n_expert - 1 - e
+            policy.place(layer, {e: pool.n_expert - 1 - e for e in range(pool.n_expert)})
         assert _relerr(engine.eval(TOKENS), want) < 1e-5
 
         # Only experts 1 and 2 resident (top-2 of 4): routing is restricted to them, wherever
@@ -198,45 +248,36 @@ def test_masked_routing_follows_the_slot_map(shard_sets):
         restricted = []
         for placement in ({1: 0, 2: 1}, {1: 3, 2: 2}):
             for layer in pool.layers:
-                for e in list(pool.resident(layer)):
-                    pool.evict(layer, e)
-                for e, slot in placement.items():
-                    pool.load(layer, e, slot)
-                assert pool.resident(layer) == placement
+                policy.place(layer, placement)
+                assert dict(policy.tables[layer].resident) == placement
             engine.reset()
             restricted.append(engine.eval(TOKENS))
         assert _relerr(restricted[0], restricted[1]) < 1e-5
         assert _relerr(restricted[0], want) > 1e-3
+        assert engine.last_step["redirects"] > 0
 
 
-def test_pool_slots_loads_and_evictions(shard_sets):
-    with Engine(shard_sets["qwen3_moe"], n_ctx=16, n_threads=1, routing="masked", n_slots=2,
-                load_experts=False) as engine:
+def test_pool_writes_bytes_into_slots(shard_sets):
+    with Engine(shard_sets["qwen3_moe"], n_ctx=16, n_threads=1, n_slots=2,
+                policy=empty_policy("static", 2)) as engine:
         pool = engine.pool
-        assert pool.n_slots(0) == 2 and pool.resident(0) == {}
-        assert pool.load(0, 3) == 0
-        assert pool.load(0, 3) == 0  # resident already: no read
+        assert pool.n_slots(0) == 2 and pool.loads == 0   # never warmed: nothing read
+        pool.load(0, 3, 1)
         assert pool.loads == 1 and pool.bytes_read == engine.shards.expert(0, 3).data_bytes
-        assert pool.load(0, 1) == 1
-        with pytest.raises(EdgeMoeError, match="evict one first"):
-            pool.load(0, 2)
-        assert pool.load(0, 2, slot=0) == 0  # an explicit slot replaces its expert
-        assert pool.resident(0) == {2: 0, 1: 1} and pool.slot_of(0, 3) is None
-        assert pool.evict(0, 1) == 1 and pool.free_slots(0) == [1]
-        assert list(pool.route_mask(0)) == [-np.inf, -np.inf, 0.0, -np.inf]
-        assert pool.slot_map(0)[2] == 0
-        with pytest.raises(EdgeMoeError, match="between top-k"):
-            Engine(shard_sets["qwen3_moe"], n_slots=1, routing="masked", load_experts=False)
+        with pytest.raises(EdgeMoeError, match="slot 2 is out of range"):
+            pool.load(0, 2, 2)
+    with pytest.raises(EdgeMoeError, match="between top-k"):
+        Engine(shard_sets["qwen3_moe"], n_slots=1, policy=empty_policy("static", 2))
 
 
 def test_unreadable_expert_shard_names_the_file(qwen3):
-    with Engine(qwen3, n_ctx=16, n_threads=1, routing="masked", n_slots=2, load_experts=False) as engine:
+    with Engine(qwen3, n_ctx=16, n_threads=1, n_slots=2,
+                policy=empty_policy("static", 2)) as engine:
         shard = engine.shards.expert(1, 2)
         with open(shard.path, "r+b") as f:
             f.truncate(shard.data_offset + 100)
         with pytest.raises(ShardSetError, match=r"blk\.1\.2\.gguf.*truncated"):
-            engine.pool.load(1, 2)
-        assert engine.pool.resident(1) == {}
+            engine.pool.load(1, 2, 0)
 
 
 def test_missing_or_resized_shard_is_refused_at_open(qwen3):

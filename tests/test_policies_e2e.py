@@ -18,7 +18,8 @@ pytest.importorskip("transformers")
 import converters  # noqa: E402
 from edgemoe.engine import Engine  # noqa: E402
 from edgemoe.errors import BudgetError, ShardSetError  # noqa: E402
-from edgemoe.runtime import ResidencyConfig, needs_from_files, open_engine  # noqa: E402
+from edgemoe.residency.observer import EngineObserver  # noqa: E402
+from edgemoe.runtime import ResidencyConfig, empty_policy, needs_from_files, open_engine  # noqa: E402
 from edgemoe.shardset import ShardSet  # noqa: E402
 
 PROMPT = [5, 9, 33, 2, 100, 7, 8, 61, 12, 90, 4, 77]
@@ -136,7 +137,7 @@ def test_absolute_budget_bounds_what_the_engine_holds(shard_sets):
     path = shard_sets["qwen3_moe"]
     shards = ShardSet.open(path)
     one = sum(shards.expert(l, 0).data_bytes for l in shards.expert_layers)
-    with Engine(path, n_ctx=256, routing="masked", n_slots=2, load_experts=False) as probe:
+    with Engine(path, n_ctx=256, n_slots=2, policy=empty_policy("swap", 2)) as probe:
         compute = probe.memory()["compute"]
     needs = needs_from_files(shards, 256, "f16", compute)
     budget = needs.minimum_bytes + 3 * one + one // 2      # room for about 3 more slots per layer
@@ -192,7 +193,7 @@ def test_ondemand_stops_naming_the_unreadable_shard(shard_sets, tmp_path):
     engine, _ = _open(path, memory_budget="25%", policy="ondemand", n_prefetch=1)
     with engine:
         gone = [s.path for s in ShardSet.open(path).experts()
-                if s.layer == 0 and s.expert not in engine.policy._cache[0]]
+                if s.layer == 0 and s.expert not in engine.policy.tables[0]]
         for p in gone:
             p.unlink()
         result = _in_thread(lambda: _greedy(engine, n=64))
@@ -206,16 +207,23 @@ def test_masked_gating_agrees_with_the_numpy_reference(shard_sets, arch):
     residency simulations use the latter), also for architectures without renormalisation."""
     from edgemoe.residency.routing import masked_topk, softmax
 
+    class Routed(EngineObserver):
+        def routed(self, layer, logits, x_norm, selected):
+            self.last[layer] = (logits.copy(), selected.copy())
+
+    seen = Routed()
+    seen.last = {}
     engine, _ = _open(shard_sets[arch], memory_budget="50%", policy="static")
     with engine:
+        engine.add_observer(seen)
         k = engine.hparams.n_expert_used
         compared = 0
         for tok in PROMPT * 2:
             engine.eval([tok])
             for l in engine.policy.layers:
                 mask = engine.policy.slot_of(l) >= 0
-                want, _ = masked_topk(softmax(engine.router_logits[l]), mask, k)
-                got = engine.selected[l]
+                logits, got = seen.last[l]
+                want, _ = masked_topk(softmax(logits), mask, k)
                 assert np.array_equal(np.sort(got, axis=1), np.sort(want, axis=1))
                 compared += got.size
     assert compared == 2 * len(PROMPT) * k * 2
@@ -312,10 +320,11 @@ def test_dropped_experts_are_left_out_of_the_graph_exactly(shard_sets, arch):
 
     runs = []
     for by_weight in (True, False):
-        engine = Engine(shard_sets[arch], n_ctx=128, n_threads=1, routing="exact", n_slots=8)
+        drop = dropping(by_weight)
+        engine = Engine(shard_sets[arch], n_ctx=128, n_threads=1, n_slots=8,
+                        policy=lambda pool: drop(pool, {l: 8 for l in pool.layers}, 8, 2,
+                                                 n_prefetch=0))
         with engine:
-            engine.set_policy(dropping(by_weight)(engine.pool, {l: 8 for l in engine.pool.layers},
-                                                  8, 2, n_prefetch=0))
             rows = [engine.eval(PROMPT, all_logits=False)[-1]]
             for _ in range(16):
                 rows.append(engine.eval([int(np.argmax(rows[-1]))])[-1])

@@ -10,14 +10,15 @@ import pytest
 
 from edgemoe.errors import ShardSetError
 from edgemoe.residency import FullPolicy, OnDemandPolicy, StaticPolicy, SwapPolicy
-from edgemoe.residency.cache import LayerCache, simulate_layer
+from edgemoe.residency.cache import SlotTable, simulate_layer
 from edgemoe.residency.routing import adaptive_gate, masked_topk, topk
 from edgemoe.residency.traces import RoutingTrace, topic_trace
 
 
 class FakePool:
-    """The slot pool's contract in memory: a slot holds one expert; load() into an occupied slot
-    or into a slot a running step reads from is a bug the pool records."""
+    """The slot pool's contract in memory: a slot holds one expert's bytes (which expert is the
+    policy's table to know); load() into a slot a running step reads from is a bug the pool
+    records."""
 
     def __init__(self, slots: dict[int, int], expert_bytes: int = 1000, delay: float = 0.0,
                  fail: set[tuple[int, int]] = frozenset()):
@@ -34,8 +35,6 @@ class FakePool:
         with self.lock:
             if (layer, expert) in self.fail:
                 raise OSError(f"blk.{layer}.{expert}.gguf: Input/output error")
-            if self.content[layer][slot] is not None:
-                self.errors.append(f"load into occupied slot {layer}:{slot}")
             if (layer, slot) in self.in_use:
                 self.errors.append(f"load into slot {layer}:{slot} while a step uses it")
             self.content[layer][slot] = "loading"
@@ -44,15 +43,6 @@ class FakePool:
             self.content[layer][slot] = expert
             self.loads += 1
         return slot
-
-    def evict(self, layer, expert):
-        with self.lock:
-            slot = self.content[layer].index(expert)
-            self.content[layer][slot] = None
-
-    def resident(self, layer):
-        with self.lock:
-            return {e: s for s, e in enumerate(self.content[layer]) if isinstance(e, int)}
 
     def bytes_held(self):
         with self.lock:
@@ -109,13 +99,14 @@ def test_adaptive_gate_is_adapmoe_rule_for_top2():
 
 # -- LRU bookkeeping and its simulation ----------------------------------------------------------
 def test_layer_cache_lru_order_and_protection():
-    c = LayerCache(2)
+    c = SlotTable(2, 10)
     assert c.reserve(5) == (0, None); c.commit(5, 0)
     assert c.reserve(6) == (1, None); c.commit(6, 1)
     c.touch(5)                                  # 6 is now least recently used
     assert c.reserve(7) == (1, 6); c.commit(7, 1)
     assert c.reserve(8, protect={5, 7}) is None
     assert c.reserve(8, protect={7}) == (0, 5)
+    assert c.array().tolist() == [-1] * 7 + [1, -1, -1]   # 5 retired, 8 not yet committed
 
 
 def test_simulate_layer_counts_by_hand():
@@ -251,7 +242,8 @@ def run_masked(policy, pool, trace, step_seconds=0.0):
             time.sleep(step_seconds)
             with pool.lock:
                 pool.in_use -= used
-            policy.observe(l, trace.probs[l][t:t + 1], trace.x_norm[l][t:t + 1], ids)
+            if policy.observes:   # as the engine does
+                policy.observe(l, trace.probs[l][t:t + 1], trace.x_norm[l][t:t + 1], ids)
         resident_sets.append(frozenset(np.flatnonzero(policy.slot_of(0) >= 0).tolist()))
         policy.end_step(1)
     return resident_sets

@@ -8,12 +8,12 @@ architecture is one module here, a `Decoder` subclass overriding the pieces it c
 follows llama.cpp's graphs (src/models/<arch>.cpp, build_moe_ffn), which is what makes an exported
 GGUF run identically there.
 
-Routing shapes (the seam the residency policies use):
-- "full": the router's top-k expert ids index the slot tensors directly (expert e in slot e).
-- "masked": per layer, an F32 input (n_expert,) of 0 / -inf is added to the router logits, so the
-  softmax and top-k see only resident experts (SwapMoE's masked gating), and an I32 input
-  (n_expert,) maps each selected expert to its slot. The unmasked router logits are a graph output
-  so a policy can score every expert's importance.
+Routing (the seam the residency policies use): in the one-graph forward pass, per layer, an F32
+input (n_expert,) of 0 / -inf is added to the router logits, so the softmax and top-k see only
+the policy's resident experts (SwapMoE's masked gating; all zeros when every expert is resident),
+and an I32 input (n_expert,) maps each selected expert to its slot. When the policy or an
+observer wants them (`observed`), the unmasked router logits, the experts' input norms and the
+selection are graph outputs, so a policy can score every expert's importance.
 """
 from __future__ import annotations
 
@@ -240,14 +240,14 @@ class Graph:
     output tensors (read after), both by name:
     inputs:  tokens I32 (n_tokens,); pos I32 (n_tokens,); kv_idx I64 (n_tokens,) cells written;
              kq_mask F16 (n_kv, n_tokens) 0 where a token may attend, -inf elsewhere;
-             masked routing, per MoE layer L: route_mask-L F32 (n_expert,) 0 / -inf and
+             forward graphs, per MoE layer L: route_mask-L F32 (n_expert,) 0 / -inf and
              slot_map-L I32 (1, n_expert) expert -> slot;
              exact routing, expert graphs: ids I32 (k, n_tokens) slots, weights F32 (1, k, n_tokens).
-    outputs: logits F32 (n_vocab, n_out); masked routing: router_logits-L F32 (n_expert, n_tokens)
-             unmasked, x_norm-L F32 (n_tokens,) L2 norm of the experts' input, selected-L I32
-             (k, n_tokens) the experts masked gating chose; exact routing,
+    outputs: logits F32 (n_vocab, n_out); observed forward graphs: router_logits-L F32 (n_expert,
+             n_tokens) unmasked, x_norm-L F32 (n_tokens,) L2 norm of the experts' input,
+             selected-L I32 (k, n_tokens) the experts masked gating chose; exact routing,
              attention graphs: selected I32 (k, n_tokens), weights F32 (k, n_tokens),
-             router_logits-L, and next_logits F32 (n_expert, n_tokens) the next MoE layer's router
+             and next_logits F32 (n_expert, n_tokens) the next MoE layer's router
              applied to this layer's expert input (a prefetch prediction)."""
 
     ctx: ggml.Context
@@ -276,7 +276,7 @@ class Decoder:
     `norm`, `qkv`, `gate` (router weights), `shared_expert`, ... The pieces here are the common
     case: RMSNorm, GQA attention with optional biases, softmax top-k routing, SwiGLU experts.
 
-    `build` makes the whole forward pass (routing "full" or "masked"). Exact routing splits it:
+    `build` makes the whole forward pass (masked routing). Exact routing splits it:
     `build_attention(L)` (attention, residual, FFN norm, router; experts of a dense layer),
     `build_experts(L)` (the experts chosen by the host), `build_output()`, linked by SplitState.
     """
@@ -354,7 +354,7 @@ class Decoder:
                 "kv_idx": o.input(GGMLType.I64, (n_tokens,), "inp_kv_idx"),
                 "kq_mask": o.input(GGMLType.F16, (n_kv, n_tokens), "inp_kq_mask")}
 
-    def build(self, n_tokens: int, n_kv: int, routing: str = "full",
+    def build(self, n_tokens: int, n_kv: int, observed: bool = False,
               n_out: int | None = None) -> Graph:
         """The forward graph of a batch of n_tokens attending over n_kv cells, with logits for
         its last n_out tokens (None: all; 0: none). The output projection (n_vocab rows) is
@@ -368,25 +368,25 @@ class Decoder:
         outputs: dict[str, int] = {}
         x = self.embed(o, inputs["tokens"])  # (n_embd, n_tokens)
         for il in range(hp.n_layer):
-            # Under full routing the last layer's FFN runs for the tokens whose logits are
-            # wanted only (policies see every token's routing under masked routing). Without
-            # logits nothing after the last layer's K/V write is in the graph at all.
-            trim = routing == "full" and il == hp.n_layer - 1 and 0 < n_out < n_tokens
+            # Unobserved, the last layer's FFN runs for the tokens whose logits are wanted only
+            # (an observer sees every token's routing). Without logits nothing after the last
+            # layer's K/V write is in the graph at all.
+            trim = not observed and il == hp.n_layer - 1 and 0 < n_out < n_tokens
             x, h = self._attention_block(o, gf, x, il, inputs, n_tokens, n_kv,
                                          n_out if trim else None)
             m = n_out if trim else n_tokens
             if n_out == 0 and il == hp.n_layer - 1:
-                if il in hp.expert_layers and routing != "full":  # policies see its routing
-                    self._route(o, h, il, m, routing, inputs, outputs, map_slots=False)
+                if il in hp.expert_layers and observed:  # observers see its routing
+                    self._route(o, h, il, m, inputs, outputs, True, True, map_slots=False)
                 break
             if il in hp.expert_layers:
-                ids, weights = self._route(o, h, il, m, routing, inputs, outputs)
+                ids, weights = self._route(o, h, il, m, inputs, outputs, True, observed)
                 ffn = self.experts(o, h, il, ids, weights, m)
             else:
                 ffn = self.dense_ffn(o, h, il)
             x = self.residual(o, ffn, x)
         if n_out:
-            if routing != "full" and n_out < n_tokens:
+            if observed and n_out < n_tokens:
                 x = self._last_columns(o, x, n_tokens, n_out)
             outputs["logits"] = self.output(o, x)
         return self._finish(ctx, o, gf, n_tokens, n_kv, n_out, inputs, outputs)
@@ -415,7 +415,7 @@ class Decoder:
             outputs["store_x"] = self._store(o, x, st.x, n_tokens)
             outputs["store_h"] = self._store(o, h, st.h, n_tokens)
             # The host maps these experts to slots (loading misses) before the expert graph.
-            selected, weights = self._route(o, h, il, n_tokens, "exact", inputs, outputs)
+            selected, weights = self._route(o, h, il, n_tokens, inputs, outputs, False, False)
             outputs["selected"] = o.cont(selected)
             outputs["weights"] = o.reshape_2d(weights, hp.n_expert_used, n_tokens)
             later = [l for l in self.moe_layers if l > il]
@@ -565,19 +565,20 @@ class Decoder:
             weights = o.scale(weights, hp.expert_weights_scale)
         return selected, weights
 
-    def _route(self, o: ggml.Ops, h: int, il: int, n_tokens: int, routing: str,
-               inputs: dict[str, int], outputs: dict[str, int],
+    def _route(self, o: ggml.Ops, h: int, il: int, n_tokens: int, inputs: dict[str, int],
+               outputs: dict[str, int], masked: bool, observed: bool,
                map_slots: bool = True) -> tuple[int, int]:
-        """Router of MoE layer il: (slot ids I32 (k, n_tokens), weights F32 (1, k, n_tokens)).
-        Except under full routing, its unmasked logits are an output (policies score them).
-        map_slots=False: the experts will not run (masked routing: no slot_map input)."""
+        """Router of MoE layer il: (ids I32 (k, n_tokens), weights F32 (1, k, n_tokens)); masked:
+        restricted to the resident experts, ids are slots; observed: the unmasked logits, the
+        experts' input norms and the selection are outputs (policies score them).
+        map_slots=False: the experts will not run (no slot_map input)."""
         n_expert, k = self.hp.n_expert, self.hp.n_expert_used
         logits = self.router_logits(o, h, il)  # (n_expert, n_tokens)
-        if routing != "full":
+        if observed:
             outputs[f"router_logits-{il}"] = logits
-        if routing == "masked":
             # The experts' input norm feeds importance scores (SwapMoE Eq. 1).
             outputs[f"x_norm-{il}"] = o.sqrt(o.sum_rows(o.sqr(h)))  # (1, n_tokens)
+        if masked:
             mask = o.input(GGMLType.F32, (n_expert,), f"inp_route_mask-{il}")
             inputs[f"route_mask-{il}"] = mask
             if map_slots:
@@ -585,9 +586,10 @@ class Decoder:
                                                    f"inp_slot_map-{il}")
             logits = o.add(logits, mask)  # -inf hides non-resident experts from softmax and top-k
         selected, weights = self.gate(o, logits, n_tokens)
-        if routing == "masked":
+        if masked:
             chosen = o.cont(selected)  # expert ids, an output so policies can audit the mask
-            outputs[f"selected-{il}"] = chosen
+            if observed:
+                outputs[f"selected-{il}"] = chosen
             if not map_slots:
                 return chosen, weights
             # One map for all tokens: look the k*n_tokens choices up as a flat list of rows.

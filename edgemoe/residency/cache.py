@@ -1,6 +1,5 @@
-"""Per-layer LRU bookkeeping of expert slots, shared by the ondemand policy (which adds real reads
-and a loader thread) and by the trace simulation the planner and the slot DP use, so that what the
-planner predicts is what the policy does.
+"""The slot table every policy keeps per layer (which expert holds which slot, LRU order), and
+the trace statistics the planner reads from replays.
 """
 from __future__ import annotations
 
@@ -11,19 +10,35 @@ from typing import Iterable, Sequence
 import numpy as np
 
 
-class LayerCache:
-    """Which expert holds which slot in one layer, least recently used first."""
+class SlotTable:
+    """Which expert holds which slot in one layer: the one record of residency. Every policy
+    keeps one per layer (what routing may use, what status and hit rates report); the pool only
+    holds bytes. Residents are kept least recently used first (ondemand's LRU order)."""
 
-    def __init__(self, n_slots: int):
+    def __init__(self, n_slots: int, n_expert: int):
         self.n_slots = n_slots
         self.resident: OrderedDict[int, int] = OrderedDict()   # expert -> slot, LRU first
         self.free: list[int] = list(range(n_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self._array = np.full(n_expert, -1, dtype=np.int32)    # expert -> slot, -1: absent
 
     def __contains__(self, expert: int) -> bool:
         return expert in self.resident
 
+    def __len__(self) -> int:
+        return len(self.resident)
+
+    def array(self) -> np.ndarray:
+        """(n_expert,) int32: the slot of every resident expert, -1 for the others (a copy)."""
+        return self._array.copy()
+
     def touch(self, expert: int) -> None:
         self.resident.move_to_end(expert)
+
+    def retire(self, expert: int) -> int:
+        """`expert` stops being resident; returns its slot, which the caller now owns."""
+        slot = self.resident.pop(expert)
+        self._array[expert] = -1
+        return slot
 
     def reserve(self, expert: int, protect: Iterable[int] = ()) -> tuple[int, int | None] | None:
         """A slot for `expert`: a free one, or the least recently used resident's not in protect.
@@ -31,15 +46,15 @@ class LayerCache:
         if self.free:
             return self.free.pop(), None
         protect = set(protect)
-        for victim, slot in self.resident.items():
+        for victim in self.resident:
             if victim not in protect:
-                del self.resident[victim]
-                return slot, victim
+                return self.retire(victim), victim
         return None
 
     def commit(self, expert: int, slot: int) -> None:
         """The read into `slot` completed: `expert` is resident, most recently used."""
         self.resident[expert] = slot
+        self._array[expert] = slot
 
     def release(self, slot: int) -> None:
         """A reserved slot whose read failed goes back to the free list."""
@@ -76,7 +91,7 @@ class CacheStats:
         return self.prefetch_used / self.prefetch_issued if self.prefetch_issued else None
 
 
-def prefetch_candidates(cache: LayerCache, predicted: Sequence[int], n_prefetch: int) -> list[int]:
+def prefetch_candidates(cache: SlotTable, predicted: Sequence[int], n_prefetch: int) -> list[int]:
     """The first n_prefetch predicted experts (best first) that are not resident."""
     return [e for e in predicted if e not in cache][:n_prefetch]
 
@@ -92,7 +107,8 @@ def simulate_layer(wanted: Sequence[np.ndarray], n_slots: int,
     reads, if given, gets one entry per token: (prefetched, demanded, needed, used), the experts
     read by prefetch and on demand (filling free slots included), the distinct experts the token
     runs, and how many of those a prefetch had brought in."""
-    cache = LayerCache(n_slots)
+    rows = list(wanted) + (list(predicted) if predicted is not None else [])
+    cache = SlotTable(n_slots, 1 + max((int(np.max(r)) for r in rows if len(r)), default=0))
     hits = misses = issued = used = n_wanted = fill_misses = fill_prefetches = 0
     prefetched: set[int] = set()
     for t, row in enumerate(wanted):

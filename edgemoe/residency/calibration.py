@@ -3,6 +3,9 @@ JSON file beside the shard set (`edgemoe calibrate` writes it):
 - norms: ||E_i|| per layer and expert (swap's Eq. 1, static's "largest norm");
 - usage: how often each expert was in the unmasked top-k on calibration text (static's "most used");
 - sensitivity: s_l per layer for adaptive gating, and how it was estimated.
+and how it is measured (`calibrate`): the model runs teacher-forced on calibration text with every
+expert resident, watched through the engine's observer hook, and for the sensitivities a policy
+drops one expert at one position (`DropOnePolicy`).
 """
 from __future__ import annotations
 
@@ -10,12 +13,17 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
 from edgemoe.errors import ShardSetError
 from edgemoe.residency.importance import expert_norm_from_shard
+from edgemoe.residency.observer import EngineObserver
+from edgemoe.residency.policies import OnDemandPolicy
+from edgemoe.residency.routing import softmax, topk
+from edgemoe.residency.sensitivity import fit_sensitivity
+from edgemoe.residency.traces import RoutingTrace
 
 FILE_NAME = "calibration.json"
 FORMAT, VERSION = "edgemoe.calibration", 1
@@ -69,3 +77,127 @@ def compute_norms(shards) -> dict[int, np.ndarray]:
     for shard in shards.experts():
         norms[shard.layer][shard.expert] = expert_norm_from_shard(shard)
     return norms
+
+
+class RoutingRecorder(EngineObserver):
+    """Records, step after step, what a routing trace holds: each expert layer's unmasked router
+    probabilities and experts' input norms (masked routing), or the next layer's router applied
+    to this layer's input (exact routing: the prefetch predictor)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[int, list[np.ndarray]]] = {
+            "probs": {}, "x_norm": {}, "predicted": {}}
+
+    def routed(self, layer, logits, x_norm, selected) -> None:
+        self.rows["probs"].setdefault(layer, []).append(softmax(logits))
+        self.rows["x_norm"].setdefault(layer, []).append(np.array(x_norm, dtype=np.float32))
+
+    def predicted(self, layer, logits) -> None:
+        self.rows["predicted"].setdefault(layer, []).append(np.array(logits, dtype=np.float32))
+
+    def table(self, name: str) -> dict[int, np.ndarray]:
+        return {l: np.concatenate(rows).astype(np.float32)
+                for l, rows in self.rows[name].items() if rows}
+
+
+class DropOnePolicy(OnDemandPolicy):
+    """Every expert resident, exact routing; `drop = (layer, row)` drops that row's last-ranked
+    expert in that layer at the next step (its weight given back to the others, as adaptive
+    gating does), and `last_weight[layer]` keeps each row's last-ranked renormalised weight."""
+    name = "drop-one"
+
+    def __init__(self, pool, n_expert: int, n_expert_used: int, layers):
+        super().__init__(pool, {l: n_expert for l in layers}, n_expert, n_expert_used,
+                         n_prefetch=0)
+        self.drop: tuple[int, int] | None = None
+        self.last_weight: dict[int, np.ndarray] = {}
+
+    def gate(self, layer, ids, weights, decode):
+        weights = np.asarray(weights, dtype=np.float32)
+        self.last_weight[layer] = weights[:, -1] / weights.sum(axis=1)
+        if self.drop is not None and self.drop[0] == layer:
+            row = self.drop[1]
+            ids, weights = np.array(ids, dtype=np.int32), weights.copy()
+            total = weights[row].sum()
+            ids[row, -1], weights[row, -1] = -1, 0.0
+            weights[row] *= total / weights[row].sum()
+        return super().gate(layer, ids, weights, decode)
+
+
+def calibrate(open_engine: Callable, shards, tokens: list[int], samples: int = 16,
+              window: int = 16, seed: int = 0) -> tuple[Calibration, RoutingTrace]:
+    """Norms, usage, sensitivities and the routing trace of `tokens`, with every expert
+    resident. open_engine(policy=None | factory) opens an engine on the shard set (n_ctx at
+    least len(tokens)). Two passes: the full policy with a RoutingRecorder gives each layer's
+    router probabilities and the experts' input norms; exact routing (DropOnePolicy) gives the
+    next layer's router on each layer's input, and hosts the drops of the isolated
+    sensitivities (see _isolated_sensitivity)."""
+    norms = compute_norms(shards)
+    layers = list(shards.expert_layers)
+    k = shards.n_expert_used
+    recorder = RoutingRecorder()
+    with open_engine() as engine:
+        engine.add_observer(recorder)
+        for start in range(0, len(tokens), engine.n_batch):
+            engine.eval(tokens[start:start + engine.n_batch], all_logits=False)
+    policy: list[DropOnePolicy] = []
+
+    def drop_one(pool):
+        policy.append(DropOnePolicy(pool, shards.n_expert, k, layers))
+        return policy[0]
+
+    with open_engine(policy=drop_one) as engine:
+        engine.add_observer(recorder)
+        for start in range(0, len(tokens), engine.n_batch):
+            engine.eval(tokens[start:start + engine.n_batch], all_logits=False)
+        engine.remove_observer(recorder)
+        sensitivity = None
+        if k > 1 and samples > 0:
+            sensitivity = _isolated_sensitivity(engine, policy[0], tokens, layers, samples,
+                                                window, seed)
+    trace = RoutingTrace(probs=recorder.table("probs"), x_norm=recorder.table("x_norm"),
+                         predicted=recorder.table("predicted"))
+    usage = {l: np.bincount(topk(trace.probs[l], k)[0].ravel(), minlength=shards.n_expert)
+             for l in layers}
+    cal = Calibration(norms=norms, usage=usage, sensitivity=sensitivity,
+                      sensitivity_method="isolated" if sensitivity else None, tokens=len(tokens))
+    return cal, trace
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    """KL(p || q) per row of two logit arrays, in nats."""
+    lp, lq = _log_softmax(p_logits), _log_softmax(q_logits)
+    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
+
+
+def _isolated_sensitivity(engine, policy: DropOnePolicy, tokens, layers, samples, window, seed):
+    """s_l per layer: at each sampled position r, drop layer l's last-ranked expert at r only
+    and sum KL(full || dropped) over positions r .. r + window - 1 (attention carries the
+    change on); fit against that expert's renormalised weight squared."""
+    rng = np.random.default_rng(seed)
+    window = max(1, min(window, len(tokens) // 2))
+    positions = np.sort(rng.choice(np.arange(1, len(tokens) - window + 1),
+                                   size=min(samples, len(tokens) - window), replace=False))
+    w_last = {l: [] for l in layers}
+    loss = {l: [] for l in layers}
+    for r in positions.tolist():
+        span = tokens[r:r + window]
+        engine.reset()
+        engine.eval(tokens[:r], all_logits=False)
+        base = engine.eval(span)
+        for l in layers:
+            engine.truncate(r)
+            policy.drop = (l, 0)
+            try:
+                dropped = engine.eval(span)
+            finally:
+                policy.drop = None
+            w_last[l].append(float(policy.last_weight[l][0]))
+            loss[l].append(float(kl_divergence(base, dropped).sum()))
+    return {l: fit_sensitivity(np.array(w_last[l]), np.array(loss[l])) for l in layers}

@@ -33,7 +33,7 @@ from typing import Mapping, Protocol, Sequence
 import numpy as np
 
 from edgemoe.errors import ShardSetError
-from edgemoe.residency.cache import LayerCache, prefetch_candidates
+from edgemoe.residency.cache import SlotTable, prefetch_candidates
 from edgemoe.residency.importance import ImportanceTracker, plan_swaps
 from edgemoe.residency.loader import BACKGROUND, DEMAND, PREFETCH, Loader
 from edgemoe.residency.routing import adaptive_gate, topk
@@ -41,20 +41,20 @@ from edgemoe.residency.telemetry import Telemetry
 
 
 class ExpertPool(Protocol):
-    """The slot pool (edgemoe.pool.ExpertPool) as policies use it; tests use an in-memory one.
-    load(layer, expert, slot) reads the expert into that slot (blocking) and makes it the pool's
-    resident of that slot; expert_bytes(layer) is one expert's size in that layer's slots."""
+    """The slot pool (edgemoe.pool.ExpertPool) as policies use it; tests and the planner use
+    in-memory ones. load(layer, expert, slot) writes the expert's bytes into that slot
+    (blocking); which expert holds which slot is the policy's table, never the pool's.
+    expert_bytes(layer) is one expert's size in that layer's slots."""
 
-    def load(self, layer: int, expert: int, slot: int | None = None) -> int: ...
-    def evict(self, layer: int, expert: int) -> None: ...
-    def resident(self, layer: int) -> dict[int, int]: ...
+    def load(self, layer: int, expert: int, slot: int) -> None: ...
     def bytes_held(self) -> int: ...
     def expert_bytes(self, layer: int) -> int: ...
 
 
 class Policy:
     name = ""
-    masked = True   # True: the engine restricts routing to slot_of(layer) >= 0
+    masked = True     # True: the engine restricts routing to slot_of(layer) >= 0
+    observes = True   # masked: the engine passes the router's outputs to observe()
 
     def __init__(self, pool: ExpertPool, slots: Mapping[int, int], n_expert: int,
                  n_expert_used: int, telemetry: Telemetry | None = None):
@@ -70,11 +70,11 @@ class Policy:
         self.telemetry = telemetry or Telemetry()
         self._lock = threading.Lock()
         self._loader = Loader(f"edgemoe-{self.name}")
+        # The one table of who holds which slot, per layer (see cache.SlotTable).
+        self.tables = {l: SlotTable(self.slots[l], n_expert) for l in self.layers}
 
     # -- reads: every one goes through the loader thread --------------------------------------
-    def _read(self, layer: int, expert: int, slot: int, victim: int | None) -> None:
-        if victim is not None:
-            self.pool.evict(layer, victim)
+    def _read(self, layer: int, expert: int, slot: int) -> None:
         t0 = time.perf_counter()
         self.pool.load(layer, expert, slot)
         self.telemetry.add(loads=1, bytes_read=self.pool.expert_bytes(layer),
@@ -86,7 +86,13 @@ class Policy:
         """Load the initial experts (blocking; before the first step)."""
 
     def slot_of(self, layer: int) -> np.ndarray:
-        raise NotImplementedError
+        with self._lock:
+            return self.tables[layer].array()
+
+    def resident(self, layer: int) -> list[int]:
+        """The experts of `layer` that hold a slot now."""
+        with self._lock:
+            return list(self.tables[layer].resident)
 
     def resident_mask(self, layer: int) -> np.ndarray:
         return self.slot_of(layer) >= 0
@@ -124,15 +130,13 @@ class Policy:
 
 
 class MaskedPolicy(Policy):
-    """Shared by full, static and swap: a visible slot table per layer that routing may use."""
+    """Shared by full, static and swap: routing may use the experts of the slot table."""
 
     def __init__(self, pool, slots, n_expert, n_expert_used, telemetry=None):
         super().__init__(pool, slots, n_expert, n_expert_used, telemetry)
-        self._slot_of = {l: np.full(n_expert, -1, dtype=np.int32) for l in self.layers}
         # The table each layer's routing used this step (what slot_of() last returned): during a
         # step experts can only become routable, so telemetry judges a step by its own table.
         self._view: dict[int, np.ndarray] = {}
-        self._free = {l: list(range(self.slots[l] - 1, -1, -1)) for l in self.layers}
 
     def initial_experts(self, layer: int) -> Sequence[int]:
         raise NotImplementedError
@@ -142,26 +146,28 @@ class MaskedPolicy(Policy):
         for layer in self.layers:
             chosen = [int(e) for e in self.initial_experts(layer)][: self.slots[layer]]
             for e in chosen:
-                slot = self._free[layer].pop()
+                slot = self.tables[layer].free.pop()
                 futures.append((layer, e, slot, self._loader.submit(
-                    partial(self._read, layer, e, slot, None), DEMAND)))
+                    partial(self._read, layer, e, slot), DEMAND)))
         for layer, e, slot, fut in futures:
             try:
                 fut.result()
             except OSError as exc:
                 raise ShardSetError(f"layer {layer} expert {e}: cannot be read ({exc})") from exc
-            self._slot_of[layer][e] = slot
+            self.tables[layer].commit(e, slot)
 
     def slot_of(self, layer: int) -> np.ndarray:
         with self._lock:
-            self._view[layer] = self._slot_of[layer].copy()
-        return self._view[layer].copy()
+            view = self._view[layer] = self.tables[layer].array()
+        return view   # the caller reads it, never writes it
 
     def count_routing(self, layer: int, wanted: np.ndarray, selected: np.ndarray | None) -> None:
         """Telemetry for one layer-step: wanted (n_tokens, k) unmasked top-k ids; selected
         (n_tokens, k) the masked choice, each of which must have been routable."""
         with self._lock:
-            table = self._view.get(layer, self._slot_of[layer])
+            table = self._view.get(layer)
+            if table is None:
+                table = self.tables[layer].array()
         hits = int((table[wanted] >= 0).sum())
         absent = 0
         if selected is not None:
@@ -189,14 +195,23 @@ class StaticPolicy(MaskedPolicy):
 
 
 class FullPolicy(MaskedPolicy):
-    """Every expert resident: the reference the others are measured against."""
+    """Every expert resident (expert e in slot e): the reference the others are measured against,
+    and what the engine runs without a budget. Every wanted expert is a hit, so it needs no
+    router outputs (observes = False: the engine's graph then computes none) and counts each
+    step's routing in end_step()."""
     name = "full"
+    observes = False
 
     def __init__(self, pool, n_expert, n_expert_used, layers: Sequence[int], telemetry=None):
         super().__init__(pool, {l: n_expert for l in layers}, n_expert, n_expert_used, telemetry)
 
     def initial_experts(self, layer: int) -> Sequence[int]:
         return range(self.n_expert)
+
+    def end_step(self, n_tokens: int = 1) -> dict:
+        run = n_tokens * self.k * len(self.layers)
+        self.telemetry.add(layer_steps=n_tokens * len(self.layers), experts_run=run, hits=run)
+        return super().end_step(n_tokens)
 
 
 class SwapPolicy(MaskedPolicy):
@@ -249,27 +264,25 @@ class SwapPolicy(MaskedPolicy):
     def _start_swaps(self, importance: dict[int, np.ndarray]) -> None:
         with self._lock:
             in_flight = sum(len(s) for s in self._in_flight.values())
-            routable = {l: set(np.flatnonzero(self._slot_of[l] >= 0).tolist()) for l in self.layers}
+            routable = {l: set(self.tables[l].resident) for l in self.layers}
             busy = {l: self._in_flight[l] | self._failed[l] for l in self.layers}
-            free = {l: len(self._free[l]) for l in self.layers}
+            free = {l: len(self.tables[l].free) for l in self.layers}
             plan = plan_swaps(importance, routable, busy, free, self.k,
                               self.max_swaps - in_flight, self.margin)
             for s in plan:
-                if s.victim is None:
-                    slot = self._free[s.layer].pop()
-                else:
-                    slot = int(self._slot_of[s.layer][s.victim])
-                    self._slot_of[s.layer][s.victim] = -1   # retired before any step can use it
+                table = self.tables[s.layer]
+                # A victim is retired before any step can use it again.
+                slot = table.free.pop() if s.victim is None else table.retire(s.victim)
                 self._in_flight[s.layer].add(s.candidate)
-                self._loader.submit(partial(self._swap_in, s.layer, s.candidate, slot, s.victim),
+                self._loader.submit(partial(self._swap_in, s.layer, s.candidate, slot),
                                     BACKGROUND)
 
-    def _swap_in(self, layer: int, expert: int, slot: int, victim: int | None) -> None:
+    def _swap_in(self, layer: int, expert: int, slot: int) -> None:
         try:
-            self._read(layer, expert, slot, victim)
+            self._read(layer, expert, slot)
         except Exception as exc:  # noqa: BLE001 - nobody waits on a swap: report it here, once
             with self._lock:
-                self._free[layer].append(slot)
+                self.tables[layer].release(slot)
                 self._in_flight[layer].discard(expert)
                 self._failed[layer].add(expert)
             if not self._warned:
@@ -278,7 +291,7 @@ class SwapPolicy(MaskedPolicy):
                               f"carrying on with the resident experts", RuntimeWarning, 2)
             return
         with self._lock:
-            self._slot_of[layer][expert] = slot
+            self.tables[layer].commit(expert, slot)
             self._in_flight[layer].discard(expert)
         self.telemetry.add(swaps=1)
 
@@ -300,20 +313,12 @@ class OnDemandPolicy(Policy):
         self.n_prefetch = n_prefetch
         self.sensitivity = dict(sensitivity or {})
         self.threshold = threshold
-        self._cache = {l: LayerCache(self.slots[l]) for l in self.layers}
         self._pending = {l: {} for l in self.layers}       # expert -> Future of a prefetch read
         self._prefetched = {l: set() for l in self.layers}  # loaded by prefetch, not yet used
         # The experts ensure() handed out for the layer's current step: a prefetch that starts
         # reading while the layer runs must not take their slots. Cleared by the layer's next
         # prefetch (the engine issues it from an earlier layer, once this one has run).
         self._in_use = {l: frozenset() for l in self.layers}
-
-    def slot_of(self, layer: int) -> np.ndarray:
-        out = np.full(self.n_expert, -1, dtype=np.int32)
-        with self._lock:
-            for e, s in self._cache[layer].resident.items():
-                out[e] = s
-        return out
 
     def gate(self, layer, ids, weights, decode):
         ids = np.asarray(ids)
@@ -327,12 +332,12 @@ class OnDemandPolicy(Policy):
         first so they run before anything could evict them."""
         need = np.unique(np.asarray(ids)[np.asarray(ids) >= 0])
         with self._lock:
-            order = sorted(need.tolist(), key=lambda e: e not in self._cache[layer])
+            order = sorted(need.tolist(), key=lambda e: e not in self.tables[layer])
         n = self.slots[layer]
         return [np.array(order[i:i + n], dtype=np.int32) for i in range(0, len(order), n)]
 
     def _load(self, layer: int, expert: int, protect: frozenset, demand: bool) -> None:
-        cache = self._cache[layer]
+        cache = self.tables[layer]
         with self._lock:
             got = cache.reserve(expert, protect | self._in_use[layer])
             if got is None:   # only a prefetch can find every slot protected: skip it
@@ -341,7 +346,7 @@ class OnDemandPolicy(Policy):
             slot, victim = got
             self._prefetched[layer].discard(victim)
         try:
-            self._read(layer, expert, slot, victim)
+            self._read(layer, expert, slot)
         except Exception as exc:
             with self._lock:
                 cache.release(slot)
@@ -359,13 +364,13 @@ class OnDemandPolicy(Policy):
                 self.telemetry.add(prefetch_issued=1)
 
     def prefetch(self, layer: int, logits: np.ndarray) -> None:
-        if self.n_prefetch <= 0 or layer not in self._cache:
+        if self.n_prefetch <= 0 or layer not in self.tables:
             return
         ids, _ = topk(logits, self.k)                             # (n_tokens, k)
         guess = list(dict.fromkeys(ids.T.ravel().tolist()))       # best rank of every token first
         with self._lock:
             self._in_use[layer] = frozenset()
-            chosen = [e for e in prefetch_candidates(self._cache[layer], guess, self.n_prefetch)
+            chosen = [e for e in prefetch_candidates(self.tables[layer], guess, self.n_prefetch)
                       if e not in self._pending[layer]]
             for e in chosen:
                 self._pending[layer][e] = self._loader.submit(
@@ -393,7 +398,7 @@ class OnDemandPolicy(Policy):
                 continue
             waited = True
             fut.result()
-        cache = self._cache[layer]
+        cache = self.tables[layer]
         with self._lock:
             self._in_use[layer] = frozenset(need)
             used = sum(e in self._prefetched[layer] for e in need)

@@ -9,7 +9,7 @@ thread adds reads and swaps while the engine thread adds selections.
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 from edgemoe.residency.budget import format_bytes
 
@@ -45,7 +45,7 @@ class Telemetry:
         self._lock = threading.Lock()
         # A plain dict on the hot path (add() runs per layer and step); Counters on reading.
         self._now = {f.name: 0 for f in fields(Counters)}
-        self._last_token = Counters()
+        self._last_token = dict(self._now)
         self.resident_bytes = 0   # gauge, set by the policy whenever its slots change
 
     def add(self, **deltas: float) -> None:
@@ -60,10 +60,12 @@ class Telemetry:
 
     def token_done(self, n_tokens: int = 1) -> dict:
         """Close one engine step (n_tokens tokens) and return its per-token JSON record."""
-        self.add(tokens=n_tokens)
-        now = self.counters
-        delta, self._last_token = now - self._last_token, now
-        return record(delta, self.resident_bytes)
+        with self._lock:   # plain dicts: this runs after every step, decode included
+            self._now["tokens"] += n_tokens
+            now = dict(self._now)
+        delta = {name: v - self._last_token[name] for name, v in now.items()}
+        self._last_token = now
+        return _record(delta, self.resident_bytes)
 
     def summary(self) -> str:
         return summary_line(self.counters, self.resident_bytes)
@@ -71,18 +73,21 @@ class Telemetry:
 
 def record(c: Counters, resident_bytes: int) -> dict:
     """Derived figures for a span of counters (one token, or a whole run), JSON-ready."""
-    wanted = c.hits + c.misses + c.redirects
-    out = asdict(c)
-    out.update(
-        experts_per_token=_ratio(c.experts_run, c.layer_steps),
-        hit_rate=_ratio(c.hits, wanted),
-        prefetch_accuracy=_ratio(c.prefetch_used, c.prefetch_issued),
-        redirect_rate=_ratio(c.redirects, wanted),
-        bytes_read_per_token=_ratio(c.bytes_read, c.tokens),
-        stall_seconds_per_token=_ratio(c.stall_seconds, c.tokens),
+    return _record(dict(c.__dict__), resident_bytes)
+
+
+def _record(c: dict, resident_bytes: int) -> dict:
+    wanted = c["hits"] + c["misses"] + c["redirects"]
+    c.update(
+        experts_per_token=_ratio(c["experts_run"], c["layer_steps"]),
+        hit_rate=_ratio(c["hits"], wanted),
+        prefetch_accuracy=_ratio(c["prefetch_used"], c["prefetch_issued"]),
+        redirect_rate=_ratio(c["redirects"], wanted),
+        bytes_read_per_token=_ratio(c["bytes_read"], c["tokens"]),
+        stall_seconds_per_token=_ratio(c["stall_seconds"], c["tokens"]),
         resident_bytes=resident_bytes,
     )
-    return out
+    return c
 
 
 def summary_line(c: Counters, resident_bytes: int) -> str:
