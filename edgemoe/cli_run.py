@@ -120,10 +120,10 @@ def open_model(args: argparse.Namespace):
 
 
 def report_residency(model, args: argparse.Namespace) -> None:
-    """After every run: the policy's one-line summary on stderr, and --stats-json."""
-    line = model.residency_summary()
-    if line is not None:
-        print(line, file=sys.stderr)
+    """After every run: the policy's one-line summary on stderr when a budget or a policy was
+    asked for, and --stats-json."""
+    if args.memory_budget is not None or args.policy is not None:
+        print(model.residency_summary(), file=sys.stderr)
     if args.stats_json is not None:
         model.write_stats(args.stats_json)
 
