@@ -59,3 +59,44 @@ class Loader:
             self._cv.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join()
+
+
+class VirtualLoader:
+    """The Loader's interface on a clock of decode steps, for the planner to drive a real policy
+    against a simulated pool: demand loads run at once (whoever submits one waits for it);
+    other reads run one after another, in the Loader's order, each taking `read_steps` steps
+    from the step after it was queued, when the driver's clock (run_until) passes their end."""
+
+    def __init__(self, read_steps: float):
+        self.read_steps = read_steps
+        self._queue: list[tuple[int, int, float, Future, Callable[[], Any]]] = []
+        self._seq = itertools.count()
+        self.now = 0.0
+        self._free_at = 0.0   # when the one reader is done with what it started
+
+    def submit(self, fn: Callable[[], Any], priority: int) -> Future:
+        fut: Future = Future()
+        if priority == DEMAND:
+            fut.set_running_or_notify_cancel()
+            fut.set_result(fn())
+        else:
+            heapq.heappush(self._queue, (priority, next(self._seq), self.now + 1, fut, fn))
+        return fut
+
+    def run_until(self, step: float) -> None:
+        """Complete every queued read whose turn ends by `step`; the clock moves to `step`."""
+        while self._queue:
+            _, _, ready, fut, fn = self._queue[0]
+            done = max(self._free_at, ready) + self.read_steps
+            if done > step:
+                break
+            heapq.heappop(self._queue)
+            self._free_at = done
+            if fut.set_running_or_notify_cancel():
+                fut.set_result(fn())
+        self.now = step
+
+    def close(self) -> None:
+        for _, _, _, fut, _ in self._queue:
+            fut.cancel()
+        self._queue.clear()

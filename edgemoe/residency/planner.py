@@ -6,7 +6,8 @@ Inputs the engine and the benchmark measure (nothing here is a constant of ours)
   the per-token compute of its non-expert part and of one expert; the rest of a token's compute.
 - a RoutingTrace recorded on calibration text.
 Counts (hits, loads, prefetches, swaps) come from replaying the trace through the same
-bookkeeping the policies use (cache.simulate_layer, importance.plan_swaps); times from the model
+bookkeeping the policies use (cache.simulate_layer; simulate_swap drives SwapPolicy itself over a
+SimulatedPool and a loader.VirtualLoader); times from the model
 below. `edgemoe plan` prints it.
 
 Time per decoded token:
@@ -39,7 +40,8 @@ from edgemoe.residency.allocation import allocate_slots, loads_table
 from edgemoe.residency.budget import (Budget, MemoryNeeds, compute_text, expert_allowance,
                                      format_bytes)
 from edgemoe.residency.cache import simulate_layer
-from edgemoe.residency.importance import ImportanceTracker, plan_swaps
+from edgemoe.residency.loader import VirtualLoader
+from edgemoe.residency.policies import SwapPolicy
 from edgemoe.residency.traces import RoutingTrace
 
 POLICIES = ("full", "static", "swap", "ondemand")
@@ -294,47 +296,49 @@ class SwapReplay:
         return self.hits / self.wanted if self.wanted else 1.0
 
 
+class SimulatedPool:
+    """The pool's contract without bytes, for driving a real policy in the planner: a load only
+    counts (its time is the VirtualLoader's)."""
+
+    def __init__(self, expert_bytes: Mapping[int, int] | None = None):
+        self._bytes = dict(expert_bytes or {})
+        self.loads = 0
+
+    def load(self, layer: int, expert: int, slot: int) -> None:
+        self.loads += 1
+
+    def bytes_held(self) -> int:
+        return 0
+
+    def expert_bytes(self, layer: int) -> int:
+        return self._bytes.get(layer, 0)
+
+
 def simulate_swap(trace: RoutingTrace, slots: Mapping[int, int], k: int,
                   norms: Mapping[int, np.ndarray], interval: int, max_swaps: int,
                   read_tokens: float, margin: float = 0.0, decay: float = 0.0,
                   usage: Mapping[int, np.ndarray] | None = None) -> SwapReplay:
-    """Replay SwapPolicy on the trace: same importance, same plan, same retire-then-read order;
-    reads run one after another, each taking read_tokens decode steps, and become routable when
-    complete. The initial set is the most used experts (usage, as the runtime does when
+    """Replay the trace through the real SwapPolicy over a SimulatedPool: its reads run one
+    after another on a VirtualLoader, each taking read_tokens decode steps, and become routable
+    when complete. The initial set is the most used experts (usage, as the runtime does when
     calibration has counts), else the largest norms."""
     layers = [l for l in trace.layers if l in slots]
-    tracker = ImportanceTracker({l: norms[l] for l in layers}, k, decay)
-    first = usage if usage is not None else tracker.norms
-    routable = {l: set(np.argsort(-np.asarray(first[l]), kind="stable")[: slots[l]].tolist())
-                for l in layers}
-    free = {l: slots[l] - len(routable[l]) for l in layers}
-    in_flight: list[tuple[float, int, int]] = []     # (done at step, layer, expert)
-    reader_free_at = 0.0
-    hits = wanted = swaps = since = 0
-    for t in range(trace.n_tokens):
-        for item in [i for i in in_flight if i[0] <= t]:
-            in_flight.remove(item)
-            routable[item[1]].add(item[2])
-            swaps += 1
-        for l in layers:
-            ids = tracker.observe(l, trace.probs[l][t:t + 1], trace.x_norm[l][t:t + 1])
-            hits += sum(int(e) in routable[l] for e in ids[0])
-            wanted += ids.size
-        since += 1
-        if since < interval:
-            continue
-        since = 0
-        busy = {l: {e for _, ll, e in in_flight if ll == l} for l in layers}
-        plan = plan_swaps(tracker.close_window(), routable, busy, free, k,
-                          max_swaps - len(in_flight), margin)
-        for s in plan:
-            if s.victim is None:
-                free[s.layer] -= 1
-            else:
-                routable[s.layer].discard(s.victim)
-            reader_free_at = max(reader_free_at, t + 1) + read_tokens
-            in_flight.append((reader_free_at, s.layer, s.candidate))
-    return SwapReplay(hits, wanted, swaps)
+    loader = VirtualLoader(read_tokens)
+    initial = ({l: np.argsort(-np.asarray(usage[l]), kind="stable") for l in layers}
+               if usage is not None else None)
+    with SwapPolicy(SimulatedPool(), {l: slots[l] for l in layers}, trace.n_expert, k,
+                    norms={l: norms[l] for l in layers}, interval=interval,
+                    max_swaps=max_swaps, margin=margin, decay=decay, initial=initial,
+                    loader=loader) as policy:
+        policy.warm()
+        for t in range(trace.n_tokens):
+            loader.run_until(t)
+            for l in layers:
+                policy.slot_of(l)   # the table this step routes with
+                policy.observe(l, trace.probs[l][t:t + 1], trace.x_norm[l][t:t + 1])
+            policy.end_step(1)
+        c = policy.telemetry.counters
+    return SwapReplay(c.hits, c.hits + c.redirects, c.swaps)
 
 
 def choose_swap_interval(trace: RoutingTrace, slots: Mapping[int, int], k: int,

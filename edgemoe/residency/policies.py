@@ -57,7 +57,7 @@ class Policy:
     observes = True   # masked: the engine passes the router's outputs to observe()
 
     def __init__(self, pool: ExpertPool, slots: Mapping[int, int], n_expert: int,
-                 n_expert_used: int, telemetry: Telemetry | None = None):
+                 n_expert_used: int, telemetry: Telemetry | None = None, loader=None):
         for layer, n in slots.items():
             if not n_expert_used <= n <= n_expert:
                 raise ValueError(f"layer {layer}: {n} slots; a policy needs between top-k "
@@ -69,7 +69,8 @@ class Policy:
         self.k = n_expert_used
         self.telemetry = telemetry or Telemetry()
         self._lock = threading.Lock()
-        self._loader = Loader(f"edgemoe-{self.name}")
+        # Every read goes through it; the planner passes a loader.VirtualLoader.
+        self._loader = loader or Loader(f"edgemoe-{self.name}")
         # The one table of who holds which slot, per layer (see cache.SlotTable).
         self.tables = {l: SlotTable(self.slots[l], n_expert) for l in self.layers}
 
@@ -132,8 +133,8 @@ class Policy:
 class MaskedPolicy(Policy):
     """Shared by full, static and swap: routing may use the experts of the slot table."""
 
-    def __init__(self, pool, slots, n_expert, n_expert_used, telemetry=None):
-        super().__init__(pool, slots, n_expert, n_expert_used, telemetry)
+    def __init__(self, pool, slots, n_expert, n_expert_used, telemetry=None, loader=None):
+        super().__init__(pool, slots, n_expert, n_expert_used, telemetry, loader)
         # The table each layer's routing used this step (what slot_of() last returned): during a
         # step experts can only become routable, so telemetry judges a step by its own table.
         self._view: dict[int, np.ndarray] = {}
@@ -229,8 +230,9 @@ class SwapPolicy(MaskedPolicy):
     def __init__(self, pool, slots, n_expert, n_expert_used, norms: Mapping[int, np.ndarray],
                  interval: int = 16, max_swaps: int | None = None, margin: float = 0.0,
                  decay: float = 0.0,
-                 initial: Mapping[int, Sequence[int]] | None = None, telemetry=None):
-        super().__init__(pool, slots, n_expert, n_expert_used, telemetry)
+                 initial: Mapping[int, Sequence[int]] | None = None, telemetry=None,
+                 loader=None):
+        super().__init__(pool, slots, n_expert, n_expert_used, telemetry, loader)
         # One swap per expert layer and window by default: adapting after a topic change needs
         # several experts replaced in every layer, and reads are bounded by in-flight count.
         max_swaps = len(self.layers) if max_swaps is None else max_swaps
