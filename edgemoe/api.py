@@ -67,15 +67,16 @@ class Model:
         self.name = self.shards_path.resolve().name
         self.residency = ResidencyConfig(memory_budget=memory_budget, policy=policy,
                                          adaptive_gating=adaptive_gating, n_prefetch=n_prefetch)
-        self.engine, self.slot_plan = open_engine(
-            self.shards_path, self.residency, n_ctx=n_ctx, n_threads=n_threads, device=device,
-            n_batch=n_batch, telemetry=StepLog() if stats else None)
-        self.shards: ShardSet = self.engine.shards
+        # The vocabulary first: a budget's measure of the process (open_engine) includes it.
+        self.vocab = Vocab(ShardSet.open(self.shards_path).base_path)
         try:
-            self.vocab = Vocab(self.shards.base_path)
+            self.engine, self.slot_plan = open_engine(
+                self.shards_path, self.residency, n_ctx=n_ctx, n_threads=n_threads,
+                device=device, n_batch=n_batch, telemetry=StepLog() if stats else None)
         except BaseException:
-            self.engine.close()
+            self.vocab.close()
             raise
+        self.shards: ShardSet = self.engine.shards
         try:
             self._generator = Generator(self.engine, self.vocab)
         except BaseException:

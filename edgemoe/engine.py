@@ -16,7 +16,6 @@ outputs and the timing of every graph without changing what runs (calibration, p
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from gguf import GGUFReader
 from gguf.constants import Keys
 
 from edgemoe import arch as arch_registry
@@ -33,6 +31,7 @@ from edgemoe.arch.common import (BaseWeights, Graph, HParams, KVCache, SplitStat
                                  graph_nodes_upper_bound, kq_mask, kv_cells_for)
 from edgemoe.errors import ContextOverflow, EdgeMoeError, ShardSetError
 from edgemoe.ggml import GGMLType
+from edgemoe.gguf_header import GGUFHeader
 from edgemoe.pool import ExpertPool
 from edgemoe.residency.policies import FullPolicy, Policy
 from edgemoe.residency.routing import softmax
@@ -43,16 +42,6 @@ KV_TYPES = {"f16": GGMLType.F16, "f32": GGMLType.F32}
 # routing) may hold this many times the metadata of the graphs one step needs; the least
 # recently used beyond that are freed (a chat of ever-new prompt lengths stays bounded).
 _GRAPH_CACHE_STEPS = 3
-
-
-def _drop_page_cache(path: Path) -> None:
-    if not hasattr(os, "posix_fadvise"):
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 class Engine:
@@ -67,9 +56,9 @@ class Engine:
       selection are outputs;
     - exact (ondemand): per layer, an attention+router graph, then the policy maps the chosen
       experts to slots (loading misses), then an experts graph.
-    The policy loads its initial experts on warm(), or at the first eval. `n_outputs`: rows of logits per batch the compute
-    buffers are reserved for (None: n_batch, every row; 1: what generation samples). A batch
-    asking for more rows grows the buffers then.
+    The policy loads its initial experts on warm(), or at the first eval. `n_outputs`: rows of
+    logits per batch the compute buffers are reserved for (None: n_batch, every row; 1: what
+    generation samples). A batch asking for more rows grows the buffers then.
     """
 
     def __init__(self, shards_path: str | Path, n_ctx: int = 2048, n_threads: int | None = None,
@@ -87,15 +76,12 @@ class Engine:
         self._parts: list = []  # owned handles, closed in reverse order
         self.shards = ShardSet.open(shards_path)
         self.base_path = self.shards.base_path
-        try:
-            reader = GGUFReader(self.base_path)
-        except Exception as exc:  # gguf-py raises ValueError/struct errors on a corrupt header
-            raise ShardSetError(f"{self.base_path}: not a readable GGUF ({exc})") from None
-        arch_field = reader.fields.get(Keys.General.ARCHITECTURE)
+        header = GGUFHeader(self.base_path)
+        arch_field = header.fields.get(Keys.General.ARCHITECTURE)
         if arch_field is None:
             raise ShardSetError(f"{self.base_path}: key {Keys.General.ARCHITECTURE} missing")
         self.model = arch_registry.get(arch_field.contents())
-        self.hparams = hp = self.model.hparams_class.from_gguf(reader, self.model, self.base_path)
+        self.hparams = hp = self.model.hparams_class.from_gguf(header, self.model, self.base_path)
         self._check_match(hp)
         self.policy: Policy | None = None
         self._warm = False
@@ -107,9 +93,8 @@ class Engine:
         self.n_past = 0
         try:
             self.backend = self._own(ggml.Backend(device, n_threads))
-            self.weights = self._own(BaseWeights(self.base_path, reader, self.model, hp, self.backend))
-            del reader, arch_field  # its parts are views of the mapped file: unmap it now
-            _drop_page_cache(self.base_path)
+            self.weights = self._own(BaseWeights(self.base_path, header, self.model, hp,
+                                                 self.backend))
             self.pool = self._own(ExpertPool(self.shards, self.backend, n_slots))
             if policy is None:
                 self.policy = FullPolicy(self.pool, hp.n_expert, hp.n_expert_used,

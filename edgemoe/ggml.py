@@ -26,7 +26,7 @@ from gguf.constants import GGMLQuantizationType as GGMLType
 from edgemoe import _lib
 from edgemoe.errors import EdgeMoeError
 
-__all__ = ["GGMLType", "lib", "Context", "Buffer", "Backend", "Scheduler", "Ops",
+__all__ = ["GGMLType", "lib", "Context", "Buffer", "MappedBuffer", "Backend", "Scheduler", "Ops",
            "row_size", "tensor_set", "tensor_get", "list_devices", "ROPE_NORM", "ROPE_NEOX"]
 
 # ggml.h: GGML_ROPE_TYPE_NORMAL / GGML_ROPE_TYPE_NEOX
@@ -100,6 +100,9 @@ _SIGNATURES = {
     "ggml_backend_buffer_clear": (_lib.ggml_base, None, [c_void_p, ctypes.c_uint8]),
     "ggml_backend_tensor_set": (_lib.ggml_base, None, [T, c_void_p, c_size_t, c_size_t]),
     "ggml_backend_tensor_get": (_lib.ggml_base, None, [T, c_void_p, c_size_t, c_size_t]),
+    "ggml_backend_tensor_alloc": (_lib.ggml_base, c_int, [c_void_p, T, c_void_p]),
+    "ggml_backend_dev_buffer_from_host_ptr": (_lib.ggml_base, c_void_p,
+                                              [c_void_p, c_void_p, c_size_t, c_size_t]),
     # backend: devices and streams
     "ggml_backend_dev_count": (_lib.ggml, c_size_t, []),
     "ggml_backend_dev_get": (_lib.ggml, c_void_p, [c_size_t]),
@@ -219,6 +222,54 @@ class Buffer:
         self.close()
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = c_void_p
+_libc.mmap.argtypes = [c_void_p, c_size_t, c_int, c_int, c_int, ctypes.c_long]
+_libc.munmap.restype = c_int
+_libc.munmap.argtypes = [c_void_p, c_size_t]
+_PROT_READ, _MAP_SHARED, _MAP_FAILED = 1, 1, c_void_p(-1).value
+
+
+class MappedBuffer:
+    """A file mapped read-only and a backend buffer over the mapping, for weights used in place
+    (llama.cpp's mmap loading): pages are read from the file on first touch and are page cache,
+    counted once and never copied. Tensors of a no_alloc context are placed at file offsets with
+    `place`. Only for a device that can use host memory (the CPU)."""
+
+    ptr = None
+    addr = None
+
+    def __init__(self, path, device: int, what: str):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self.size = os.fstat(fd).st_size
+            addr = _libc.mmap(None, self.size, _PROT_READ, _MAP_SHARED, fd, 0)
+        finally:
+            os.close(fd)
+        if addr is None or addr == _MAP_FAILED:
+            raise EdgeMoeError(f"cannot map {path} ({os.strerror(ctypes.get_errno())})")
+        self.addr = addr
+        self.ptr = lib.ggml_backend_dev_buffer_from_host_ptr(device, addr, self.size, self.size)
+        if not self.ptr:
+            self.close()
+            raise EdgeMoeError(f"cannot make a backend buffer over {what}")
+
+    def place(self, tensor: int, offset: int) -> None:
+        if lib.ggml_backend_tensor_alloc(self.ptr, tensor, self.addr + offset) != 0:
+            raise EdgeMoeError(f"cannot place a tensor at offset {offset} of the mapped file")
+
+    def close(self) -> None:
+        if self.ptr:
+            lib.ggml_backend_buffer_free(self.ptr)   # does not own the mapping
+            self.ptr = None
+        if self.addr:
+            _libc.munmap(self.addr, self.size)
+            self.addr = None
+
+    def __del__(self):
+        self.close()
+
+
 def tensor_set(tensor: int, data, offset: int = 0) -> None:
     """Copy host bytes (a C-contiguous numpy array or buffer) into a backend tensor."""
     arr = np.ascontiguousarray(data) if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
@@ -297,6 +348,15 @@ class Backend:
     @property
     def weights_buffer_type(self) -> int:
         return self.buffer_types[0]
+
+    @property
+    def maps_host_memory(self) -> bool:
+        """Weights can be used in place from a mapped file (the device is the CPU)."""
+        return self.device_kind == "cpu"
+
+    @property
+    def device(self) -> int:
+        return self._devices[0]
 
     def set_threads(self, n_threads: int | None) -> None:
         """Thread count for every backend that has one (found through the backend registry, so

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader
 
 from edgemoe import arch as arch_registry
 from edgemoe.errors import BudgetError, EdgeMoeError, ShardSetError
+from edgemoe.gguf_header import GGUFHeader
 from edgemoe.residency import calibration as calib
 from edgemoe.residency.budget import (Budget, MemoryNeeds, SlotPlan, expert_allowance,
                                       make_plan, parse_budget, process_baseline_bytes,
@@ -65,23 +65,18 @@ class ResidencyConfig:
 def needs_from_files(shards: ShardSet, n_ctx: int, kv_type: str, compute_bytes: int | None = None,
                      runtime_bytes: int | None = None) -> MemoryNeeds:
     """MemoryNeeds from the shard set's headers alone (nothing loaded). The read in flight is
-    the larger of the pool's (host buffer + page cache, without O_DIRECT, of one expert) and the
-    base file's page cache while its tensors are copied (the engine maps base.gguf whole, then
-    drops it)."""
-    try:
-        reader = GGUFReader(shards.base_path)
-    except Exception as exc:  # gguf-py raises ValueError/struct errors on a corrupt header
-        raise ShardSetError(f"{shards.base_path}: not a readable GGUF ({exc})") from None
-    base = sum(int(t.n_bytes) for t in reader.tensors)
+    the pool's (host buffer + page cache, without O_DIRECT, of one expert): base weights are
+    used in place from the mapped base.gguf (its tensors are the base bytes, counted once)."""
+    header = GGUFHeader(shards.base_path)
+    base = sum(t.n_bytes for t in header.tensors)
     model = arch_registry.get(shards.arch)
-    hp = model.hparams_class.from_gguf(reader, model, shards.base_path)
-    del reader
+    hp = model.hparams_class.from_gguf(header, model, shards.base_path)
     expert_bytes = {l: shards.expert(l, 0).data_bytes for l in shards.expert_layers}
     kv = hp.n_layer * (hp.n_embd_kv + hp.n_embd_v) * n_ctx * _KV_BYTES[kv_type]
     return MemoryNeeds(base_bytes=base, kv_bytes=kv, compute_bytes=compute_bytes,
                        expert_bytes=expert_bytes, n_expert=shards.n_expert,
                        n_expert_used=shards.n_expert_used,
-                       read_bytes=max(2 * max(expert_bytes.values()), base),
+                       read_bytes=2 * max(expert_bytes.values()),
                        runtime_bytes=process_baseline_bytes() if runtime_bytes is None
                        else runtime_bytes)
 

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader
 from gguf.constants import MODEL_TENSOR, TENSOR_NAMES, Keys
 
 from edgemoe import ggml
 from edgemoe.ggml import GGMLType
 from edgemoe.errors import ShardSetError
+from edgemoe.gguf_header import GGUFHeader
 
 # KV cells are allocated in steps of this many, so a decode graph keeps its shape for that many
 # tokens and is reused (the same granularity llama.cpp pads its KV view to).
@@ -86,7 +86,7 @@ class HParams:
         return {}
 
     @classmethod
-    def from_gguf(cls, reader: GGUFReader, model: type["Decoder"], path: Path) -> "HParams":
+    def from_gguf(cls, reader: GGUFHeader, model: type["Decoder"], path: Path) -> "HParams":
         """Read through gguf.Keys; a model's subclass adds its own keys in `read_extra`."""
         arch = model.name
 
@@ -151,13 +151,15 @@ def tensor_name(kind: MODEL_TENSOR, layer: int | None = None, suffix: str = "wei
 
 
 class BaseWeights:
-    """Every non-expert tensor of base.gguf, copied into one backend buffer in its own quant type
-    (the file's page cache is dropped afterwards: the memory budget counts it)."""
+    """Every non-expert tensor of base.gguf, in its own quant type. On the CPU they are used in
+    place from the mapped file (pages read on first touch, counted once as page cache, never
+    copied; llama.cpp's mmap); on another device each is read with O_DIRECT into the device's
+    buffer (edgemoe.pool.read_span: no page cache left behind)."""
 
-    def __init__(self, path: Path, reader: GGUFReader, model: type["Decoder"], hp: HParams,
+    def __init__(self, path: Path, header: GGUFHeader, model: type["Decoder"], hp: HParams,
                  backend: ggml.Backend):
         wanted = model.tensors(hp)
-        present = {t.name: t for t in reader.tensors}
+        present = {t.name: t for t in header.tensors}
         chosen = []
         for name, (ne, required) in wanted.items():
             t = present.get(name)
@@ -176,16 +178,25 @@ class BaseWeights:
         self.tensors: dict[str, int] = {
             t.name: self.ctx.new_tensor(int(t.tensor_type), tuple(int(x) for x in t.shape), t.name)
             for t in chosen}
-        self.buffer = ggml.Buffer(self.ctx, backend.weights_buffer_type, f"{path} weights")
-        raw = reader.data  # the whole file, memory-mapped
         for t in chosen:
-            ptr = self.tensors[t.name]
-            expect = ggml.lib.ggml_nbytes(ptr)
+            expect = ggml.lib.ggml_nbytes(self.tensors[t.name])
             if t.n_bytes != expect:
                 raise ShardSetError(f"{path}: tensor {t.name} holds {t.n_bytes} bytes, "
                                     f"its type and shape need {expect}")
-            ggml.tensor_set(ptr, np.asarray(raw[t.data_offset:t.data_offset + t.n_bytes]))
-        self.nbytes = self.buffer.nbytes
+        self.nbytes = sum(t.n_bytes for t in chosen)
+        if backend.maps_host_memory:
+            self.buffer = ggml.MappedBuffer(path, backend.device, f"{path} weights")
+            for t in chosen:
+                self.buffer.place(self.tensors[t.name], t.data_offset)
+        else:
+            from edgemoe.pool import read_span
+
+            self.buffer = ggml.Buffer(self.ctx, backend.weights_buffer_type, f"{path} weights")
+            for t in chosen:
+                try:
+                    ggml.tensor_set(self.tensors[t.name], read_span(path, t.data_offset, t.n_bytes))
+                except (OSError, EOFError) as exc:
+                    raise ShardSetError(f"{path}: cannot read tensor {t.name} ({exc})") from None
 
     def get(self, kind: MODEL_TENSOR, layer: int | None = None, suffix: str = "weight") -> int | None:
         return self.tensors.get(tensor_name(kind, layer, suffix))
