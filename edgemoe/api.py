@@ -84,6 +84,7 @@ class Model:
             self.engine.close()
             raise
         self._lock = threading.Lock()
+        self._close_lock = threading.Lock()  # status() against close(), not against requests
         self._owner: int | None = None  # thread that holds _lock, to catch self-deadlock
         self._closed = False
         self.last_stats: GenerationStats | None = None
@@ -94,7 +95,7 @@ class Model:
         """Free the engine (waits for a request running in another thread). Idempotent."""
         if self._closed:
             return
-        with self._exclusive():
+        with self._exclusive(), self._close_lock:
             self._closed = True
             self.engine.close()
             self.vocab.close()
@@ -137,23 +138,25 @@ class Model:
     def status(self) -> dict:
         """What the chat status line shows: backend memory by part and in all, the process's
         resident set (bytes; it adds Python and the libraries), resident experts, the expert hit
-        rate since the model was opened, tokens in the KV cache."""
-        with self._exclusive():
+        rate, tokens evaluated and expert bytes read since the model was opened, tokens in the KV
+        cache. It only reads figures, so another thread may call it while a request runs (the
+        server's status page does)."""
+        with self._close_lock:
             self._check_open()
             memory = self.engine.memory()
             pool, policy = self.engine.pool, self.engine.policy
+            run = record(policy.telemetry.counters, 0)
             return {
                 "memory": memory,
                 "memory_bytes": sum(memory.values()),
                 "rss_bytes": psutil.Process().memory_info().rss,
                 "resident_experts": sum(len(policy.resident(l)) for l in policy.layers),
                 "total_experts": len(pool.layers) * pool.n_expert,
-                "hit_rate": self._hit_rate(),
+                "hit_rate": run["hit_rate"],
+                "tokens_evaluated": run["tokens"],
+                "bytes_read": run["bytes_read"],
                 "n_past": int(self.engine.n_past),
             }
-
-    def _hit_rate(self) -> float | None:
-        return record(self.engine.policy.telemetry.counters, 0)["hit_rate"]
 
     def residency_summary(self) -> str:
         """The residency policy's one-line summary since the model was opened."""

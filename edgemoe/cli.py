@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "edgemoe.cli_run",     # run, chat, info
     "edgemoe.cli_budget",  # plan, calibrate
     "edgemoe.cli_perplexity",  # perplexity
+    "edgemoe.cli_serve",   # serve
 ]
 
 
