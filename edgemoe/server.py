@@ -36,6 +36,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+# uvicorn's protocol and loop modules are imported when it starts; importing them now puts
+# them in the process before the model is opened, whose memory budget counts the process.
+import uvicorn.lifespan.on  # noqa: F401
+import uvicorn.loops.auto  # noqa: F401
+import uvicorn.protocols.http.auto  # noqa: F401
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -653,8 +658,12 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 def serve(model, config: ServerConfig, log=None) -> None:
     """Serve until SIGINT/SIGTERM. Binds first, so `port=0` picks a free port; the line
     `edgemoe serve: listening on http://HOST:PORT` (on stderr) says which."""
+    import logging
+
     import uvicorn
 
+    # asyncio warns of every write to a client that already hung up; those are cancels.
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     try:

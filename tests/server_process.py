@@ -31,10 +31,12 @@ def converted_bundled(tmp_path_factory) -> Path:
 class ServerProcess:
     """`python -m edgemoe serve SHARDS --port 0 ...`; the port comes from its log line."""
 
-    def __init__(self, shards: Path, *args: str, log: Path, timeout: float = 120.0) -> None:
+    def __init__(self, shards: Path, *args: str, log: Path, timeout: float = 120.0,
+                 env: dict | None = None) -> None:
         self.log_path = log
         self.log = open(log, "wb")
-        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env = {**os.environ, **(env or {}),
+               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgemoe", "serve", str(shards), "--host", "127.0.0.1",
              "--port", "0", "-t", "1", *args],

@@ -4,7 +4,10 @@ longer than the context, a client that goes away mid-stream, the queue bound, th
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -15,7 +18,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from server_process import ServerProcess, converted_bundled  # noqa: E402
+from server_process import ROOT, ServerProcess, converted_bundled  # noqa: E402
 
 N_CTX = 4096
 
@@ -317,3 +320,25 @@ def test_serve_without_the_extra_says_how_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # find_spec then reports it missing
     assert cli.main(["serve", "nowhere"]) == 1
     assert "pip install 'edgemoe[server]'" in capsys.readouterr().err
+
+
+def test_readme_serve_example_runs(tmp_path):
+    """The README's two commands and its client snippet, as written (on a free port)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = re.search(r"<!-- serve:begin -->(.*?)<!-- serve:end -->", text, re.S).group(1)
+    install, command = re.search(r"```sh\n(.*?)```", section, re.S).group(1).strip().splitlines()
+    assert install.startswith("pip install 'edgemoe[server]'")
+    argv = shlex.split(command)
+    assert argv[:2] == ["edgemoe", "serve"]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "http://127.0.0.1:8080/v1" in code
+    s = ServerProcess(ROOT / argv[2], *argv[3:], log=tmp_path / "server.log",
+                      env={"EDGEMOE_CACHE": str(tmp_path / "cache")})
+    try:
+        (tmp_path / "example.py").write_text(code.replace("http://127.0.0.1:8080", s.url))
+        proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert re.search(r"[A-Za-z]{2,}", proc.stdout.decode()), proc.stdout
+    finally:
+        assert s.stop() == 0, s.output()
