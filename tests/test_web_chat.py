@@ -118,7 +118,9 @@ class Browser:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     shards = converted_bundled(tmp_path_factory)
-    s = ServerProcess(shards, "-c", "1024", "--memory-budget", "75%", "--alias", "shakespy",
+    # static: a fixed resident set, so the same request gets the same reply (swap would adapt)
+    s = ServerProcess(shards, "-c", "1024", "--memory-budget", "75%", "--policy", "static",
+                      "--alias", "shakespy",
                       log=tmp_path_factory.mktemp("webserve") / "server.log")
     yield s
     assert s.stop() == 0, s.output()
@@ -131,7 +133,7 @@ def test_web_chat_streams_a_reply_and_updates_the_status_line(server, tmp_path):
         # the budget and policy the server runs with, and a first status line
         config = browser.wait_for("const t = document.getElementById('config').textContent;"
                                   "return t.includes('policy') ? t : null;")
-        assert "budget 75%" in config and "policy swap" in config, config
+        assert "budget 75%" in config and "policy static" in config, config
         first = browser.wait_for("const s = document.getElementById('status');"
                                  "return s.dataset.updates ? [s.dataset.updates, s.textContent]"
                                  " : null;")
