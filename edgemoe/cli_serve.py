@@ -68,7 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from edgemoe.server import ServerConfig, serve
 
     with open_model(args) as model:
-        policy = model.residency.policy_name if model.residency.active else None
+        policy = model.residency.policy_name
         config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
                               alias=args.alias or Path(args.shards).resolve().name,
                               max_queue=args.queue, max_tokens=args.max_tokens,

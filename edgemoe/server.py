@@ -678,7 +678,7 @@ def serve(model, config: ServerConfig, log=None) -> None:
     server = Server(model, config)
     host = f"[{config.host}]" if family == socket.AF_INET6 else config.host
     log(f"edgemoe serve: {server.model_id} (context {model.n_ctx}, "
-        f"budget {config.memory_budget or 'none'}, policy {config.policy or 'full'})")
+        f"budget {config.memory_budget or 'none'}, policy {config.policy})")
     log(f"edgemoe serve: listening on http://{host}:{port} (web chat at /, OpenAI API at /v1)")
     uv = uvicorn.Server(uvicorn.Config(server.app(), log_level="warning",
                                        timeout_graceful_shutdown=3, access_log=False))
