@@ -25,7 +25,7 @@ from edgemoe.errors import EdgeMoeError
 from edgemoe.residency import calibration as calib
 from edgemoe.residency.budget import expert_allowance, parse_budget
 from edgemoe.residency.traces import RoutingTrace
-from edgemoe.runtime import PLAN_FILE, POLICIES, TRACE_FILE
+from edgemoe.runtime import PLAN_FILE, POLICIES, TRACE_FILE, PlanKey
 
 # Used when no --text is given: plain prose on several topics, so routing sees some variety.
 DEFAULT_TEXT = """\
@@ -136,7 +136,7 @@ def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = 
                               prompt_tokens=prompt_tokens, decode_tokens=decode_tokens)
     if policy is not None:
         preds = [p for p in preds if p.policy == policy]
-    doc = {"budget": str(budget), "n_ctx": n_ctx, "kv_type": kv_type,
+    doc = {**PlanKey.of(budget, n_ctx, kv_type, None).fields(),
            "profile": {"read_bytes_per_s": profile.read_bytes_per_s,
                        "read_latency_s": profile.read_latency_s,
                        "sustained_bytes_per_s": profile.sustained_bytes_per_s,

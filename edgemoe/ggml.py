@@ -317,7 +317,7 @@ class Backend:
         devices = list_devices()
         if not devices:
             raise EdgeMoeError("ggml registered no device")
-        chosen = self._choose(devices, device)
+        chosen = self.choose(devices, device)
         self.device_name = chosen["name"]
         self.device_kind = chosen["kind"]
         self.backends: list[int] = []
@@ -332,7 +332,8 @@ class Backend:
         self.set_threads(n_threads)
 
     @staticmethod
-    def _choose(devices: list[dict], device: str | None) -> dict:
+    def choose(devices: list[dict], device: str | None) -> dict:
+        """The device `device` names among `devices` (list_devices()), or the best one."""
         if device:
             for d in devices:
                 if device.lower() in (d["name"].lower(), d["kind"]):

@@ -13,7 +13,9 @@ Order of events, so that a budget below the minimum is refused before any expert
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,9 +83,40 @@ def needs_from_files(shards: ShardSet, n_ctx: int, kv_type: str, compute_bytes: 
                        else runtime_bytes)
 
 
-def read_plan_file(shards_dir: Path, budget: Budget, policy: str) -> dict | None:
-    """What `edgemoe plan` chose for this budget and policy, if it wrote it: {"slots":
-    {layer: n}, "swap_interval": tokens or None, ...}."""
+@dataclass(frozen=True)
+class PlanKey:
+    """What a plan.json holds good for: the budget (its exact bytes or fraction; the printed
+    form rounds), the context size and KV type (they size the fixed parts), and the device
+    (its speed and placement). The policies are entries of one plan."""
+    budget: str
+    budget_bytes: int | None
+    budget_fraction: float | None
+    n_ctx: int
+    kv_type: str
+    device: str
+
+    @classmethod
+    def of(cls, budget: Budget, n_ctx: int, kv_type: str, device: str | None) -> "PlanKey":
+        from edgemoe import ggml
+
+        name = ggml.Backend.choose(ggml.list_devices(), device)["name"]
+        return cls(str(budget), budget.bytes, budget.fraction, int(n_ctx), kv_type, name)
+
+    def fields(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        return (f"budget {self.budget}, n_ctx {self.n_ctx}, KV {self.kv_type}, device "
+                f"{self.device}")
+
+
+_noted: set[tuple] = set()   # plan files already reported as not matching, once per process
+
+
+def read_plan_file(shards_dir: Path, key: PlanKey, policy: str) -> dict | None:
+    """What `edgemoe plan` chose for this key and policy, if it wrote it: {"slots":
+    {layer: n}, "swap_interval": tokens or None, ...}. A plan made for another budget, context,
+    KV type or device is ignored with a note on stderr (once)."""
     path = shards_dir / PLAN_FILE
     if not path.exists():
         return None
@@ -91,7 +124,16 @@ def read_plan_file(shards_dir: Path, budget: Budget, policy: str) -> dict | None
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ShardSetError(f"{path}: unreadable plan ({exc}); rerun `edgemoe plan`") from None
-    if doc.get("budget") != str(budget):
+    if not isinstance(doc, dict):
+        raise ShardSetError(f"{path}: not a plan (a JSON object); rerun `edgemoe plan`")
+    planned = {name: doc.get(name) for name in key.fields()}
+    if planned != key.fields():
+        if (path, key) not in _noted:
+            _noted.add((path, key))
+            made = (f"budget {planned['budget']}, n_ctx {planned['n_ctx']}, KV "
+                    f"{planned['kv_type']}, device {planned['device']}")
+            print(f"edgemoe: note: {path} was planned for {made}; not used for {key.describe()} "
+                  f"(rerun `edgemoe plan` for it)", file=sys.stderr)
         return None
     entry = doc.get("policies", {}).get(policy)
     if not entry:
@@ -99,16 +141,17 @@ def read_plan_file(shards_dir: Path, budget: Budget, policy: str) -> dict | None
     return {**entry, "slots": {int(l): int(n) for l, n in entry["slots"].items()}}
 
 
-def prefetch_depth(shards: ShardSet, cfg: ResidencyConfig) -> int:
-    """ondemand's prefetch depth: the user's, else the plan file's for this budget, else 1."""
+def prefetch_depth(shards: ShardSet, cfg: ResidencyConfig, key: PlanKey) -> int:
+    """ondemand's prefetch depth: the user's, else the plan file's for this key, else 1."""
     if cfg.n_prefetch is not None:
         return cfg.n_prefetch
-    planned = read_plan_file(shards.root, cfg.budget, "ondemand")
+    planned = read_plan_file(shards.root, key, "ondemand")
     depth = (planned or {}).get("n_prefetch")
     return 1 if depth is None else int(depth)
 
 
-def choose_slots(shards: ShardSet, cfg: ResidencyConfig, needs: MemoryNeeds) -> SlotPlan:
+def choose_slots(shards: ShardSet, cfg: ResidencyConfig, needs: MemoryNeeds,
+                 key: PlanKey) -> SlotPlan:
     """Slots per layer under the budget: plan file, else the DP on the stored trace, else
     uniform. Raises BudgetError (with the minimum) below the minimum."""
     budget, name = cfg.budget, cfg.policy_name
@@ -120,7 +163,7 @@ def choose_slots(shards: ShardSet, cfg: ResidencyConfig, needs: MemoryNeeds) -> 
                 f"experts; {needs.fixed_bytes + needs.expert_bytes_total} bytes in all) but the "
                 f"budget {budget} leaves {allowance} bytes for experts; use swap or ondemand")
         return make_plan({l: needs.n_expert for l in needs.expert_bytes}, needs)
-    planned = read_plan_file(shards.root, budget, name)
+    planned = read_plan_file(shards.root, key, name)
     slots = planned["slots"] if planned else None
     if slots is None and (shards.root / TRACE_FILE).exists():
         from edgemoe.residency.planner import allocate_for
@@ -131,7 +174,7 @@ def choose_slots(shards: ShardSet, cfg: ResidencyConfig, needs: MemoryNeeds) -> 
         if cfg.adaptive_gating is not None:
             sens = calib.Calibration.load(shards.root).sensitivity
         slots = allocate_for(name, trace, needs.n_expert_used, needs.expert_bytes, allowance,
-                             prefetch_depth(shards, cfg), sensitivity=sens,
+                             prefetch_depth(shards, cfg, key), sensitivity=sens,
                              threshold=cfg.adaptive_gating)
     if slots is None:
         return uniform_slots(budget, needs)
@@ -144,12 +187,15 @@ def choose_slots(shards: ShardSet, cfg: ResidencyConfig, needs: MemoryNeeds) -> 
 
 def load_calibration(shards: ShardSet, need_norms: bool) -> calib.Calibration | None:
     """calibration.json beside the shards; when absent and norms are needed (swap, static),
-    the norms are computed from the shards once and saved there."""
+    the norms are computed from the shards once (streamed with O_DIRECT: no page cache, one
+    expert in memory at a time) and saved there."""
+    from edgemoe.pool import read_span
+
     try:
         return calib.Calibration.load(shards.root)
     except ShardSetError:
         if not (shards.root / calib.FILE_NAME).exists() and need_norms:
-            cal = calib.Calibration(norms=calib.compute_norms(shards))
+            cal = calib.Calibration(norms=calib.compute_norms(shards, read_span))
             try:
                 cal.save(shards.root)
             except OSError:
@@ -201,13 +247,14 @@ def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048
         # The process measured again: the probe loaded the ggml libraries and started the
         # backend, which stay for the real engine (its own buffers went back when it closed).
         needs = needs_from_files(shards, n_ctx, kv_type, compute)
-    plan = choose_slots(shards, cfg, needs)
+    key = PlanKey.of(budget, n_ctx, kv_type, device)
+    plan = choose_slots(shards, cfg, needs, key)
     cal = load_calibration(shards, need_norms=name in ("swap", "static"))
     options: dict = {}
     if telemetry is not None:
         options["telemetry"] = telemetry
     if name == "swap":
-        planned = read_plan_file(shards.root, budget, name)
+        planned = read_plan_file(shards.root, key, name)
         interval = cfg.swap_interval or (planned or {}).get("swap_interval")
         if interval:
             options["interval"] = int(interval)
@@ -216,7 +263,7 @@ def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048
             # then follows the text at hand.
             options["initial"] = {l: np.argsort(-cal.usage[l], kind="stable") for l in plan.slots}
     if name == "ondemand":
-        options["n_prefetch"] = prefetch_depth(shards, cfg)
+        options["n_prefetch"] = prefetch_depth(shards, cfg, key)
         if cfg.adaptive_gating is not None:
             if cal is None or cal.sensitivity is None:
                 raise ShardSetError(f"{shards.root}: --adaptive-gating needs per-layer "

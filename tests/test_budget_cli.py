@@ -63,13 +63,14 @@ def test_calibrate_then_plan_then_run_uses_the_plan(shards, capsys):
     assert cal.sensitivity_method == "isolated" and all(s > 0 for s in cal.sensitivity.values())
     assert all(np.all(n > 0) for n in cal.norms.values())
 
-    assert cli.main(["plan", str(shards), "--budget", "50%", "-c", "64", "-t", "1"]) == 0
+    assert cli.main(["plan", str(shards), "--budget", "50%", "-c", "32", "-t", "1"]) == 0
     out = capsys.readouterr().out
     for policy in ("static", "swap", "ondemand"):
         assert f"\n{policy}" in out
     assert "full      does not fit" in out and "tok/s" in out
     doc = json.loads((shards / PLAN_FILE).read_text())
-    assert doc["budget"] == "50% of expert bytes"
+    assert doc["budget"] == "50% of expert bytes" and doc["budget_fraction"] == 0.5
+    assert (doc["n_ctx"], doc["kv_type"], doc["device"]) == (32, "f16", "CPU")
     slots = {int(l): n for l, n in doc["policies"]["ondemand"]["slots"].items()}
     assert sum(slots.values()) <= 8 and min(slots.values()) >= 2
 
@@ -81,6 +82,18 @@ def test_calibrate_then_plan_then_run_uses_the_plan(shards, capsys):
         depth = doc["policies"]["ondemand"]["n_prefetch"]
         assert depth in (0, 1, 2) and "prefetch depth 0: " in out
         assert engine.policy.n_prefetch == depth
+    # A plan made for another context size or KV type is not used (its prefetch depth 2 is
+    # not taken: 1 without a plan), and the run says so once.
+    (shards / PLAN_FILE).write_text(json.dumps(
+        {**doc, "policies": {"ondemand": {**doc["policies"]["ondemand"], "n_prefetch": 2}}}))
+    for kw in (dict(n_ctx=64), dict(n_ctx=32, kv_type="f32")):
+        engine, plan = open_engine(shards, ResidencyConfig(memory_budget="50%",
+                                                           policy="ondemand"), n_threads=1, **kw)
+        with engine:
+            assert engine.policy.n_prefetch == 1
+        err = capsys.readouterr().err
+        assert err.count("not used for budget 50% of expert bytes") == 1, err
+        assert f"n_ctx {kw['n_ctx']}" in err and "rerun `edgemoe plan`" in err
     doc["policies"]["ondemand"]["n_prefetch"] = 2 if depth != 2 else 0
     (shards / PLAN_FILE).write_text(json.dumps(doc))
     for cfg_depth, want in ((None, doc["policies"]["ondemand"]["n_prefetch"]), (1, 1)):

@@ -148,6 +148,16 @@ def test_expert_norm_from_quantized_shard(tmp_path):
     shard = ExpertShard(layer=0, expert=0, path=path, bytes=path.stat().st_size, sha256="",
                         data_offset=4096, data_bytes=len(blob), tensors=tensors)
     assert expert_norm_from_shard(shard) == pytest.approx(expert_norm(mats.values()), rel=1e-3)
+    # Streamed as the runtime does it (O_DIRECT reads, a few rows dequantized at a time).
+    from edgemoe.pool import read_span
+    from edgemoe.residency import importance
+
+    importance._NORM_ROWS, rows = 7, importance._NORM_ROWS
+    try:
+        streamed = expert_norm_from_shard(shard, read_span)
+    finally:
+        importance._NORM_ROWS = rows
+    assert streamed == pytest.approx(expert_norm_from_shard(shard), rel=1e-9)
 
 
 def test_plan_swaps_bounds_and_keeps_topk_routable():

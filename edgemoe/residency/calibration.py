@@ -71,11 +71,12 @@ class Calibration:
                    sensitivity_method=doc.get("sensitivity_method"), tokens=doc.get("tokens", 0))
 
 
-def compute_norms(shards) -> dict[int, np.ndarray]:
-    """||E_i|| of every expert of a ShardSet (reads and dequantizes each shard once)."""
+def compute_norms(shards, read=None) -> dict[int, np.ndarray]:
+    """||E_i|| of every expert of a ShardSet (reads and dequantizes each shard once, through
+    `read`: see expert_norm_from_shard)."""
     norms = {l: np.zeros(shards.n_expert) for l in shards.expert_layers}
     for shard in shards.experts():
-        norms[shard.layer][shard.expert] = expert_norm_from_shard(shard)
+        norms[shard.layer][shard.expert] = expert_norm_from_shard(shard, read)
     return norms
 
 

@@ -27,25 +27,38 @@ def expert_norm(matrices: Iterable[np.ndarray]) -> float:
     return float(np.sqrt(total))
 
 
-def expert_norm_from_shard(shard) -> float:
+def expert_norm_from_shard(shard, read=None) -> float:
     """||E_i|| of one expert shard (an edgemoe.shardset.ExpertShard), dequantized with gguf-py.
 
-    Reads the three tensors with the manifest's offsets (no GGUF parsing); done once per expert,
-    e.g. at conversion or calibration time, and cached beside the shard set by the caller."""
+    Reads the expert's data run with the manifest's offsets (no GGUF parsing) through
+    `read(path, offset, nbytes) -> uint8 array` (default: a plain read; the runtime passes
+    edgemoe.pool.read_span, which reads with O_DIRECT and leaves no page cache), then
+    dequantizes a block of rows at a time, so memory stays near one expert's bytes. Done once
+    per expert and cached beside the shard set by the caller."""
     from gguf.constants import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    with open(shard.path, "rb") as f:
-        mats = []
-        for proj in EXPERT_PROJECTIONS:
-            info = shard.tensors[proj]
-            f.seek(info.offset)
-            raw = np.frombuffer(f.read(info.nbytes), dtype=np.uint8)
-            qtype = GGMLQuantizationType[info.type]
-            rows = int(np.prod(info.ne[1:]))
-            # dequantize wants the byte shape: one row of ne[0] elements per line.
-            mats.append(dequantize(raw.reshape(rows, -1), qtype))
-    return expert_norm(mats)
+    if read is None:
+        with open(shard.path, "rb") as f:
+            f.seek(shard.data_offset)
+            data = np.frombuffer(f.read(shard.data_bytes), dtype=np.uint8)
+    else:
+        data = read(shard.path, shard.data_offset, shard.data_bytes)
+    total = 0.0
+    for proj in EXPERT_PROJECTIONS:
+        info = shard.tensors[proj]
+        start = info.offset - shard.data_offset
+        rows = int(np.prod(info.ne[1:]))
+        # dequantize wants the byte shape: one row of ne[0] elements per line.
+        raw = data[start:start + info.nbytes].reshape(rows, -1)
+        for r in range(0, rows, _NORM_ROWS):
+            block = dequantize(raw[r:r + _NORM_ROWS], GGMLQuantizationType[info.type])
+            block = block.astype(np.float64).ravel()
+            total += float(np.dot(block, block))
+    return float(np.sqrt(total))
+
+
+_NORM_ROWS = 256   # rows dequantized at a time by expert_norm_from_shard
 
 
 class ImportanceTracker:
