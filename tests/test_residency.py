@@ -10,7 +10,8 @@ import pytest
 
 from edgemoe.errors import ShardSetError
 from edgemoe.residency import FullPolicy, OnDemandPolicy, StaticPolicy, SwapPolicy
-from edgemoe.residency.cache import SlotTable, simulate_layer
+from edgemoe.residency.cache import SlotTable
+from edgemoe.residency.replay import simulate_layer
 from edgemoe.residency.routing import adaptive_gate, masked_topk, topk
 from edgemoe.residency.traces import RoutingTrace, topic_trace
 

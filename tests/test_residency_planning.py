@@ -13,7 +13,8 @@ from edgemoe.residency.allocation import (allocate_slots, brute_force_allocation
                                           total_cost)
 from edgemoe.residency.importance import ImportanceTracker, expert_norm, plan_swaps
 from edgemoe.residency.planner import (Profile, _Reader, allocate_for, choose_swap_interval,
-                                       ondemand_timeline, plan, predict, simulate_swap)
+                                       ondemand_timeline, plan, predict)
+from edgemoe.residency.replay import simulate_swap  # noqa: E402
 from edgemoe.residency.routing import topk
 from edgemoe.residency.sensitivity import (drop_rate, fit_sensitivity, output_change_proxy,
                                            threshold_for_drop_rate)

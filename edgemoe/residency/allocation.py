@@ -16,7 +16,7 @@ from typing import Mapping
 import numpy as np
 
 from edgemoe.errors import BudgetError
-from edgemoe.residency.cache import simulate_layer
+from edgemoe.residency.replay import simulate_layer
 from edgemoe.residency.traces import RoutingTrace
 
 _MAX_UNITS = 200_000   # DP states per layer; beyond this, byte sizes are rounded up (safe side)
@@ -26,7 +26,7 @@ def loads_table(trace: RoutingTrace, k: int, n_prefetch: int = 0,
                 sensitivity: Mapping[int, float] | None = None,
                 threshold: float | None = None) -> dict[int, np.ndarray]:
     """Demand loads per token for every layer and slot count, replaying the trace through the
-    ondemand policy's own LRU + prefetch bookkeeping (cache.simulate_layer); loads that fill a
+    ondemand policy itself (replay.simulate_layer); loads that fill a
     free slot are not counted (a larger cache would otherwise pay for filling itself).
     Returns layer -> (n_expert + 1,) array; entries below k are inf (cannot run)."""
     table = {}

@@ -6,9 +6,8 @@ Inputs the engine and the benchmark measure (nothing here is a constant of ours)
   the per-token compute of its non-expert part and of one expert; the rest of a token's compute.
 - a RoutingTrace recorded on calibration text.
 Counts (hits, loads, prefetches, swaps) come from replaying the trace through the same
-bookkeeping the policies use (cache.simulate_layer; simulate_swap drives SwapPolicy itself over a
-SimulatedPool and a loader.VirtualLoader); times from the model
-below. `edgemoe plan` prints it.
+policies themselves, driven over a simulated pool (replay.simulate_layer, replay.simulate_swap);
+times from the model below. `edgemoe plan` prints it.
 
 Time per decoded token:
   full / static / swap: other + sum_l (layer_l + k * expert_l)     (no read on the critical path;
@@ -39,9 +38,7 @@ from edgemoe.pool import read_span
 from edgemoe.residency.allocation import allocate_slots, loads_table
 from edgemoe.residency.budget import (Budget, MemoryNeeds, compute_text, expert_allowance,
                                      format_bytes)
-from edgemoe.residency.cache import simulate_layer
-from edgemoe.residency.loader import VirtualLoader
-from edgemoe.residency.policies import SwapPolicy
+from edgemoe.residency.replay import SwapReplay, simulate_layer, simulate_static, simulate_swap
 from edgemoe.residency.traces import RoutingTrace
 
 POLICIES = ("full", "static", "swap", "ondemand")
@@ -102,7 +99,7 @@ def ondemand_timeline(profile: Profile, layers: list[int], reads: Mapping[int, l
                       tokens: range | None = None) -> tuple[float, float]:
     """(seconds, stall seconds) per token of the ondemand policy replaying the trace's reads
     over `tokens` (default: all): reads[l][t] = (prefetched, demanded, needed, used) from
-    cache.simulate_layer, runs[l][t] the experts token t runs in layer l. See the module's
+    replay.simulate_layer, runs[l][t] the experts token t runs in layer l. See the module's
     docstring for the order of events."""
     tokens = range(len(reads[layers[0]])) if tokens is None else tokens
     n_tokens = len(tokens)
@@ -273,72 +270,14 @@ def predict_static(trace: RoutingTrace, slots: Mapping[int, int], k: int, profil
                    scores: Mapping[int, np.ndarray] | None = None) -> Prediction:
     """Hit rate of a fixed set: the top-slots experts by `scores`, by default the most used on
     the trace itself (optimistic: chosen and scored on the same text)."""
-    hits = wanted = 0
-    for l in trace.layers:
-        ids = trace.wanted(l, k)
-        score = scores[l] if scores is not None else np.bincount(ids.ravel(),
-                                                                minlength=trace.n_expert)
-        kept = np.argsort(-np.asarray(score), kind="stable")[: slots[l]]
-        hits += int(np.isin(ids, kept).sum())
-        wanted += ids.size
-    notes = () if scores is not None else ("static set chosen on the same trace",)
+    if scores is None:
+        scores = {l: np.bincount(trace.wanted(l, k).ravel(), minlength=trace.n_expert)
+                  for l in trace.layers}
+        notes = ("static set chosen on the same trace",)
+    else:
+        notes = ()
+    hits, wanted = simulate_static(trace, slots, k, scores)
     return _masked("static", trace, slots, k, profile, hits, wanted, notes)
-
-
-@dataclass(frozen=True)
-class SwapReplay:
-    hits: int
-    wanted: int
-    swaps: int
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.wanted if self.wanted else 1.0
-
-
-class SimulatedPool:
-    """The pool's contract without bytes, for driving a real policy in the planner: a load only
-    counts (its time is the VirtualLoader's)."""
-
-    def __init__(self, expert_bytes: Mapping[int, int] | None = None):
-        self._bytes = dict(expert_bytes or {})
-        self.loads = 0
-
-    def load(self, layer: int, expert: int, slot: int) -> None:
-        self.loads += 1
-
-    def bytes_held(self) -> int:
-        return 0
-
-    def expert_bytes(self, layer: int) -> int:
-        return self._bytes.get(layer, 0)
-
-
-def simulate_swap(trace: RoutingTrace, slots: Mapping[int, int], k: int,
-                  norms: Mapping[int, np.ndarray], interval: int, max_swaps: int,
-                  read_tokens: float, margin: float = 0.0, decay: float = 0.0,
-                  usage: Mapping[int, np.ndarray] | None = None) -> SwapReplay:
-    """Replay the trace through the real SwapPolicy over a SimulatedPool: its reads run one
-    after another on a VirtualLoader, each taking read_tokens decode steps, and become routable
-    when complete. The initial set is the most used experts (usage, as the runtime does when
-    calibration has counts), else the largest norms."""
-    layers = [l for l in trace.layers if l in slots]
-    loader = VirtualLoader(read_tokens)
-    initial = ({l: np.argsort(-np.asarray(usage[l]), kind="stable") for l in layers}
-               if usage is not None else None)
-    with SwapPolicy(SimulatedPool(), {l: slots[l] for l in layers}, trace.n_expert, k,
-                    norms={l: norms[l] for l in layers}, interval=interval,
-                    max_swaps=max_swaps, margin=margin, decay=decay, initial=initial,
-                    loader=loader) as policy:
-        policy.warm()
-        for t in range(trace.n_tokens):
-            loader.run_until(t)
-            for l in layers:
-                policy.slot_of(l)   # the table this step routes with
-                policy.observe(l, trace.probs[l][t:t + 1], trace.x_norm[l][t:t + 1])
-            policy.end_step(1)
-        c = policy.telemetry.counters
-    return SwapReplay(c.hits, c.hits + c.redirects, c.swaps)
 
 
 def choose_swap_interval(trace: RoutingTrace, slots: Mapping[int, int], k: int,

@@ -187,8 +187,8 @@ class StaticPolicy(MaskedPolicy):
     name = "static"
 
     def __init__(self, pool, slots, n_expert, n_expert_used, scores: Mapping[int, np.ndarray],
-                 telemetry=None):
-        super().__init__(pool, slots, n_expert, n_expert_used, telemetry)
+                 telemetry=None, loader=None):
+        super().__init__(pool, slots, n_expert, n_expert_used, telemetry, loader)
         self.scores = {l: np.asarray(scores[l], dtype=np.float64) for l in self.layers}
 
     def initial_experts(self, layer: int) -> Sequence[int]:
@@ -307,8 +307,8 @@ class OnDemandPolicy(Policy):
 
     def __init__(self, pool, slots, n_expert, n_expert_used, n_prefetch: int = 1,
                  sensitivity: Mapping[int, float] | None = None, threshold: float | None = None,
-                 telemetry=None):
-        super().__init__(pool, slots, n_expert, n_expert_used, telemetry)
+                 telemetry=None, loader=None):
+        super().__init__(pool, slots, n_expert, n_expert_used, telemetry, loader)
         if threshold is not None and (sensitivity is None or set(sensitivity) < set(self.layers)):
             raise ValueError("adaptive gating needs a sensitivity for every expert layer "
                              "(run `edgemoe calibrate`)")
@@ -368,8 +368,13 @@ class OnDemandPolicy(Policy):
     def prefetch(self, layer: int, logits: np.ndarray) -> None:
         if self.n_prefetch <= 0 or layer not in self.tables:
             return
-        ids, _ = topk(logits, self.k)                             # (n_tokens, k)
-        guess = list(dict.fromkeys(ids.T.ravel().tolist()))       # best rank of every token first
+        self.prefetch_ids(layer, topk(logits, self.k)[0])
+
+    def prefetch_ids(self, layer: int, ids: np.ndarray) -> None:
+        """prefetch() from the predicted top-k ids (n_tokens, k) (the planner's replays)."""
+        if self.n_prefetch <= 0:
+            return
+        guess = list(dict.fromkeys(np.asarray(ids).T.ravel().tolist()))  # every token's best first
         with self._lock:
             self._in_use[layer] = frozenset()
             chosen = [e for e in prefetch_candidates(self.tables[layer], guess, self.n_prefetch)

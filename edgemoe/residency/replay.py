@@ -1,0 +1,140 @@
+"""The planner's replays: the real policies driven over a routing trace against a simulated pool
+(no bytes) and a loader on a clock of decode steps (loader.VirtualLoader), so that what the
+planner and the slot DP count is what the policies do, by construction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from edgemoe.residency.cache import CacheStats
+from edgemoe.residency.loader import VirtualLoader
+from edgemoe.residency.policies import OnDemandPolicy, StaticPolicy, SwapPolicy
+from edgemoe.residency.traces import RoutingTrace
+
+
+@dataclass(frozen=True)
+class SwapReplay:
+    hits: int
+    wanted: int
+    swaps: int
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.wanted if self.wanted else 1.0
+
+
+class SimulatedPool:
+    """The pool's contract without bytes: a load is only logged, as (layer, expert, filled) with
+    filled True when it wrote a slot never written before (the cache filling from cold); its
+    time is the VirtualLoader's."""
+
+    def __init__(self, expert_bytes: Mapping[int, int] | None = None):
+        self._bytes = dict(expert_bytes or {})
+        self._written: set[tuple[int, int]] = set()
+        self.log: list[tuple[int, int, bool]] = []
+
+    def load(self, layer: int, expert: int, slot: int) -> None:
+        filled = (layer, slot) not in self._written
+        self._written.add((layer, slot))
+        self.log.append((layer, expert, filled))
+
+    def bytes_held(self) -> int:
+        return 0
+
+    def expert_bytes(self, layer: int) -> int:
+        return self._bytes.get(layer, 0)
+
+
+def simulate_swap(trace: RoutingTrace, slots: Mapping[int, int], k: int,
+                  norms: Mapping[int, np.ndarray], interval: int, max_swaps: int,
+                  read_tokens: float, margin: float = 0.0, decay: float = 0.0,
+                  usage: Mapping[int, np.ndarray] | None = None) -> SwapReplay:
+    """Replay the trace through the real SwapPolicy over a SimulatedPool: its reads run one
+    after another on a VirtualLoader, each taking read_tokens decode steps, and become routable
+    when complete. The initial set is the most used experts (usage, as the runtime does when
+    calibration has counts), else the largest norms."""
+    layers = [l for l in trace.layers if l in slots]
+    loader = VirtualLoader(read_tokens)
+    initial = ({l: np.argsort(-np.asarray(usage[l]), kind="stable") for l in layers}
+               if usage is not None else None)
+    with SwapPolicy(SimulatedPool(), {l: slots[l] for l in layers}, trace.n_expert, k,
+                    norms={l: norms[l] for l in layers}, interval=interval,
+                    max_swaps=max_swaps, margin=margin, decay=decay, initial=initial,
+                    loader=loader) as policy:
+        c = replay_masked(policy, trace, loader)
+    return SwapReplay(c.hits, c.hits + c.redirects, c.swaps)
+
+
+def replay_masked(policy, trace: RoutingTrace, loader: VirtualLoader | None = None):
+    """Decode the trace under a masked policy (full, static, swap) as the engine does: each
+    step routes with the tables slot_of() gives, the policy observes the unmasked router, the
+    step ends; background reads complete on the loader's clock. Returns its Counters."""
+    policy.warm()
+    for t in range(trace.n_tokens):
+        if loader is not None:
+            loader.run_until(t)
+        for l in policy.layers:
+            policy.slot_of(l)   # the table this step routes with
+            if policy.observes:
+                policy.observe(l, trace.probs[l][t:t + 1], trace.x_norm[l][t:t + 1])
+        policy.end_step(1)
+    return policy.telemetry.counters
+
+
+def simulate_layer(wanted: Sequence[np.ndarray], n_slots: int,
+                   predicted: Sequence[np.ndarray] | None = None,
+                   n_prefetch: int = 1, reads: list | None = None) -> CacheStats:
+    """Replay one layer's decode routing through the real OnDemandPolicy with n_slots slots.
+
+    wanted[t]: experts token t runs in this layer (ids >= 0; -1 entries, dropped by adaptive
+    gating, are ignored). predicted[t]: the next-layer predictor's top-k for token t, best
+    first; its prefetch reads complete before wanted[t] is served (the engine issues them a
+    layer ahead).
+    reads, if given, gets one entry per token: (prefetched, demanded, needed, used), the experts
+    read by prefetch and on demand (filling free slots included), the distinct experts the token
+    runs, and how many of those a prefetch had brought in."""
+    layer = 0
+    n_expert = 1 + max((int(np.max(np.asarray(rows), initial=-1))
+                        for rows in (wanted, predicted if predicted is not None else [])))
+    n_expert = max(n_expert, n_slots)
+    loader = VirtualLoader(0.0)
+    pool = SimulatedPool()
+    fills = {"misses": 0, "prefetches": 0}
+    n_wanted = 0
+    with OnDemandPolicy(pool, {layer: n_slots}, n_expert, 1, n_prefetch=n_prefetch,
+                        loader=loader) as policy:
+        for t, row in enumerate(wanted):
+            logged = len(pool.log)
+            if predicted is not None:
+                policy.prefetch_ids(layer, np.asarray(predicted[t])[None, :])
+                loader.run_until(loader.now + 1)   # the prefetch reads ran meanwhile
+            pre = pool.log[logged:]
+            used_before = policy.telemetry.counters.prefetch_used
+            need = sorted({int(e) for e in row if e >= 0})
+            n_wanted += len(need)
+            policy.ensure(layer, np.asarray(need, dtype=np.int32))
+            dem = pool.log[logged + len(pre):]
+            fills["prefetches"] += sum(f for _, _, f in pre)
+            fills["misses"] += sum(f for _, _, f in dem)
+            if reads is not None:
+                reads.append(([e for _, e, _ in pre], [e for _, e, _ in dem], need,
+                              policy.telemetry.counters.prefetch_used - used_before))
+        c = policy.telemetry.counters
+    return CacheStats(tokens=len(wanted), wanted=n_wanted, hits=c.hits, misses=c.misses,
+                      prefetch_issued=c.prefetch_issued, prefetch_used=c.prefetch_used,
+                      fill_misses=fills["misses"], fill_prefetches=fills["prefetches"])
+
+
+def simulate_static(trace: RoutingTrace, slots: Mapping[int, int], k: int,
+                    scores: Mapping[int, np.ndarray]) -> tuple[int, int]:
+    """(hits, wanted) of the real StaticPolicy keeping, per layer, the top-slots experts by
+    `scores`, replayed over the trace."""
+    layers = [l for l in trace.layers if l in slots]
+    with StaticPolicy(SimulatedPool(), {l: slots[l] for l in layers}, trace.n_expert, k,
+                      scores={l: scores[l] for l in layers},
+                      loader=VirtualLoader(0.0)) as policy:
+        c = replay_masked(policy, trace)
+    return c.hits, c.hits + c.redirects
