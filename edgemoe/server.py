@@ -95,6 +95,8 @@ class Job:
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.n_pieces = 0
+        self.label = "chat" if method == "create_chat_completion" else "completion"
+        self.queued = time.monotonic()
         self.started: float | None = None      # when the engine began it (monotonic)
         self.cancel_time: float | None = None  # when the cancel was asked (monotonic)
         self.tokens_at_cancel: int | None = None  # the model's evaluated tokens then
@@ -119,10 +121,11 @@ class Job:
 class EngineThread(threading.Thread):
     """Owns the model; runs queued jobs one at a time."""
 
-    def __init__(self, model, max_queue: int) -> None:
+    def __init__(self, model, max_queue: int, log=None) -> None:
         super().__init__(name="edgemoe-engine", daemon=True)
         self.model = model
         self.max_queue = max_queue
+        self.log = log or (lambda line: None)
         self._waiting: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
@@ -143,6 +146,7 @@ class EngineThread(threading.Thread):
                 raise RequestError(503, "the server is shutting down", kind="server_error")
             if len(self._waiting) >= self.max_queue:
                 self.counts["rejected"] += 1
+                self.log(f"{job.label} 429: {len(self._waiting)} requests are waiting")
                 raise RequestError(
                     429, f"the server is busy: {len(self._waiting)} requests are waiting "
                     f"(the queue holds {self.max_queue}); retry later",
@@ -186,6 +190,7 @@ class EngineThread(threading.Thread):
                 job = self._waiting.popleft()
                 if job.cancelled.is_set():
                     self.counts["cancelled"] += 1
+                    self.log(f"{job.label}: cancelled before it ran: the client went away")
                     job.post("error", RequestError(499, "cancelled before it ran"))
                     continue
                 self.running = job
@@ -201,26 +206,25 @@ class EngineThread(threading.Thread):
     def tokens_evaluated(self) -> int:
         return self.model.status()["tokens_evaluated"]
 
+    def _fail(self, job: Job, error: RequestError) -> None:
+        self.counts["failed"] += 1
+        self.log(f"{job.label} {error.status}: {error.message}")
+        job.post("error", error)
+
     def _serve(self, job: Job) -> None:
         model = self.model
         job.counter = self.tokens_evaluated
         try:
             stream = getattr(model, job.method)(**job.kwargs, stream=True)
         except ContextOverflow as exc:
-            self.counts["failed"] += 1
-            job.post("error", RequestError(400, str(exc), param="messages" if "messages" in
-                                           job.kwargs else "prompt",
-                                           code="context_length_exceeded"))
-            return
+            return self._fail(job, RequestError(
+                400, str(exc), param="messages" if "messages" in job.kwargs else "prompt",
+                code="context_length_exceeded"))
         except (EdgeMoeError, ValueError) as exc:
-            self.counts["failed"] += 1
-            job.post("error", RequestError(400, str(exc)))
-            return
+            return self._fail(job, RequestError(400, str(exc)))
         except Exception as exc:  # a bug: answer 500 and keep serving
-            self.counts["failed"] += 1
-            job.post("error", RequestError(500, f"{type(exc).__name__}: {exc}",
-                                           kind="server_error"))
-            return
+            return self._fail(job, RequestError(500, f"{type(exc).__name__}: {exc}",
+                                                kind="server_error"))
         job.post("start")
         try:
             for chunk in stream:
@@ -237,20 +241,21 @@ class EngineThread(threading.Thread):
                 job.n_pieces += 1
                 job.post("chunk", chunk)
         except Exception as exc:
-            self.counts["failed"] += 1
-            job.post("error", RequestError(500, f"{type(exc).__name__}: {exc}",
-                                           kind="server_error"))
-            return
+            return self._fail(job, RequestError(500, f"{type(exc).__name__}: {exc}",
+                                                kind="server_error"))
         finally:
             stream.close()
         stats = model.last_stats
-        if stats is not None:
-            self.tokens_generated += stats.n_generated
-            self.last = {"prompt_tokens": stats.n_prompt,
-                         "cached_prompt_tokens": stats.n_prompt - stats.n_prompt_evaluated,
-                         "completion_tokens": stats.n_generated,
-                         "prefill_tokens_per_second": stats.prefill_tokens_per_second,
-                         "decode_tokens_per_second": stats.decode_tokens_per_second}
+        self.tokens_generated += stats.n_generated
+        self.last = {"prompt_tokens": stats.n_prompt,
+                     "cached_prompt_tokens": stats.n_prompt - stats.n_prompt_evaluated,
+                     "completion_tokens": stats.n_generated,
+                     "prefill_tokens_per_second": stats.prefill_tokens_per_second,
+                     "decode_tokens_per_second": stats.decode_tokens_per_second}
+        line = (f"{job.label}: prompt {stats.n_prompt} tokens "
+                f"({stats.n_prompt - stats.n_prompt_evaluated} cached), "
+                f"{stats.n_generated} generated at {stats.decode_tokens_per_second:.1f} tok/s, "
+                f"waited {job.started - job.queued:.2f} s")
         if job.cancel_seen is not None:
             self.counts["cancelled"] += 1
             self.last_cancel = {
@@ -258,8 +263,10 @@ class EngineThread(threading.Thread):
                 "tokens_after_cancel": None if job.tokens_at_cancel is None
                 else self.tokens_evaluated() - job.tokens_at_cancel,
                 "pieces_sent": job.n_pieces}
+            line += " - cancelled: the client went away"
         else:
             self.counts["served"] += 1
+        self.log(line)
         job.post("done", stats)
 
 
@@ -384,11 +391,12 @@ def _stream_flags(body: dict) -> tuple[bool, bool]:
 class Server:
     model: Any
     config: ServerConfig
+    log: Any = None  # (line) -> None: one line per request
     engine: EngineThread = field(init=False)
     started: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
-        self.engine = EngineThread(self.model, self.config.max_queue)
+        self.engine = EngineThread(self.model, self.config.max_queue, self.log)
         self.model_id = self.config.alias or self.model.name
         self.max_tokens = self.config.max_tokens or self.model.n_ctx
         self.page = (resources.files("edgemoe") / "web" / "index.html").read_text("utf-8")
@@ -675,7 +683,7 @@ def serve(model, config: ServerConfig, log=None) -> None:
     warning = exposure_warning(config.host, config.api_key)
     if warning:
         log(f"edgemoe serve: warning: {warning}")
-    server = Server(model, config)
+    server = Server(model, config, log=lambda line: log(f"edgemoe serve: {line}"))
     host = f"[{config.host}]" if family == socket.AF_INET6 else config.host
     log(f"edgemoe serve: {server.model_id} (context {model.n_ctx}, "
         f"budget {config.memory_budget or 'none'}, policy {config.policy})")
