@@ -7,8 +7,9 @@ This module is HTTP only: it checks requests, queues them and turns them into ca
   `max_queue` requests wait behind the running one; more get 429 with a Retry-After.
 - Streamed replies are server-sent events in OpenAI's shape (`data: {chunk}` ... `data: [DONE]`).
   A client that goes away (closed connection, stop button) cancels its request: the engine
-  thread checks after every piece of text and stops the generation there; a request still
-  waiting is dropped without running.
+  thread checks before passing on each piece of text (one per token, but for a UTF-8
+  character or a possible stop string split over tokens) and closes the generation there,
+  the KV cache consistent for the next request; a request still waiting is dropped unrun.
 - Nothing resets the KV cache between requests, so the next turn of a conversation, whose
   prompt repeats the previous one, evaluates only what is new (`usage.prompt_tokens_details.
   cached_tokens` says how many prompt tokens were reused).
@@ -437,11 +438,14 @@ class Server:
     async def _watch_disconnect(self, request: Request, job: Job) -> None:
         """Cancel the job when the client goes away (the body is read by now, so the next
         message is the disconnect)."""
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                job.cancel()
-                return
+        try:
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    break
+        except Exception:  # the connection is gone in some other way
+            pass
+        job.cancel()
 
     async def _run(self, request: Request, method: str, kwargs: dict, stream: bool,
                    include_usage: bool):
