@@ -84,6 +84,10 @@ class RequestError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+def stopping() -> RequestError:
+    return RequestError(503, "the server is shutting down", kind="server_error")
+
+
 # ------------------------------------------------------------------------- the engine thread --
 
 class Job:
@@ -104,6 +108,7 @@ class Job:
         self.cancel_seen: float | None = None  # when the engine thread noticed it
         self.counter = None                    # () -> tokens the model has evaluated
         self.finished = False                  # the engine is done with it
+        self.shutdown = False                  # cancelled because the server is stopping
 
     def cancel(self) -> None:
         if not self.cancelled.is_set() and not self.finished:
@@ -144,7 +149,7 @@ class EngineThread(threading.Thread):
     def submit(self, job: Job) -> None:
         with self._cv:
             if self._stopping:
-                raise RequestError(503, "the server is shutting down", kind="server_error")
+                raise stopping()
             if len(self._waiting) >= self.max_queue:
                 self.counts["rejected"] += 1
                 self.log(f"{job.label} 429: {len(self._waiting)} requests are waiting")
@@ -167,15 +172,20 @@ class EngineThread(threading.Thread):
             return {"running": int(self.running is not None), "waiting": len(self._waiting),
                     "max_waiting": self.max_queue}
 
-    def stop(self) -> None:
-        """Cancel everything and end the thread (waits for the running piece)."""
+    def shut_down(self) -> None:
+        """Refuse new requests and end the running and waiting ones at their next token, with
+        an error that says why (the server is stopping)."""
         with self._cv:
             self._stopping = True
-            for job in self._waiting:
-                job.cancel()
-            if self.running is not None:
-                self.running.cancel()
+            for job in [*self._waiting, self.running]:
+                if job is not None:
+                    job.shutdown = True
+                    job.cancel()
             self._cv.notify()
+
+    def stop(self) -> None:
+        """shut_down(), then end the thread (waits for the running token)."""
+        self.shut_down()
         if self.is_alive():
             self.join()
 
@@ -191,8 +201,9 @@ class EngineThread(threading.Thread):
                 job = self._waiting.popleft()
                 if job.cancelled.is_set():
                     self.counts["cancelled"] += 1
-                    self.log(f"{job.label}: cancelled before it ran: the client went away")
-                    job.post("error", RequestError(499, "cancelled before it ran"))
+                    self.log(f"{job.label}: cancelled before it ran")
+                    job.post("error", stopping() if job.shutdown else
+                             RequestError(499, "cancelled before it ran"))
                     continue
                 self.running = job
             t0 = job.started = time.monotonic()
@@ -264,11 +275,15 @@ class EngineThread(threading.Thread):
                 "tokens_after_cancel": None if job.tokens_at_cancel is None
                 else self.tokens_evaluated() - job.tokens_at_cancel,
                 "pieces_sent": job.n_pieces}
-            line += " - cancelled: the client went away"
+            line += " - cancelled: " + ("the server is stopping" if job.shutdown
+                                        else "the client went away")
         else:
             self.counts["served"] += 1
         self.log(line)
-        job.post("done", stats)
+        if job.shutdown and job.cancel_seen is not None:
+            job.post("error", stopping())  # cut short: the client must not take it for whole
+        else:
+            job.post("done", stats)
 
 
 # ------------------------------------------------------------------------- request parsing --
@@ -692,8 +707,15 @@ def serve(model, config: ServerConfig, log=None) -> None:
     log(f"edgemoe serve: {server.model_id} (context {model.n_ctx}, "
         f"budget {config.memory_budget or 'none'}, policy {config.policy})")
     log(f"edgemoe serve: listening on http://{host}:{port} (web chat at /, OpenAI API at /v1)")
-    uv = uvicorn.Server(uvicorn.Config(server.app(), log_level="warning",
-                                       timeout_graceful_shutdown=3, access_log=False))
+    class Uvicorn(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # Streams end at their next token rather than at the graceful timeout (from a
+            # thread: a signal handler must not take the engine's lock).
+            threading.Thread(target=server.engine.shut_down).start()
+            super().handle_exit(sig, frame)
+
+    uv = Uvicorn(uvicorn.Config(server.app(), log_level="warning",
+                                timeout_graceful_shutdown=3, access_log=False))
     # uvicorn shuts down on SIGINT/SIGTERM, then raises the signal again for the handlers it
     # found: ours note it, so that the command ends normally (the model is closed, figures
     # printed) instead of dying by the signal.

@@ -342,3 +342,28 @@ def test_readme_serve_example_runs(tmp_path):
         assert re.search(r"[A-Za-z]{2,}", proc.stdout.decode()), proc.stdout
     finally:
         assert s.stop() == 0, s.output()
+
+
+def test_sigterm_ends_running_streams_and_exits_cleanly(shards, tmp_path):
+    s = ServerProcess(shards, "-c", str(N_CTX), log=tmp_path / "server.log")
+    try:
+        host, port = s.url.removeprefix("http://").split(":")
+        data = json.dumps({"prompt": "ROMEO:", "max_tokens": 4000, "temperature": 0,
+                           "stream": True}).encode()
+        sock = socket.create_connection((host, int(port)), timeout=30)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+        seen = b""
+        while seen.count(b"data: ") < 3:
+            seen += sock.recv(65536)
+        s.proc.terminate()
+        while chunk := sock.recv(65536):
+            seen += chunk
+        sock.close()
+        # the stream says it was cut short, rather than ending as if it were whole
+        assert b'"the server is shutting down"' in seen
+        assert b"[DONE]" not in seen
+        assert s.proc.wait(timeout=30) == 0
+        assert "cancelled: the server is stopping" in s.output()
+    finally:
+        s.stop()
