@@ -118,7 +118,8 @@ def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = 
     if not budget.relative:
         k = shards.n_expert_used
         with Engine(shards_path, n_ctx=n_ctx, n_batch=n_batch, kv_type=kv_type, n_slots=k,
-                    policy=empty_policy("ondemand", k), n_outputs=1) as probe:
+                    policy=empty_policy("ondemand", k), n_outputs=1,
+                    measure_only=True) as probe:
             compute = probe.memory()["compute"]
         needs = needs_from_files(shards, n_ctx, kv_type, compute, needs.runtime_bytes)
     cal = calib.Calibration.load(shards_path)

@@ -59,12 +59,14 @@ class Engine:
     The policy loads its initial experts on warm(), or at the first eval. `n_outputs`: rows of
     logits per batch the compute buffers are reserved for (None: n_batch, every row; 1: what
     generation samples). A batch asking for more rows grows the buffers then.
+    `measure_only`: opened only for memory() (a budget's probe): the KV cache and the slots are
+    allocated but never touched (no resident pages) and eval is refused.
     """
 
     def __init__(self, shards_path: str | Path, n_ctx: int = 2048, n_threads: int | None = None,
                  device: str | None = None, n_batch: int = 512, kv_type: str = "f16",
                  n_slots=None, policy: Callable[[ExpertPool], Policy] | None = None,
-                 n_outputs: int | None = None):
+                 n_outputs: int | None = None, measure_only: bool = False):
         if n_ctx < 1 or n_batch < 1:
             raise EdgeMoeError(f"n_ctx ({n_ctx}) and n_batch ({n_batch}) must be positive")
         if n_outputs is not None and n_outputs < 1:
@@ -95,14 +97,17 @@ class Engine:
             self.backend = self._own(ggml.Backend(device, n_threads))
             self.weights = self._own(BaseWeights(self.base_path, header, self.model, hp,
                                                  self.backend))
-            self.pool = self._own(ExpertPool(self.shards, self.backend, n_slots))
+            self.pool = self._own(ExpertPool(self.shards, self.backend, n_slots,
+                                             clear=not measure_only))
             if policy is None:
                 self.policy = FullPolicy(self.pool, hp.n_expert, hp.n_expert_used,
                                          self.pool.layers)
             else:
                 self.policy = policy(self.pool)
             exact = not self.policy.masked
-            self.kv = self._own(KVCache(hp, n_ctx, KV_TYPES[kv_type], self.backend))
+            self.kv = self._own(KVCache(hp, n_ctx, KV_TYPES[kv_type], self.backend,
+                                        clear=not measure_only))
+            self.measure_only = measure_only
             self.state = (self._own(SplitState(hp, min(n_batch, n_ctx), self.backend))
                           if exact else None)
             self._builder = self.model(hp, self.weights, self.pool, self.kv, self.state)
@@ -177,6 +182,8 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise EdgeMoeError("the engine is closed")
+            if self.measure_only:
+                raise EdgeMoeError("the engine was opened to be measured only")
             if self.n_past + toks.size > self.n_ctx:
                 raise ContextOverflow(f"{self.n_past} tokens in context + {toks.size} new exceed "
                                       f"n_ctx={self.n_ctx}")

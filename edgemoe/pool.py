@@ -93,7 +93,8 @@ class ExpertPool:
     """
 
     def __init__(self, shards: ShardSet, backend: ggml.Backend,
-                 n_slots: int | Mapping[int, int] | None = None):
+                 n_slots: int | Mapping[int, int] | None = None, clear: bool = True):
+        """clear=False leaves the slots' memory untouched (an engine opened to be measured)."""
         self.shards = shards
         self.n_expert = shards.n_expert
         self.layers = tuple(shards.expert_layers)
@@ -117,7 +118,8 @@ class ExpertPool:
                 self.slot_bytes[layer][proj] = ggml.row_size(t, ne0) * ne1
         self.buffer = ggml.Buffer(self.ctx, backend.weights_buffer_type, "the expert slots")
         # An empty slot may be indexed with weight 0 (dropped or masked choices): 0 * NaN = NaN.
-        self.buffer.clear(0)
+        if clear:
+            self.buffer.clear(0)
 
         self.compute_lock = threading.RLock()
         self._lock = threading.Lock()

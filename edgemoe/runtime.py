@@ -36,6 +36,7 @@ POLICIES = ("full", "swap", "ondemand", "static")
 PLAN_FILE = "plan.json"
 TRACE_FILE = "routing_trace.npz"
 _KV_BYTES = {"f16": 2, "f32": 4}
+_PROBE_BYTES = 16 << 20   # what measuring the compute buffers may add to the process, at most
 
 
 @dataclass(frozen=True)
@@ -238,16 +239,24 @@ def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048
         raise EdgeMoeError(f"kv_type {kv_type!r}: expected one of {sorted(_KV_BYTES)}")
     budget = cfg.budget
     shards = ShardSet.open(shards_path)
-    needs = needs_from_files(shards, n_ctx, kv_type)
-    expert_allowance(budget, needs)   # refuse before loading anything, compute not yet known
-    if not budget.relative:
-        k = shards.n_expert_used
-        with Engine(shards_path, n_slots=k, policy=empty_policy(name, k), **kw) as probe:
-            compute = probe.memory()["compute"]
-        # The process measured again: the probe loaded the ggml libraries and started the
-        # backend, which stay for the real engine (its own buffers went back when it closed).
-        needs = needs_from_files(shards, n_ctx, kv_type, compute)
+    # Resolving the device loads the ggml backends: part of the process measured next.
     key = PlanKey.of(budget, n_ctx, kv_type, device)
+    needs = needs_from_files(shards, n_ctx, kv_type)
+    if not budget.relative:
+        if budget.bytes < needs.runtime_bytes + _PROBE_BYTES:
+            # Too small to measure even the compute buffers within it: refuse (below the lower
+            # bound) before allocating anything.
+            expert_allowance(budget, needs)
+        # A probe engine measures the compute buffers; its KV cache and slots are never
+        # touched, so it costs the process only graph metadata and the backend (less than
+        # _PROBE_BYTES). The minimum a refusal states is then exact, not a lower bound.
+        k = shards.n_expert_used
+        with Engine(shards_path, n_slots=k, policy=empty_policy(name, k), measure_only=True,
+                    **kw) as probe:
+            compute = probe.memory()["compute"]
+        # The process measured again: the probe started the backend, which stays for the real
+        # engine (its own buffers went back when it closed).
+        needs = needs_from_files(shards, n_ctx, kv_type, compute)
     plan = choose_slots(shards, cfg, needs, key)
     cal = load_calibration(shards, need_norms=name in ("swap", "static"))
     options: dict = {}

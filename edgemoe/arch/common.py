@@ -211,7 +211,8 @@ class KVCache:
     (cell = position).
     Written inside the graph with ggml_set_rows at the batch's positions."""
 
-    def __init__(self, hp: HParams, n_ctx: int, kv_type: int, backend: ggml.Backend):
+    def __init__(self, hp: HParams, n_ctx: int, kv_type: int, backend: ggml.Backend,
+                 clear: bool = True):
         self.n_ctx = n_ctx
         self.type = kv_type
         self.ctx = ggml.Context(2 * hp.n_layer)
@@ -221,7 +222,8 @@ class KVCache:
                   for il in range(hp.n_layer)]
         self.buffer = ggml.Buffer(self.ctx, backend.weights_buffer_type, "the KV cache")
         # Unwritten cells are masked out, but must not hold NaN bit patterns (0 * NaN = NaN).
-        self.buffer.clear(0)
+        if clear:   # (not for an engine opened to be measured: its pages stay untouched)
+            self.buffer.clear(0)
         self.nbytes = self.buffer.nbytes
 
     def close(self) -> None:

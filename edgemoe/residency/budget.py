@@ -119,10 +119,13 @@ class MemoryNeeds:
 
 
 def process_baseline_bytes() -> int:
-    """Resident bytes of this process now (call before loading a model): MemoryNeeds.runtime_bytes."""
+    """Resident bytes of this process now (call before loading a model): MemoryNeeds.runtime_bytes.
+    Rounded up to a MiB, so that the minimum a refusal states does not move with the
+    allocator's jitter between runs."""
     import psutil
 
-    return int(psutil.Process().memory_info().rss)
+    mib = 1 << 20
+    return -(-int(psutil.Process().memory_info().rss) // mib) * mib
 
 
 @dataclass(frozen=True)
