@@ -249,6 +249,7 @@ def test_api_key_is_required_but_not_for_health(guarded):
     assert (s["memory_budget"], s["policy"]) == ("50%", "swap")
     assert s["resident_experts"] == s["total_experts"] // 2
     assert 0 < s["hit_rate"] <= 1
+    assert s["bytes_read"] > 0 and s["bytes_read_per_token"] > 0  # the experts read into slots
 
 
 def test_queue_bound_answers_429_with_retry_after(guarded):
