@@ -166,3 +166,29 @@ def test_web_chat_streams_a_reply_and_updates_the_status_line(server, tmp_path):
         browser.screenshot(tmp_path / "chat.png")
     finally:
         browser.close()
+
+
+def test_web_chat_asks_for_the_api_key(tmp_path, tmp_path_factory):
+    shards = converted_bundled(tmp_path_factory)
+    s = ServerProcess(shards, "-c", "512", "--api-key", "sekret", log=tmp_path / "server.log")
+    browser = Browser(tmp_path / "profile")
+    try:
+        browser.open(s.url + "/")
+        browser.wait_for("return document.getElementById('status').textContent"
+                         ".includes('API key needed');")
+        assert browser.js("return getComputedStyle(document.getElementById('keybox')).display") \
+            == "flex"
+        browser.type("#key", "sekret")
+        browser.click("#savekey")
+        status = browser.wait_for("const t = document.getElementById('status').textContent;"
+                                  "return t.includes('resident') ? t : null;")
+        assert "experts 32/32 resident" in status
+        browser.type("#input", "Hail!")
+        browser.click("#send")
+        reply = browser.wait_for("const b = document.querySelector('.msg.assistant');"
+                                 "return b && b.dataset.done ? b.textContent : null;")
+        assert "error" not in browser.js(
+            "return document.querySelector('.msg.assistant').className"), reply
+    finally:
+        browser.close()
+        assert s.stop() == 0, s.output()
