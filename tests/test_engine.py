@@ -120,6 +120,22 @@ def test_graph_cache_is_bounded_by_bytes(shard_sets):
         assert engine.memory()["compute"] >= engine._graph_cap
 
 
+def test_base_weights_mapped_in_place_or_read_give_the_same_logits(shard_sets, monkeypatch):
+    """On the CPU base.gguf is mapped and used in place; a device that cannot map host memory
+    gets each tensor read (O_DIRECT, in pieces) into its buffer: the same numbers either way."""
+    from edgemoe import ggml
+    from edgemoe.arch import common
+
+    with Engine(shard_sets["qwen3_moe"], n_ctx=32, n_threads=1) as mapped:
+        assert isinstance(mapped.weights.buffer, ggml.MappedBuffer)
+        want = mapped.eval(TOKENS)
+    monkeypatch.setattr(ggml.Backend, "maps_host_memory", property(lambda self: False))
+    monkeypatch.setattr(common, "_READ_PIECE", 4096 + 512)   # pieces not aligned to pages
+    with Engine(shard_sets["qwen3_moe"], n_ctx=32, n_threads=1) as read:
+        assert isinstance(read.weights.buffer, ggml.Buffer)
+        assert np.array_equal(read.eval(TOKENS), want)
+
+
 def test_context_overflow_leaves_the_context_intact(shard_sets):
     with Engine(shard_sets["qwen3_moe"], n_ctx=16, n_threads=1) as engine:
         engine.eval(TOKENS[:10])

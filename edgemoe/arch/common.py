@@ -150,6 +150,9 @@ def tensor_name(kind: MODEL_TENSOR, layer: int | None = None, suffix: str = "wei
     return f"{base}.{suffix}"
 
 
+_READ_PIECE = 16 << 20   # bytes of a base tensor read at a time on a device that cannot map
+
+
 class BaseWeights:
     """Every non-expert tensor of base.gguf, in its own quant type. On the CPU they are used in
     place from the mapped file (pages read on first touch, counted once as page cache, never
@@ -192,11 +195,14 @@ class BaseWeights:
             from edgemoe.pool import read_span
 
             self.buffer = ggml.Buffer(self.ctx, backend.weights_buffer_type, f"{path} weights")
-            for t in chosen:
-                try:
-                    ggml.tensor_set(self.tensors[t.name], read_span(path, t.data_offset, t.n_bytes))
-                except (OSError, EOFError) as exc:
-                    raise ShardSetError(f"{path}: cannot read tensor {t.name} ({exc})") from None
+            for t in chosen:   # in pieces: the reading buffer stays small (it is kept)
+                for start in range(0, t.n_bytes, _READ_PIECE):
+                    n = min(_READ_PIECE, t.n_bytes - start)
+                    try:
+                        data = read_span(path, t.data_offset + start, n)
+                    except (OSError, EOFError) as exc:
+                        raise ShardSetError(f"{path}: cannot read tensor {t.name} ({exc})") from None
+                    ggml.tensor_set(self.tensors[t.name], data, start)
 
     def get(self, kind: MODEL_TENSOR, layer: int | None = None, suffix: str = "weight") -> int | None:
         return self.tensors.get(tensor_name(kind, layer, suffix))
