@@ -19,7 +19,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import psutil
@@ -169,6 +169,12 @@ class Model:
         from edgemoe.runtime import write_stats_json
 
         write_stats_json(self.engine, path)
+
+    def interrupt_when(self, check: Callable[[], bool] | None) -> None:
+        """Requests end before their next token once `check()` is true, as if closed (None:
+        never). Set by the thread that runs the requests (a server, for a client that went
+        away); `check` is called from it, once per token."""
+        self._generator.interrupt = check
 
     def reset(self) -> None:
         """Empty the KV cache (the next request evaluates its whole prompt)."""

@@ -200,6 +200,9 @@ class Generator:
         self.engine = engine
         self.vocab = vocab
         self.on_eval = on_eval
+        # () -> True ends the running generation before its next token (finish_reason None, as
+        # if closed); a server sets it so that a client that went away frees the engine.
+        self.interrupt: Callable[[], bool] | None = None
         # Tokens whose K/V are in the engine's cache, in order (len == engine.n_past).
         self._cached: list[int] = []
 
@@ -337,6 +340,8 @@ class Generator:
                         break
                     if len(gen.tokens) >= limit or len(self._cached) >= n_ctx:
                         finish = FINISH_LENGTH  # max_tokens reached or the context is full
+                        break
+                    if self.interrupt is not None and self.interrupt():
                         break
                     t0 = time.perf_counter()
                     logits = self._eval([token])

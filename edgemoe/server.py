@@ -6,10 +6,9 @@ This module is HTTP only: it checks requests, queues them and turns them into ca
 - One engine thread owns the model and runs requests in turn, as they arrived. At most
   `max_queue` requests wait behind the running one; more get 429 with a Retry-After.
 - Streamed replies are server-sent events in OpenAI's shape (`data: {chunk}` ... `data: [DONE]`).
-  A client that goes away (closed connection, stop button) cancels its request: the engine
-  thread checks before passing on each piece of text (one per token, but for a UTF-8
-  character or a possible stop string split over tokens) and closes the generation there,
-  the KV cache consistent for the next request; a request still waiting is dropped unrun.
+  A client that goes away (closed connection, stop button) cancels its request: the
+  generation ends before its next token (Model.interrupt_when), the KV cache consistent for
+  the next request; a request still waiting is dropped unrun.
 - Nothing resets the KV cache between requests, so the next turn of a conversation, whose
   prompt repeats the previous one, evaluates only what is new (`usage.prompt_tokens_details.
   cached_tokens` says how many prompt tokens were reused).
@@ -226,6 +225,14 @@ class EngineThread(threading.Thread):
     def _serve(self, job: Job) -> None:
         model = self.model
         job.counter = self.tokens_evaluated
+        model.interrupt_when(job.cancelled.is_set)
+        try:
+            self._generate(job)
+        finally:
+            model.interrupt_when(None)
+
+    def _generate(self, job: Job) -> None:
+        model = self.model
         try:
             stream = getattr(model, job.method)(**job.kwargs, stream=True)
         except ContextOverflow as exc:

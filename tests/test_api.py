@@ -125,6 +125,24 @@ def test_open_stream_blocks_a_second_request_in_the_same_thread(model):
     assert model.generate("abc", max_tokens=2, temperature=0)
 
 
+def test_interrupt_ends_a_request_before_its_next_token(model):
+    asked = []
+
+    def check():
+        asked.append(len(asked))
+        return len(asked) > 3
+
+    model.interrupt_when(check)
+    try:
+        pieces = list(model.generate("The cat", max_tokens=16, temperature=0, stream=True))
+    finally:
+        model.interrupt_when(None)
+    # asked before each decode step: three steps ran, the fourth was not evaluated
+    assert model.last_stats.n_generated == 4 and model.last_stats.n_decode_steps == 3
+    assert "".join(pieces) == model.generate("The cat", max_tokens=4, temperature=0)
+    assert model.generate("The cat", max_tokens=16, temperature=0)  # served as usual after
+
+
 def test_status_reports_memory_and_experts(model):
     model.generate("hi", max_tokens=3, temperature=0)
     s = model.status()
