@@ -189,8 +189,9 @@ def test_over_long_prompt_is_a_clear_400_naming_the_context(client):
     assert chat(client, "Short again.", max_tokens=4).choices[0].message.content is not None
 
 
-def _stream_then_hang_up(url: str, body: dict, n_events: int) -> None:
-    """POST a streamed request over a raw socket, read `n_events` server-sent events, close."""
+def _open_stream(url: str, body: dict, n_events: int) -> tuple[socket.socket, bytes]:
+    """POST a streamed completion over a raw socket; return it once `n_events` server-sent
+    events have arrived, with what was read."""
     host, port = url.removeprefix("http://").split(":")
     data = json.dumps(body).encode()
     sock = socket.create_connection((host, int(port)), timeout=30)
@@ -202,14 +203,15 @@ def _stream_then_hang_up(url: str, body: dict, n_events: int) -> None:
         assert chunk, f"the server closed the stream early: {seen!r}"
         seen += chunk
     assert b"200 OK" in seen.split(b"\r\n", 1)[0]
-    sock.close()
+    return sock, seen
 
 
 def test_disconnect_mid_stream_frees_the_engine(server, client):
     before = server.get("/status")
     asked = 3000
-    _stream_then_hang_up(server.url, {"prompt": "ROMEO:", "max_tokens": asked,
-                                      "temperature": 0, "stream": True}, n_events=5)
+    sock, _ = _open_stream(server.url, {"prompt": "ROMEO:", "max_tokens": asked,
+                                        "temperature": 0, "stream": True}, n_events=5)
+    sock.close()  # the client hangs up mid-stream
     t0 = time.monotonic()
     nxt = client.completions.create(model="shakespy", prompt="JULIET:", max_tokens=1,
                                     temperature=0)
@@ -348,15 +350,8 @@ def test_readme_serve_example_runs(tmp_path):
 def test_sigterm_ends_running_streams_and_exits_cleanly(shards, tmp_path):
     s = ServerProcess(shards, "-c", str(N_CTX), log=tmp_path / "server.log")
     try:
-        host, port = s.url.removeprefix("http://").split(":")
-        data = json.dumps({"prompt": "ROMEO:", "max_tokens": 4000, "temperature": 0,
-                           "stream": True}).encode()
-        sock = socket.create_connection((host, int(port)), timeout=30)
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
-        seen = b""
-        while seen.count(b"data: ") < 3:
-            seen += sock.recv(65536)
+        sock, seen = _open_stream(s.url, {"prompt": "ROMEO:", "max_tokens": 4000,
+                                          "temperature": 0, "stream": True}, n_events=3)
         s.proc.terminate()
         while chunk := sock.recv(65536):
             seen += chunk
