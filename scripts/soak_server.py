@@ -25,6 +25,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -248,6 +249,8 @@ def main() -> int:
     emu.wait(timeout=120)
     log.close()
     figures = json.loads((work / "emulate.json").read_text())
+    if args.shards is None:
+        shutil.rmtree(shards, ignore_errors=True)  # the logs stay in `work`
 
     answered = sum(n for k, n in tally.items() if k.endswith("answered"))
     failed = sum(n for k, n in tally.items() if k.endswith("FAILED"))
