@@ -8,30 +8,37 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def make_plan(src: str | Path, expert_type: str = "Q4_K", dense_type: str = "Q8_0"):
+def make_plan(src: str | Path, expert_type: str = "Q4_K", dense_type: str = "Q8_0",
+              substitute_type: str | None = None):
     """The conversion plan for `src` (validated, nothing written)."""
     src = Path(src)
     if src.is_file() or src.suffix == ".gguf":
         from converters.gguf_source import plan_gguf
 
+        if substitute_type:
+            from edgemoe.errors import ConvertError
+
+            raise ConvertError(f"{src}: --substitute-type needs a safetensors checkpoint (a GGUF "
+                               "source's experts are sliced, not requantized)")
         return plan_gguf(src)
     from converters.plan import plan_hf
 
-    return plan_hf(src, expert_type, dense_type)
+    return plan_hf(src, expert_type, dense_type, substitute_type)
 
 
 def convert(src: str | Path, out: str | Path, expert_type: str = "Q4_K",
             dense_type: str = "Q8_0", dry_run: bool = False, resume: bool = False,
-            force: bool = False, progress: bool = True):
+            force: bool = False, progress: bool = True, substitute_type: str | None = None):
     """Convert `src` into a shard set in `out`; returns the Plan. With dry_run, writes nothing.
 
     A GGUF source keeps its tensors' types (experts are sliced, not requantized), so
-    expert_type and dense_type apply to safetensors sources only."""
+    expert_type and dense_type apply to safetensors sources only. substitute_type: also write
+    every expert at this (low-bit) type, the runtime's substitute tier (safetensors only)."""
     from edgemoe.errors import ConvertError
 
     if not Path(src).exists():
         raise ConvertError(f"{src}: no such file or directory")
-    the_plan = make_plan(src, expert_type, dense_type)
+    the_plan = make_plan(src, expert_type, dense_type, substitute_type)
     if not dry_run:
         from converters.writer import write_shard_set
 

@@ -15,12 +15,14 @@ def _convert(args: argparse.Namespace) -> int:
     plan = convert(args.src, args.out, expert_type=args.expert_type or "Q4_K",
                    dense_type=args.dense_type or "Q8_0",
                    dry_run=args.dry_run, resume=args.resume, force=args.force,
-                   progress=not args.quiet)
+                   progress=not args.quiet, substitute_type=args.substitute_type)
     if args.dry_run:
         print(plan.table())
         print("dry run: nothing written")
     else:
-        print(f"{args.out}: {plan.arch}, base + {len(plan.experts)} expert shards, "
+        subs = (f" + {len(plan.substitutes)} {plan.substitute_type} substitutes"
+                if plan.substitutes else "")
+        print(f"{args.out}: {plan.arch}, base + {len(plan.experts)} expert shards{subs}, "
               f"{plan.total_bytes / 1e6:.1f} MB of tensors"
               + (f", {len(plan.fallbacks)} fallback type(s)" if plan.fallbacks else ""))
     return 0
@@ -58,6 +60,10 @@ def register(subparsers) -> None:
                    "Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q4_K Q5_K Q6_K, any case)")
     p.add_argument("--dense-type", metavar="TYPE",
                    help="ggml type of the other matrices (default Q8_0); norms and routers stay F32")
+    p.add_argument("--substitute-type", metavar="TYPE", default=None,
+                   help="also write every expert at this low-bit type (e.g. Q2_K, Q3_K, Q4_0): "
+                   "the substitutes a budgeted run keeps resident for experts whose full "
+                   "weights are not (safetensors sources only)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (tensors, types, output sizes) and write nothing")
     p.add_argument("--resume", action="store_true",

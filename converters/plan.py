@@ -25,7 +25,7 @@ from converters.writer import (OutFile, OutTensor, add_edgemoe_base_keys,
 from edgemoe import quant
 from edgemoe.errors import ConvertError
 from edgemoe.quant import GGMLType
-from edgemoe.shardset import ALIGNMENT, BASE_FILE, FORMAT_VERSION, expert_file
+from edgemoe.shardset import ALIGNMENT, BASE_FILE, FORMAT_VERSION, expert_file, substitute_file
 
 # Non-weight buffers some older checkpoints save (RoPE frequencies are recomputed by llama.cpp).
 BUFFERS = (".rotary_emb.inv_freq",)
@@ -45,10 +45,14 @@ class Plan:
     experts: tuple[OutFile, ...]
     fallbacks: tuple[dict, ...]
     fingerprint: str                  # identifies source + settings, for --resume
+    # Every expert again at a low-bit type (substitutes/), when asked for; see docs/FORMAT.md.
+    substitute_type: str | None = None
+    substitutes: tuple[OutFile, ...] = ()
 
     @property
     def total_bytes(self) -> int:
-        return self.base.data_bytes + sum(f.data_bytes for f in self.experts)
+        return (self.base.data_bytes + sum(f.data_bytes for f in self.experts)
+                + sum(f.data_bytes for f in self.substitutes))
 
     def table(self) -> str:
         """The plan as text: one row per base tensor, one per expert tensor kind, and totals."""
@@ -78,6 +82,9 @@ class Plan:
             f"{BASE_FILE}: {self.base.data_bytes / 1e6:.2f} MB of tensors; "
             f"{len(self.experts)} expert shards: {expert_bytes / 1e6:.2f} MB "
             f"({expert_bytes / max(len(self.experts), 1) / 1e6:.3f} MB each); "
+            *([f"{len(self.substitutes)} {self.substitute_type} substitute shards: "
+               f"{sum(f.data_bytes for f in self.substitutes) / 1e6:.2f} MB"]
+              if self.substitutes else []),
             f"total {self.total_bytes / 1e6:.2f} MB",
             f"{len(self.fallbacks)} tensor(s) use a fallback type",
         ]
@@ -128,12 +135,14 @@ def _check_tensors(ckpt: SafetensorsCheckpoint, specs: list[TensorSpec], arch: M
         ckpt.check_dtype(s.hf_name)
 
 
-def plan_hf(src: Path, expert_type: str, dense_type: str) -> Plan:
+def plan_hf(src: Path, expert_type: str, dense_type: str,
+            substitute_type: str | None = None) -> Plan:
     src = Path(src)
     config = read_config(src)
     arch = registry.for_hf(config.get("architectures"))
     hp = arch.hparams(config)
     e_type, d_type = quant.parse_type(expert_type), quant.parse_type(dense_type)
+    s_type = quant.parse_type(substitute_type) if substitute_type else None
     ckpt = SafetensorsCheckpoint(src)
     specs = arch.tensor_specs(hp)
     _check_tensors(ckpt, specs, arch, src)
@@ -141,6 +150,7 @@ def plan_hf(src: Path, expert_type: str, dense_type: str) -> Plan:
     fallbacks = []
     base_tensors: list[OutTensor] = []
     expert_tensors: dict[tuple[int, int], list[OutTensor]] = {}
+    substitute_tensors: dict[tuple[int, int], list[OutTensor]] = {}
     for s in specs:
         requested = {DENSE: d_type, EXPERT: e_type, F32: GGMLType.F32}[s.kind]
         used, why = quant.choose_type(requested, s.written_shape[-1])
@@ -152,6 +162,15 @@ def plan_hf(src: Path, expert_type: str, dense_type: str) -> Plan:
                         chunks=lambda s=s, used=used: _quantized_chunks(ckpt, s, used))
         if s.kind == EXPERT:
             expert_tensors.setdefault((s.layer, s.expert), []).append(out)
+            if s_type is not None:
+                sub, why = quant.choose_type(s_type, s.written_shape[-1])
+                if why:
+                    fallbacks.append({"tensor": f"substitute {s.gguf_name}",
+                                      "requested": s_type.name, "used": sub.name, "why": why})
+                substitute_tensors.setdefault((s.layer, s.expert), []).append(OutTensor(
+                    name=s.gguf_name, shape=s.written_shape, type=sub,
+                    nbytes=quant.nbytes(sub, s.written_shape),
+                    chunks=lambda s=s, sub=sub: _quantized_chunks(ckpt, s, sub)))
         else:
             base_tensors.append(out)
 
@@ -167,6 +186,11 @@ def plan_hf(src: Path, expert_type: str, dense_type: str) -> Plan:
                 metadata=edgemoe_expert_metadata(l, e), tensors=tuple(ts), alignment=ALIGNMENT,
                 layer=l, expert=e)
         for (l, e), ts in sorted(expert_tensors.items()))
+    substitutes = tuple(
+        OutFile(rel=substitute_file(l, e), arch="edgemoe.expert",
+                metadata=edgemoe_expert_metadata(l, e), tensors=tuple(ts), alignment=ALIGNMENT,
+                layer=l, expert=e)
+        for (l, e), ts in sorted(substitute_tensors.items()))
     base = OutFile(rel=BASE_FILE, arch=arch.name, metadata=base_metadata,
                    tensors=tuple(base_tensors))
     source_files = sorted({t.file for t in ckpt.tensors.values()}) + [src / "config.json"]
@@ -177,4 +201,7 @@ def plan_hf(src: Path, expert_type: str, dense_type: str) -> Plan:
         arch=arch.name, hp=hp, expert_type=e_type.name, dense_type=d_type.name, base=base,
         experts=experts, fallbacks=tuple(fallbacks),
         fingerprint=fingerprint(source_files, {"expert_type": e_type.name,
-                                               "dense_type": d_type.name}))
+                                               "dense_type": d_type.name,
+                                               **({"substitute_type": s_type.name}
+                                                  if s_type else {})}),
+        substitute_type=s_type.name if s_type else None, substitutes=substitutes)

@@ -24,7 +24,8 @@ from gguf import GGUF_DEFAULT_ALIGNMENT, GGUFWriter
 from edgemoe.errors import ConvertError
 from edgemoe.quant import GGMLType
 from edgemoe.shardset import (BASE_FILE, EXPERT_TENSORS, EXPERTS_DIR, FORMAT_NAME,
-                              FORMAT_VERSION, MANIFEST_FILE, check_file, expert_tensor_name)
+                              FORMAT_VERSION, MANIFEST_FILE, SUBSTITUTES_DIR, check_file,
+                              expert_tensor_name)
 
 JOURNAL_FILE = ".edgemoe-journal.jsonl"
 TMP_SUFFIX = ".tmp"
@@ -217,8 +218,10 @@ def add_edgemoe_base_keys(w: GGUFWriter, expert_type: str, dense_type: str,
 def _our_files(out: Path) -> list[Path]:
     """Files a conversion writes into OUT (the only ones --force removes)."""
     names = [out / MANIFEST_FILE, out / BASE_FILE, out / JOURNAL_FILE]
-    names += list((out / EXPERTS_DIR).glob("blk.*.gguf")) if (out / EXPERTS_DIR).is_dir() else []
-    names += list(out.glob("*" + TMP_SUFFIX)) + list(out.glob(f"{EXPERTS_DIR}/*{TMP_SUFFIX}"))
+    for sub in (EXPERTS_DIR, SUBSTITUTES_DIR):
+        names += list((out / sub).glob("blk.*.gguf")) if (out / sub).is_dir() else []
+        names += list(out.glob(f"{sub}/*{TMP_SUFFIX}"))
+    names += list(out.glob("*" + TMP_SUFFIX))
     return [p for p in names if p.is_file()]
 
 
@@ -295,7 +298,7 @@ def write_shard_set(plan, out: Path, resume: bool = False, force: bool = False,
     _prepare_out(out, resume, force)
     done = _done_records(out, plan.fingerprint) if resume else {}
     (out / MANIFEST_FILE).unlink(missing_ok=True)
-    files = [plan.base, *plan.experts]
+    files = [plan.base, *plan.experts, *plan.substitutes]
     todo = [f for f in files if f.rel not in done]
     needed = sum(f.data_bytes + f.alignment * (len(f.tensors) + 2) for f in todo)
     free = shutil.disk_usage(out).free
@@ -335,6 +338,12 @@ def write_shard_set(plan, out: Path, resume: bool = False, force: bool = False,
         "base": {"file": base.rel, "bytes": base.bytes, "sha256": base.sha256},
         "experts": [_expert_entry(f, written[f.rel]) for f in plan.experts],
     }
+    if plan.substitutes:
+        manifest["substitute_type"] = plan.substitute_type
+        subs = {(f.layer, f.expert): _expert_entry(f, written[f.rel]) for f in plan.substitutes}
+        for entry in manifest["experts"]:
+            sub = subs[(entry["layer"], entry["expert"])]
+            entry["substitute"] = {k: v for k, v in sub.items() if k not in ("layer", "expert")}
     write_json_atomic(out / MANIFEST_FILE, manifest)
     journal.unlink(missing_ok=True)
     return manifest

@@ -22,6 +22,7 @@ ALIGNMENT = 4096
 MANIFEST_FILE = "manifest.json"
 BASE_FILE = "base.gguf"
 EXPERTS_DIR = "experts"
+SUBSTITUTES_DIR = "substitutes"
 # The three per-expert projections, in file order; their llama.cpp names are blk.{L}.{name}.{E}.weight.
 EXPERT_TENSORS = ("ffn_gate", "ffn_up", "ffn_down")
 
@@ -29,6 +30,11 @@ EXPERT_TENSORS = ("ffn_gate", "ffn_up", "ffn_down")
 def expert_file(layer: int, expert: int) -> str:
     """Path of an expert shard relative to the shard-set directory."""
     return f"{EXPERTS_DIR}/blk.{layer}.{expert}.gguf"
+
+
+def substitute_file(layer: int, expert: int) -> str:
+    """Path of an expert's low-bit substitute shard relative to the shard-set directory."""
+    return f"{SUBSTITUTES_DIR}/blk.{layer}.{expert}.gguf"
 
 
 def expert_tensor_name(layer: int, expert: int, proj: str) -> str:
@@ -74,6 +80,8 @@ class ExpertShard:
     data_offset: int      # start of ffn_gate's data, a multiple of ALIGNMENT
     data_bytes: int       # from data_offset to the end of ffn_down's data
     tensors: Mapping[str, TensorInfo]  # keyed by "ffn_gate", "ffn_up", "ffn_down"
+    # The same expert at the shard set's substitute_type (a shard of the same layout), if any.
+    substitute: "ExpertShard | None" = None
 
     def verify(self) -> str | None:
         return check_file(self.path, self.bytes, self.sha256)
@@ -107,6 +115,11 @@ class ShardSet:
         self.expert_type: str = _field(manifest, "expert_type", str, where)
         self.dense_type: str = _field(manifest, "dense_type", str, where)
         self.fallbacks: list[dict] = list(manifest.get("fallbacks", []))
+        sub = manifest.get("substitute_type")
+        if sub is not None and not isinstance(sub, str):
+            raise ShardSetError(f"{where}: key 'substitute_type' should be a string, got "
+                                f"{type(sub).__name__}")
+        self.substitute_type: str | None = sub
         self.source: dict = dict(manifest.get("source", {}))
         base = _field(manifest, "base", dict, where)
         self.base_path = root / _field(base, "file", str, f"{where} base")
@@ -118,6 +131,11 @@ class ShardSet:
             self._experts[(shard.layer, shard.expert)] = shard
         missing = [(l, e) for l in self.expert_layers for e in range(self.n_expert)
                    if (l, e) not in self._experts]
+        if sub is not None:
+            lacking = [s for s in self._experts.values() if s.substitute is None]
+            if lacking:
+                raise ShardSetError(f"{where}: substitute_type {sub} but expert "
+                                    f"blk.{lacking[0].layer}.{lacking[0].expert} has no substitute")
         if missing:
             l, e = missing[0]
             raise ShardSetError(f"{where}: {len(missing)} expert(s) not listed, first blk.{l}.{e}")
@@ -129,6 +147,14 @@ class ShardSet:
         if layer not in self.expert_layers or not 0 <= expert < self.n_expert:
             raise ShardSetError(f"{where}: outside expert_layers {list(self.expert_layers)} "
                                 f"x {self.n_expert} experts")
+        substitute = None
+        if "substitute" in entry:
+            substitute = self._parse_shard(_field(entry, "substitute", dict, where), layer,
+                                           expert, f"{where} substitute", None)
+        return self._parse_shard(entry, layer, expert, where, substitute)
+
+    def _parse_shard(self, entry: dict, layer: int, expert: int, where: str,
+                     substitute: ExpertShard | None) -> ExpertShard:
         size = _field(entry, "bytes", int, where)
         tensors = {}
         raw = _field(entry, "tensors", dict, where)
@@ -154,7 +180,7 @@ class ShardSet:
         return ExpertShard(layer=layer, expert=expert,
                            path=self.root / _field(entry, "file", str, where), bytes=size,
                            sha256=_field(entry, "sha256", str, where), data_offset=data_offset,
-                           data_bytes=data_bytes, tensors=tensors)
+                           data_bytes=data_bytes, tensors=tensors, substitute=substitute)
 
     @classmethod
     def open(cls, path: str | Path) -> "ShardSet":
@@ -204,10 +230,13 @@ class ShardSet:
         base = check_file(self.base_path, self.base_bytes, self.base_sha256 if hash_files else None)
         if base:
             problems.append(base)
-        for shard in self.experts():
-            issue = check_file(shard.path, shard.bytes, shard.sha256 if hash_files else None)
-            if issue:
-                problems.append(issue)
+        for expert in self.experts():
+            for shard in (expert, expert.substitute):
+                if shard is None:
+                    continue
+                issue = check_file(shard.path, shard.bytes, shard.sha256 if hash_files else None)
+                if issue:
+                    problems.append(issue)
         return problems
 
     def verify(self) -> None:

@@ -69,3 +69,39 @@ def test_unreadable_manifest_and_missing_directory(good_set, tmp_path):
         ShardSet.open(out)
     with pytest.raises(ShardSetError, match=r"nowhere: not a directory"):
         ShardSet.open(tmp_path / "nowhere")
+
+
+def test_substitutes_are_the_experts_at_a_low_bit_type(tiny_root, tmp_path):
+    """--substitute-type writes every expert again (substitutes/), listed in the manifest; the
+    bytes are the same weights at the low-bit type; a missing substitute is refused."""
+    import numpy as np
+
+    from edgemoe import quant
+
+    out = tmp_path / "shards"
+    plan = converters.convert(cached_checkpoint(tiny_root, "olmoe", tokenizer="bpe"), out,
+                              expert_type="Q8_0", substitute_type="Q4_0", progress=False)
+    assert len(plan.substitutes) == len(plan.experts) and plan.substitute_type == "Q4_0"
+    ss = ShardSet.open(out)
+    ss.verify()
+    assert ss.substitute_type == "Q4_0"
+    for shard in ss.experts():
+        sub = shard.substitute
+        assert sub.path == out / "substitutes" / f"blk.{shard.layer}.{shard.expert}.gguf"
+        assert sub.data_bytes < shard.data_bytes
+        raw, low = np.fromfile(shard.path, np.uint8), np.fromfile(sub.path, np.uint8)
+        for proj, info in shard.tensors.items():
+            s_info = sub.tensors[proj]
+            assert s_info.type == "Q4_0" and s_info.ne == info.ne
+            full = quant.dequantize(raw[info.offset:info.offset + info.nbytes],
+                                    quant.GGMLType.Q8_0, info.ne)
+            approx = quant.dequantize(low[s_info.offset:s_info.offset + s_info.nbytes],
+                                      quant.GGMLType.Q4_0, s_info.ne)
+            err = np.linalg.norm(approx - full) / np.linalg.norm(full)
+            assert 0 < err < 0.2   # Q4_0 of the same weights: close, not the same
+    sub = ss.expert(ss.expert_layers[0], 1).substitute
+    sub.path.unlink()
+    with pytest.raises(ShardSetError, match=r"substitutes/blk\.\d+\.1\.gguf"):
+        ShardSet.open(out)
+    with pytest.raises(Exception, match="safetensors"):
+        converters.make_plan(tmp_path / "model.gguf", substitute_type="Q4_0")
