@@ -82,12 +82,12 @@ class Plan:
             f"{BASE_FILE}: {self.base.data_bytes / 1e6:.2f} MB of tensors; "
             f"{len(self.experts)} expert shards: {expert_bytes / 1e6:.2f} MB "
             f"({expert_bytes / max(len(self.experts), 1) / 1e6:.3f} MB each); "
-            *([f"{len(self.substitutes)} {self.substitute_type} substitute shards: "
-               f"{sum(f.data_bytes for f in self.substitutes) / 1e6:.2f} MB"]
-              if self.substitutes else []),
             f"total {self.total_bytes / 1e6:.2f} MB",
             f"{len(self.fallbacks)} tensor(s) use a fallback type",
         ]
+        if self.substitutes:
+            lines.insert(-1, f"{len(self.substitutes)} {self.substitute_type} substitute shards: "
+                             f"{sum(f.data_bytes for f in self.substitutes) / 1e6:.2f} MB")
         return "\n".join(lines)
 
 

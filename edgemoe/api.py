@@ -44,7 +44,9 @@ class Model:
     memory_budget: "2GiB" (the whole process) or "50%" (of the experts' bytes); policy: full,
     swap (the default with a budget), ondemand or static; adaptive_gating: ondemand's threshold
     T; n_prefetch: ondemand's prefetched experts per layer (None: what `edgemoe plan` chose for
-    this budget, else 1); stats: keep a telemetry record per engine step (`write_stats`). A
+    this budget, else 1); stats: keep a telemetry record per engine step (`write_stats`);
+    substitutes: with static or swap under a budget, keep the shard set's low-bit expert
+    substitutes resident (when it has them: `edgemoe convert --substitute-type`). A
     budget below the minimum raises BudgetError before loading.
     """
 
@@ -60,13 +62,15 @@ class Model:
         adaptive_gating: float | None = None,
         n_prefetch: int | None = None,
         stats: bool = False,
+        substitutes: bool = True,
     ) -> None:
         from edgemoe.runtime import ResidencyConfig, StepLog, open_engine
 
         self.shards_path = Path(shards_path)
         self.name = self.shards_path.resolve().name
         self.residency = ResidencyConfig(memory_budget=memory_budget, policy=policy,
-                                         adaptive_gating=adaptive_gating, n_prefetch=n_prefetch)
+                                         adaptive_gating=adaptive_gating, n_prefetch=n_prefetch,
+                                         substitutes=substitutes)
         # The vocabulary first: a budget's measure of the process (open_engine) includes it.
         self.vocab = Vocab(ShardSet.open(self.shards_path).base_path)
         try:

@@ -44,6 +44,19 @@ KV_TYPES = {"f16": GGMLType.F16, "f32": GGMLType.F32}
 _GRAPH_CACHE_STEPS = 3
 
 
+def _route_inputs(layer: int, table: np.ndarray, sub: np.ndarray | None) -> dict[str, np.ndarray]:
+    """A forward graph's routing inputs for one layer from the policy's tables: full slots
+    (n_expert,) and, with a substitute tier, substitute slots (-1: not resident)."""
+    routable = table >= 0 if sub is None else (table >= 0) | (sub >= 0)
+    out = {f"route_mask-{layer}": np.where(routable, 0.0, -np.inf).astype(np.float32),
+           f"slot_map-{layer}": np.maximum(table, 0)}
+    if sub is not None:
+        out[f"sub_map-{layer}"] = np.maximum(sub, 0)
+        out[f"is_full-{layer}"] = (table >= 0).astype(np.float32)
+        out[f"is_sub-{layer}"] = ((table < 0) & (sub >= 0)).astype(np.float32)
+    return out
+
+
 class Engine:
     """Run a shard set. One eval at a time (a lock makes it safe to call from any thread).
 
@@ -56,7 +69,9 @@ class Engine:
       selection are outputs;
     - exact (ondemand): per layer, an attention+router graph, then the policy maps the chosen
       experts to slots (loading misses), then an experts graph.
-    The policy loads its initial experts on warm(), or at the first eval. `n_outputs`: rows of
+    The policy loads its initial experts on warm(), or at the first eval. `n_substitutes`
+    ({layer: n}) adds the pool's substitute tier (low-bit copies; a masked policy with
+    `substitutes` keeps them). `n_outputs`: rows of
     logits per batch the compute buffers are reserved for (None: n_batch, every row; 1: what
     generation samples). A batch asking for more rows grows the buffers then.
     `measure_only`: opened only for memory() (a budget's probe): the KV cache and the slots are
@@ -66,7 +81,8 @@ class Engine:
     def __init__(self, shards_path: str | Path, n_ctx: int = 2048, n_threads: int | None = None,
                  device: str | None = None, n_batch: int = 512, kv_type: str = "f16",
                  n_slots=None, policy: Callable[[ExpertPool], Policy] | None = None,
-                 n_outputs: int | None = None, measure_only: bool = False):
+                 n_outputs: int | None = None, measure_only: bool = False,
+                 n_substitutes=None):
         if n_ctx < 1 or n_batch < 1:
             raise EdgeMoeError(f"n_ctx ({n_ctx}) and n_batch ({n_batch}) must be positive")
         if n_outputs is not None and n_outputs < 1:
@@ -97,7 +113,7 @@ class Engine:
             self.backend = self._own(ggml.Backend(device, n_threads))
             self.weights = self._own(BaseWeights(self.base_path, header, self.model, hp,
                                                  self.backend))
-            self.pool = self._own(ExpertPool(self.shards, self.backend, n_slots,
+            self.pool = self._own(ExpertPool(self.shards, self.backend, n_slots, n_substitutes,
                                              clear=not measure_only))
             if policy is None:
                 self.policy = FullPolicy(self.pool, hp.n_expert, hp.n_expert_used,
@@ -105,6 +121,10 @@ class Engine:
             else:
                 self.policy = policy(self.pool)
             exact = not self.policy.masked
+            if self.pool.substitutes and (exact or not self.policy.sub_tables):
+                raise EdgeMoeError(f"policy {self.policy.name!r} does not use the substitute "
+                                   "tier the pool was given (a masked policy with "
+                                   "substitutes does)")
             self.kv = self._own(KVCache(hp, n_ctx, KV_TYPES[kv_type], self.backend,
                                         clear=not measure_only))
             self.measure_only = measure_only
@@ -127,7 +147,7 @@ class Engine:
                 keys += [("experts", il, n, True, hp.n_expert_used) for il in hp.expert_layers]
                 keys.append(("output", n, n_out))
             else:
-                keys = [("forward", n, n_kv, True, n_out)]
+                keys = [("forward", n, n_kv, True, n_out, self.pool.substitutes)]
             self._graph_cap = _GRAPH_CACHE_STEPS * sum(self._graph(key).ctx.nbytes for key in keys)
             for key in keys:
                 self.sched.reserve(self._graph(key).graph)
@@ -293,17 +313,17 @@ class Engine:
     def _eval_forward(self, n, n_kv, values, n_out, out) -> None:
         policy = self.policy
         observed = policy.observes or bool(self.observers)
-        g = self._graph(("forward", n, n_kv, observed, n_out))
+        substituted = self.pool.substitutes
+        g = self._graph(("forward", n, n_kv, observed, n_out, substituted))
         moe_layers = self._builder.moe_layers
         for layer in moe_layers:
             table = policy.slot_of(layer)                       # (n_expert,) slot or -1
-            key = table.tobytes()
+            sub = policy.substitute_of(layer) if substituted else None
+            key = table.tobytes() + (sub.tobytes() if sub is not None else b"")
             cached = self._route_inputs.get(layer)
-            if cached is None or cached[0] != key:              # the table changed
-                cached = self._route_inputs[layer] = (
-                    key, np.where(table >= 0, 0.0, -np.inf).astype(np.float32),
-                    np.maximum(table, 0))
-            values[f"route_mask-{layer}"], values[f"slot_map-{layer}"] = cached[1], cached[2]
+            if cached is None or cached[0] != key:              # the tables changed
+                cached = self._route_inputs[layer] = (key, _route_inputs(layer, table, sub))
+            values.update(cached[1])
         self._run(g, values, "forward")
         if n_out:
             ggml.tensor_get(g.outputs["logits"], out)

@@ -93,7 +93,8 @@ class ExpertPool:
     """
 
     def __init__(self, shards: ShardSet, backend: ggml.Backend,
-                 n_slots: int | Mapping[int, int] | None = None, clear: bool = True):
+                 n_slots: int | Mapping[int, int] | None = None,
+                 n_substitutes: Mapping[int, int] | None = None, clear: bool = True):
         """clear=False leaves the slots' memory untouched (an engine opened to be measured)."""
         self.shards = shards
         self.n_expert = shards.n_expert
@@ -102,20 +103,28 @@ class ExpertPool:
         self.types: dict[int, dict[str, int]] = {}
         self.ne: dict[str, tuple[int, int]] = {}
         self._check_shapes()
+        # The substitute tier: per layer, slots of the experts' low-bit copies (docs/FORMAT.md).
+        self.substitutes = bool(n_substitutes)
+        if self.substitutes:
+            self._check_substitutes(n_substitutes)
 
-        self.ctx = ggml.Context(len(EXPERT_TENSORS) * len(self.layers))
-        self._tensors: dict[int, dict[str, int]] = {}
+        kinds = (False, True) if self.substitutes else (False,)
+        self.ctx = ggml.Context(len(kinds) * len(EXPERT_TENSORS) * len(self.layers))
+        self._tensors: dict[tuple[int, bool], dict[str, int]] = {}
         self.slot_bytes: dict[int, dict[str, int]] = {}  # bytes of one slot of each tensor
+        self.substitute_slot_bytes: dict[int, dict[str, int]] = {}
         for layer in self.layers:
-            n = self._n_slots[layer]
-            self._tensors[layer] = {}
-            self.slot_bytes[layer] = {}
-            for proj in EXPERT_TENSORS:
-                t = self.types[layer][proj]
-                ne0, ne1 = self.ne[proj]
-                self._tensors[layer][proj] = self.ctx.new_tensor(
-                    t, (ne0, ne1, n), f"blk.{layer}.{proj}_exps.weight")
-                self.slot_bytes[layer][proj] = ggml.row_size(t, ne0) * ne1
+            for sub in kinds:
+                n = n_substitutes[layer] if sub else self._n_slots[layer]
+                types = self.substitute_types[layer] if sub else self.types[layer]
+                sizes = (self.substitute_slot_bytes if sub else self.slot_bytes)[layer] = {}
+                self._tensors[(layer, sub)] = {}
+                for proj in EXPERT_TENSORS:
+                    ne0, ne1 = self.ne[proj]
+                    name = f"blk.{layer}.{proj}_{'subs' if sub else 'exps'}.weight"
+                    self._tensors[(layer, sub)][proj] = self.ctx.new_tensor(
+                        types[proj], (ne0, ne1, n), name)
+                    sizes[proj] = ggml.row_size(types[proj], ne0) * ne1
         self.buffer = ggml.Buffer(self.ctx, backend.weights_buffer_type, "the expert slots")
         # An empty slot may be indexed with weight 0 (dropped or masked choices): 0 * NaN = NaN.
         if clear:
@@ -137,6 +146,29 @@ class ExpertPool:
             raise EdgeMoeError(f"layer {layer}: {n} expert slots; need between top-k "
                                f"({self.shards.n_expert_used}) and {self.n_expert}")
         return n
+
+    def _check_substitutes(self, n_substitutes: Mapping[int, int]) -> None:
+        if self.shards.substitute_type is None:
+            raise EdgeMoeError(f"{self.shards.root}: no substitutes in this shard set (convert "
+                               "with --substitute-type)")
+        self.n_substitutes = {}
+        self.substitute_types: dict[int, dict[str, int]] = {}
+        for layer in self.layers:
+            n = int(n_substitutes.get(layer, 0))
+            if not 1 <= n <= self.n_expert:
+                raise EdgeMoeError(f"layer {layer}: {n} substitute slots; need between 1 and "
+                                   f"{self.n_expert}")
+            self.n_substitutes[layer] = n
+            types = {}
+            for e in range(self.n_expert):
+                sub = self.shards.expert(layer, e).substitute
+                for proj in EXPERT_TENSORS:
+                    info = sub.tensors[proj]
+                    t = int(GGMLType[info.type]) if info.type in GGMLType.__members__ else None
+                    if t is None or types.setdefault(proj, t) != t or tuple(info.ne) != self.ne[proj]:
+                        raise ShardSetError(f"{sub.path}: {proj} is {info.type} {list(info.ne)}, "
+                                            "unlike the layer's other substitutes")
+            self.substitute_types[layer] = types
 
     def _check_shapes(self) -> None:
         """Every expert of a layer must have the same types and shapes (they share 3-D tensors)."""
@@ -166,9 +198,10 @@ class ExpertPool:
 
     # -- what the graph reads ------------------------------------------------------------------
 
-    def tensors(self, layer: int) -> dict[str, int]:
-        """{'ffn_gate': t, 'ffn_up': t, 'ffn_down': t}: (ne0, ne1, n_slots) slot tensors."""
-        return self._tensors[layer]
+    def tensors(self, layer: int, substitute: bool = False) -> dict[str, int]:
+        """{'ffn_gate': t, 'ffn_up': t, 'ffn_down': t}: (ne0, ne1, n_slots) slot tensors (of the
+        substitute tier with substitute=True)."""
+        return self._tensors[(layer, substitute)]
 
     def n_slots(self, layer: int) -> int:
         return self._n_slots[layer]
@@ -179,25 +212,31 @@ class ExpertPool:
         """Bytes of backend memory the slots occupy (resident or not)."""
         return self.buffer.nbytes
 
-    def expert_bytes(self, layer: int, expert: int | None = None) -> int:
-        """Bytes one expert of `layer` occupies in its slot (all experts of a layer are alike)."""
-        return sum(self.slot_bytes[layer].values())
+    def expert_bytes(self, layer: int, substitute: bool = False) -> int:
+        """Bytes one expert of `layer` occupies in its slot (all experts of a layer are alike),
+        or its substitute in a substitute slot."""
+        return sum((self.substitute_slot_bytes if substitute else self.slot_bytes)[layer].values())
 
-    def load(self, layer: int, expert: int, slot: int) -> None:
-        """Read `expert` of `layer` from its shard into `slot`. Which expert holds which slot is
-        the policy's to know (edgemoe.residency): the pool only writes bytes. The copy happens
-        under compute_lock, so no graph sees a slot half-written."""
-        if not 0 <= slot < self._n_slots[layer]:
-            raise EdgeMoeError(f"layer {layer}: slot {slot} is out of range "
-                               f"(0..{self._n_slots[layer] - 1})")
+    def load(self, layer: int, expert: int, slot: int, substitute: bool = False) -> None:
+        """Read `expert` of `layer` from its shard (its substitute's, with substitute=True)
+        into `slot`. Which expert holds which slot is the policy's to know
+        (edgemoe.residency): the pool only writes bytes. The copy happens under compute_lock,
+        so no graph sees a slot half-written."""
+        n = self.n_substitutes[layer] if substitute else self._n_slots[layer]
+        if not 0 <= slot < n:
+            raise EdgeMoeError(f"layer {layer}: {'substitute ' if substitute else ''}slot {slot} "
+                               f"is out of range (0..{n - 1})")
         shard = self.shards.expert(layer, expert)
+        if substitute:
+            shard = shard.substitute
+        sizes = (self.substitute_slot_bytes if substitute else self.slot_bytes)[layer]
         data = self._read(shard)
         base = data.ctypes.data
         with self.compute_lock:
             for proj in EXPERT_TENSORS:
                 info = shard.tensors[proj]
-                size = self.slot_bytes[layer][proj]
-                ggml.tensor_set_ptr(self._tensors[layer][proj],
+                size = sizes[proj]
+                ggml.tensor_set_ptr(self._tensors[(layer, substitute)][proj],
                                     base + info.offset - shard.data_offset, slot * size, size)
         with self._lock:
             self.bytes_read += shard.data_bytes

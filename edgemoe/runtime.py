@@ -27,7 +27,7 @@ from edgemoe.gguf_header import GGUFHeader
 from edgemoe.residency import calibration as calib
 from edgemoe.residency.budget import (Budget, MemoryNeeds, SlotPlan, expert_allowance,
                                       make_plan, parse_budget, process_baseline_bytes,
-                                      uniform_slots)
+                                      substitute_split, uniform_slots)
 from edgemoe.residency.policies import FullPolicy, OnDemandPolicy, StaticPolicy, make_policy
 from edgemoe.residency.telemetry import Telemetry, record
 from edgemoe.shardset import ShardSet
@@ -49,6 +49,8 @@ class ResidencyConfig:
     n_prefetch: int | None = None          # ondemand: predicted experts loaded per layer
                                            # (None: what `edgemoe plan` chose, else 1)
     swap_interval: int | None = None       # swap: tokens per importance window (None: plan/16)
+    substitutes: bool = True               # static/swap under a budget: keep the shard set's
+                                           # low-bit substitutes resident (if it has them)
 
     @property
     def policy_name(self) -> str:
@@ -157,6 +159,24 @@ def choose_slots(shards: ShardSet, cfg: ResidencyConfig, needs: MemoryNeeds,
     uniform. Raises BudgetError (with the minimum) below the minimum."""
     budget, name = cfg.budget, cfg.policy_name
     allowance = expert_allowance(budget, needs)   # refuses below the minimum
+    split = None
+    if name in ("static", "swap") and cfg.substitutes and shards.substitute_type is not None:
+        sub_bytes = substitute_bytes(shards)
+        split = substitute_split(allowance, needs, sub_bytes)
+    if split is not None:
+        # The substitutes' bytes first; full slots share the rest (a plan file was made
+        # without substitutes, so the trace's DP or uniform counts decide here).
+        subs, allowance = split
+        slots = None
+        if (shards.root / TRACE_FILE).exists():
+            from edgemoe.residency.planner import allocate_for
+            from edgemoe.residency.traces import RoutingTrace
+
+            trace = RoutingTrace.load(shards.root / TRACE_FILE)
+            slots = allocate_for(name, trace, needs.n_expert_used, needs.expert_bytes, allowance)
+        else:
+            slots = uniform_slots(budget, needs, allowance).slots
+        return make_plan(slots, needs, subs, sub_bytes)
     if name == "full":
         if allowance < needs.expert_bytes_total:
             raise BudgetError(
@@ -186,6 +206,11 @@ def choose_slots(shards: ShardSet, cfg: ResidencyConfig, needs: MemoryNeeds,
     return plan
 
 
+def substitute_bytes(shards: ShardSet) -> dict[int, int]:
+    """Bytes of one substitute slot per expert layer."""
+    return {l: shards.expert(l, 0).substitute.data_bytes for l in shards.expert_layers}
+
+
 def load_calibration(shards: ShardSet, need_norms: bool) -> calib.Calibration | None:
     """calibration.json beside the shards; when absent and norms are needed (swap, static),
     the norms are computed from the shards once (streamed with O_DIRECT: no page cache, one
@@ -207,15 +232,17 @@ def load_calibration(shards: ShardSet, need_norms: bool) -> calib.Calibration | 
         return None
 
 
-def empty_policy(name: str, k: int):
+def empty_policy(name: str, k: int, substitutes: bool = False):
     """A policy factory for an engine that is opened only to be measured (compute buffers):
-    `name`'s routing shape, top-k slots per layer, nothing ever read (it never runs a step)."""
+    `name`'s routing shape, top-k slots per layer (and one substitute slot, for a pool with
+    n_substitutes 1 per layer), nothing ever read (it never runs a step)."""
     def make(pool):
         slots = {l: k for l in pool.layers}
         if name == "ondemand":
             return OnDemandPolicy(pool, slots, pool.n_expert, k, n_prefetch=0)
         return StaticPolicy(pool, slots, pool.n_expert, k,
-                            scores={l: np.zeros(pool.n_expert) for l in pool.layers})
+                            scores={l: np.zeros(pool.n_expert) for l in pool.layers},
+                            substitutes={l: 1 for l in pool.layers} if substitutes else None)
     return make
 
 
@@ -251,8 +278,11 @@ def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048
         # touched, so it costs the process only graph metadata and the backend (less than
         # _PROBE_BYTES). The minimum a refusal states is then exact, not a lower bound.
         k = shards.n_expert_used
-        with Engine(shards_path, n_slots=k, policy=empty_policy(name, k), measure_only=True,
-                    **kw) as probe:
+        subs = (name in ("static", "swap") and cfg.substitutes
+                and shards.substitute_type is not None)   # two expert passes per layer
+        with Engine(shards_path, n_slots=k, policy=empty_policy(name, k, subs),
+                    n_substitutes={l: 1 for l in shards.expert_layers} if subs else None,
+                    measure_only=True, **kw) as probe:
             compute = probe.memory()["compute"]
         # The process measured again: the probe started the backend, which stays for the real
         # engine (its own buffers went back when it closed).
@@ -279,12 +309,16 @@ def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048
                                     "sensitivities; run `edgemoe calibrate` first")
             options.update(sensitivity=cal.sensitivity, threshold=cfg.adaptive_gating)
 
+    if plan.substitutes:
+        options["substitutes"] = plan.substitutes
+
     def policy(pool):
         return make_policy(name, pool, plan.slots, shards.n_expert, shards.n_expert_used,
                            norms=cal.norms if cal else None,
                            usage=cal.usage if cal else None, **options)
 
-    engine = _warmed(Engine(shards_path, n_slots=dict(plan.slots), policy=policy, **kw))
+    engine = _warmed(Engine(shards_path, n_slots=dict(plan.slots), policy=policy,
+                            n_substitutes=plan.substitutes, **kw))
     engine.slot_plan = plan
     engine.memory_needs = needs
     return engine, plan
@@ -330,13 +364,18 @@ def add_residency_args(p) -> None:
                    help="ondemand: next-layer experts prefetched per layer, 0 = off (default: "
                    "what `edgemoe plan` chose for this budget, the fastest on this storage; "
                    "1 without a plan)")
+    p.add_argument("--no-substitutes", dest="substitutes", action="store_false",
+                   help="static/swap: do not keep the shard set's low-bit expert substitutes "
+                   "resident (`edgemoe convert --substitute-type`); by default a budget is "
+                   "split between them and full-precision slots")
     p.add_argument("--stats-json", type=Path, default=None, metavar="FILE",
                    help="write residency telemetry (per run and per token) to FILE")
 
 
 def residency_config(args) -> ResidencyConfig:
     return ResidencyConfig(memory_budget=args.memory_budget, policy=args.policy,
-                           adaptive_gating=args.adaptive_gating, n_prefetch=args.n_prefetch)
+                           adaptive_gating=args.adaptive_gating, n_prefetch=args.n_prefetch,
+                           substitutes=args.substitutes)
 
 
 def residency_summary(engine) -> str:

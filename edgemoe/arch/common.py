@@ -374,11 +374,13 @@ class Decoder:
                 "kq_mask": o.input(GGMLType.F16, (n_kv, n_tokens), "inp_kq_mask")}
 
     def build(self, n_tokens: int, n_kv: int, observed: bool = False,
-              n_out: int | None = None) -> Graph:
+              n_out: int | None = None, substituted: bool = False) -> Graph:
         """The forward graph of a batch of n_tokens attending over n_kv cells, with logits for
         its last n_out tokens (None: all; 0: none). The output projection (n_vocab rows) is
         the largest matmul of a prompt and its result the largest buffer: llama.cpp's
-        n_outputs idea, computing only the rows that are sampled or scored."""
+        n_outputs idea, computing only the rows that are sampled or scored. substituted: a
+        chosen expert runs from its full slot or from its substitute's (the pool's low-bit
+        tier), as per-layer inputs say."""
         hp = self.hp
         n_out = n_tokens if n_out is None else n_out
         ctx, o, gf = self._begin(graph_nodes_upper_bound(hp))
@@ -400,7 +402,13 @@ class Decoder:
                 break
             if il in hp.expert_layers:
                 ids, weights = self._route(o, h, il, m, inputs, outputs, True, observed)
+                if substituted:
+                    (ids, weights), (sub_ids, sub_weights) = self._split(o, il, m, ids, weights,
+                                                                         inputs)
                 ffn = self.experts(o, h, il, ids, weights, m)
+                if substituted:
+                    ffn = o.add(ffn, self.experts(o, h, il, sub_ids, sub_weights, m,
+                                                  shared=False, substitute=True))
             else:
                 ffn = self.dense_ffn(o, h, il)
             x = self.residual(o, ffn, x)
@@ -614,11 +622,29 @@ class Decoder:
             # One map for all tokens: look the k*n_tokens choices up as a flat list of rows.
             flat = o.reshape_2d(chosen, k * n_tokens, 1)
             selected = o.reshape_2d(o.get_rows(inputs[f"slot_map-{il}"], flat), k, n_tokens)
+            self._flat_choice = flat   # _split maps the same choices to substitute slots
         return selected, weights
 
-    def expert_ffn(self, o: ggml.Ops, x3: int, il: int, ids: int) -> int:
+    def _split(self, o: ggml.Ops, il: int, n_tokens: int, ids: int, weights: int,
+               inputs: dict[str, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The masked choice of layer il (just made by _route) split between the two tiers:
+        ((full slots, weights where the full expert is resident, else 0), (substitute slots,
+        weights where only the substitute is)). Inputs per layer: sub_map-L I32 (1, n_expert)
+        expert -> substitute slot, is_full-L and is_sub-L F32 (1, n_expert) 1 / 0."""
+        n_expert, k = self.hp.n_expert, self.hp.n_expert_used
+        flat = self._flat_choice
+        for name, t in (("sub_map", GGMLType.I32), ("is_full", GGMLType.F32),
+                        ("is_sub", GGMLType.F32)):
+            inputs[f"{name}-{il}"] = o.input(t, (1, n_expert), f"inp_{name}-{il}")
+        tier = lambda name: o.reshape_3d(o.get_rows(inputs[f"{name}-{il}"], flat), 1, k, n_tokens)
+        sub_ids = o.reshape_2d(o.get_rows(inputs[f"sub_map-{il}"], flat), k, n_tokens)
+        return ((ids, o.mul(weights, tier("is_full"))),
+                (sub_ids, o.mul(weights, tier("is_sub"))))
+
+    def expert_ffn(self, o: ggml.Ops, x3: int, il: int, ids: int,
+                   substitute: bool = False) -> int:
         """Each token's k experts on x3 (n_embd, 1, n_tokens): (n_embd, k, n_tokens)."""
-        slots = self.slots.tensors(il)  # ffn_gate/ffn_up: (n_embd, n_ff_exp, n_slots)
+        slots = self.slots.tensors(il, substitute)  # ffn_gate/up: (n_embd, n_ff_exp, n_slots)
         gate = o.mul_mat_id(slots["ffn_gate"], x3, ids)  # (n_ff_exp, k, n_tokens)
         up = o.mul_mat_id(slots["ffn_up"], x3, ids)
         return o.mul_mat_id(slots["ffn_down"], o.swiglu_split(gate, up), ids)
@@ -628,12 +654,12 @@ class Decoder:
         return None
 
     def experts(self, o: ggml.Ops, h: int, il: int, ids: int, weights: int, n_tokens: int,
-                shared: bool = True, k: int | None = None) -> int:
-        """Weighted sum of the k experts per token in slots `ids` (+ the shared expert):
-        (n_embd, n_tokens)."""
+                shared: bool = True, k: int | None = None, substitute: bool = False) -> int:
+        """Weighted sum of the k experts per token in slots `ids` (+ the shared expert), of the
+        substitute tier with substitute=True: (n_embd, n_tokens)."""
         hp = self.hp
         k = k or hp.n_expert_used
-        out = self.expert_ffn(o, o.reshape_3d(h, hp.n_embd, 1, n_tokens), il, ids)
+        out = self.expert_ffn(o, o.reshape_3d(h, hp.n_embd, 1, n_tokens), il, ids, substitute)
         out = o.mul(out, weights)
         # Sum the k weighted expert outputs: views of the (n_embd, k, n_tokens) tensor.
         row = ggml.row_size(GGMLType.F32, hp.n_embd)

@@ -131,8 +131,9 @@ def process_baseline_bytes() -> int:
 @dataclass(frozen=True)
 class SlotPlan:
     slots: Mapping[int, int]   # layer -> number of expert slots
-    slot_bytes: int            # bytes the slots take together
+    slot_bytes: int            # bytes the slots take together (substitute slots included)
     total_bytes: int           # slots + fixed parts (what an absolute budget must cover)
+    substitutes: Mapping[int, int] | None = None   # layer -> substitute slots (low-bit tier)
 
     @property
     def uniform(self) -> bool:
@@ -167,10 +168,26 @@ def compute_text(needs: MemoryNeeds) -> str:
     return f"compute {format_bytes(needs.compute_bytes)}"
 
 
-def uniform_slots(budget: Budget, needs: MemoryNeeds) -> SlotPlan:
+def substitute_split(allowance: int, needs: MemoryNeeds,
+                     substitute_bytes: Mapping[int, int]) -> tuple[dict[int, int], int] | None:
+    """How much of an expert allowance goes to the substitute tier: ({layer: substitute
+    slots}, bytes left for full slots). Every expert's low-bit copy when top-k full slots per
+    layer still fit beside them, else the same smaller count in every layer; None when not even
+    one substitute per layer fits beside top-k full slots."""
+    floor = needs.n_expert_used * sum(needs.expert_bytes.values())
+    per_round = sum(substitute_bytes[l] for l in needs.expert_bytes)
+    count = min(needs.n_expert, (allowance - floor) // per_round) if allowance > floor else 0
+    if count < 1:
+        return None
+    return {l: int(count) for l in needs.expert_bytes}, allowance - count * per_round
+
+
+def uniform_slots(budget: Budget, needs: MemoryNeeds, allowance: int | None = None) -> SlotPlan:
     """The same slot count in every layer (as many as fit, at most n_expert); bytes left over
-    after that give one more slot to layers in order, so nothing that fits is wasted."""
-    allowance = expert_allowance(budget, needs)
+    after that give one more slot to layers in order, so nothing that fits is wasted.
+    allowance: the bytes for full slots, when not all the budget leaves (substitutes)."""
+    if allowance is None:
+        allowance = expert_allowance(budget, needs)
     per_round = sum(needs.expert_bytes.values())
     count = min(needs.n_expert, allowance // per_round)
     slots = {layer: count for layer in needs.expert_bytes}
@@ -183,9 +200,14 @@ def uniform_slots(budget: Budget, needs: MemoryNeeds) -> SlotPlan:
     return make_plan(slots, needs)
 
 
-def make_plan(slots: Mapping[int, int], needs: MemoryNeeds) -> SlotPlan:
+def make_plan(slots: Mapping[int, int], needs: MemoryNeeds,
+              substitutes: Mapping[int, int] | None = None,
+              substitute_bytes: Mapping[int, int] | None = None) -> SlotPlan:
     """A SlotPlan for a given per-layer allocation (e.g. from the DP), with its byte totals."""
     slot_bytes = sum(slots[layer] * needs.expert_bytes[layer] for layer in needs.expert_bytes)
+    if substitutes:
+        slot_bytes += sum(n * substitute_bytes[l] for l, n in substitutes.items())
     return SlotPlan(slots=dict(slots), slot_bytes=slot_bytes,
-                    total_bytes=slot_bytes + needs.fixed_bytes)
+                    total_bytes=slot_bytes + needs.fixed_bytes,
+                    substitutes=dict(substitutes) if substitutes else None)
 

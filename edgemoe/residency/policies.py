@@ -46,9 +46,9 @@ class ExpertPool(Protocol):
     (blocking); which expert holds which slot is the policy's table, never the pool's.
     expert_bytes(layer) is one expert's size in that layer's slots."""
 
-    def load(self, layer: int, expert: int, slot: int) -> None: ...
+    def load(self, layer: int, expert: int, slot: int, substitute: bool = False) -> None: ...
     def bytes_held(self) -> int: ...
-    def expert_bytes(self, layer: int) -> int: ...
+    def expert_bytes(self, layer: int, substitute: bool = False) -> int: ...
 
 
 class Policy:
@@ -75,11 +75,15 @@ class Policy:
         self.tables = {l: SlotTable(self.slots[l], n_expert) for l in self.layers}
 
     # -- reads: every one goes through the loader thread --------------------------------------
-    def _read(self, layer: int, expert: int, slot: int) -> None:
+    def _read(self, layer: int, expert: int, slot: int, substitute: bool = False) -> None:
         t0 = time.perf_counter()
-        self.pool.load(layer, expert, slot)
-        self.telemetry.add(loads=1, bytes_read=self.pool.expert_bytes(layer),
-                           read_seconds=time.perf_counter() - t0)
+        if substitute:   # the expert's low-bit copy, into the pool's substitute tier
+            self.pool.load(layer, expert, slot, substitute=True)
+            nbytes = self.pool.expert_bytes(layer, substitute=True)
+        else:
+            self.pool.load(layer, expert, slot)
+            nbytes = self.pool.expert_bytes(layer)
+        self.telemetry.add(loads=1, bytes_read=nbytes, read_seconds=time.perf_counter() - t0)
         self.telemetry.resident_bytes = self.pool.bytes_held()
 
     # -- engine interface (defaults; each policy overrides what it uses) -----------------------
@@ -131,13 +135,22 @@ class Policy:
 
 
 class MaskedPolicy(Policy):
-    """Shared by full, static and swap: routing may use the experts of the slot table."""
+    """Shared by full, static and swap: routing may use the experts of the slot table.
 
-    def __init__(self, pool, slots, n_expert, n_expert_used, telemetry=None, loader=None):
+    With `substitutes` ({layer: n}; the pool's substitute tier, docs/FORMAT.md) the policy also
+    keeps n low-bit copies per layer resident (`sub_tables`): an expert whose full weights are
+    not resident but whose substitute is stays routable and runs from its substitute (counted
+    as `substituted`), so fewer tokens are redirected. Substitutes are loaded once, the
+    experts after the initial full set first."""
+
+    def __init__(self, pool, slots, n_expert, n_expert_used, telemetry=None, loader=None,
+                 substitutes: Mapping[int, int] | None = None):
         super().__init__(pool, slots, n_expert, n_expert_used, telemetry, loader)
         # The table each layer's routing used this step (what slot_of() last returned): during a
         # step experts can only become routable, so telemetry judges a step by its own table.
         self._view: dict[int, np.ndarray] = {}
+        self.sub_tables = ({l: SlotTable(int(substitutes[l]), n_expert) for l in self.layers}
+                           if substitutes else {})
 
     def initial_experts(self, layer: int) -> Sequence[int]:
         raise NotImplementedError
@@ -145,22 +158,38 @@ class MaskedPolicy(Policy):
     def warm(self) -> None:
         futures = []
         for layer in self.layers:
-            chosen = [int(e) for e in self.initial_experts(layer)][: self.slots[layer]]
-            for e in chosen:
+            order = [int(e) for e in self.initial_experts(layer)]
+            for e in order[: self.slots[layer]]:
                 slot = self.tables[layer].free.pop()
-                futures.append((layer, e, slot, self._loader.submit(
+                futures.append((self.tables[layer], layer, e, slot, self._loader.submit(
                     partial(self._read, layer, e, slot), DEMAND)))
-        for layer, e, slot, fut in futures:
+            if self.sub_tables:
+                full = set(order[: self.slots[layer]])
+                rest = [e for e in order if e not in full] + [e for e in order if e in full]
+                table = self.sub_tables[layer]
+                for e in rest[: table.n_slots]:
+                    slot = table.free.pop()
+                    futures.append((table, layer, e, slot, self._loader.submit(
+                        partial(self._read, layer, e, slot, True), DEMAND)))
+        for table, layer, e, slot, fut in futures:
             try:
                 fut.result()
             except OSError as exc:
                 raise ShardSetError(f"layer {layer} expert {e}: cannot be read ({exc})") from exc
-            self.tables[layer].commit(e, slot)
+            table.commit(e, slot)
 
     def slot_of(self, layer: int) -> np.ndarray:
         with self._lock:
             view = self._view[layer] = self.tables[layer].array()
         return view   # the caller reads it, never writes it
+
+    def substitute_of(self, layer: int) -> np.ndarray | None:
+        """(n_expert,) int32: the substitute slot of every expert whose low-bit copy is
+        resident, -1 for the others; None without a substitute tier. Substitutes never move
+        after warm(), so one read per step is enough."""
+        if not self.sub_tables:
+            return None
+        return self.sub_tables[layer].array()
 
     def count_routing(self, layer: int, wanted: np.ndarray, selected: np.ndarray | None) -> None:
         """Telemetry for one layer-step: wanted (n_tokens, k) unmasked top-k ids; selected
@@ -169,13 +198,21 @@ class MaskedPolicy(Policy):
             table = self._view.get(layer)
             if table is None:
                 table = self.tables[layer].array()
-        hits = int((table[wanted] >= 0).sum())
+        full = table[wanted] >= 0
+        routable = table >= 0
+        substituted = 0
+        if self.sub_tables:
+            sub = self.sub_tables[layer].array() >= 0
+            substituted = int((~full & sub[wanted]).sum())
+            routable = routable | sub
+        hits = int(full.sum())
         absent = 0
         if selected is not None:
             selected = np.asarray(selected)
-            absent = int((table[selected[selected >= 0]] < 0).sum())
+            absent = int((~routable[selected[selected >= 0]]).sum())
         self.telemetry.add(layer_steps=wanted.shape[0], experts_run=wanted.size, hits=hits,
-                           redirects=wanted.size - hits, absent_selected=absent)
+                           substituted=substituted,
+                           redirects=wanted.size - hits - substituted, absent_selected=absent)
 
     def observe(self, layer, probs, x_norm, selected=None) -> None:
         self.count_routing(layer, topk(probs, self.k)[0], selected)
@@ -187,8 +224,8 @@ class StaticPolicy(MaskedPolicy):
     name = "static"
 
     def __init__(self, pool, slots, n_expert, n_expert_used, scores: Mapping[int, np.ndarray],
-                 telemetry=None, loader=None):
-        super().__init__(pool, slots, n_expert, n_expert_used, telemetry, loader)
+                 telemetry=None, loader=None, substitutes: Mapping[int, int] | None = None):
+        super().__init__(pool, slots, n_expert, n_expert_used, telemetry, loader, substitutes)
         self.scores = {l: np.asarray(scores[l], dtype=np.float64) for l in self.layers}
 
     def initial_experts(self, layer: int) -> Sequence[int]:
@@ -231,8 +268,8 @@ class SwapPolicy(MaskedPolicy):
                  interval: int = 16, max_swaps: int | None = None, margin: float = 0.0,
                  decay: float = 0.0,
                  initial: Mapping[int, Sequence[int]] | None = None, telemetry=None,
-                 loader=None):
-        super().__init__(pool, slots, n_expert, n_expert_used, telemetry, loader)
+                 loader=None, substitutes: Mapping[int, int] | None = None):
+        super().__init__(pool, slots, n_expert, n_expert_used, telemetry, loader, substitutes)
         # One swap per expert layer and window by default: adapting after a topic change needs
         # several experts replaced in every layer, and reads are bounded by in-flight count.
         max_swaps = len(self.layers) if max_swaps is None else max_swaps
