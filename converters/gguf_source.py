@@ -50,11 +50,9 @@ def split_parts(path: Path) -> list[Path]:
 
 def open_gguf(path: Path) -> GGUFReader:
     """GGUFReader with every failure (bad magic, truncation, bad offsets) as a ConvertError."""
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # gguf-py raises ValueError, struct.error, IndexError... on bad input
-        raise ConvertError(f"{path}: corrupt or truncated GGUF ({type(exc).__name__}: {exc})") \
-            from exc
+    from edgemoe.gguf_header import gguf_reader
+
+    reader = gguf_reader(path, ConvertError)  # the header bounded before gguf-py reads it
     size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:

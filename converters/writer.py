@@ -1,9 +1,11 @@
 """Writing GGUF files one tensor block at a time, crash-safely, and assembling a shard set.
 
 Every file is written under `<name>.tmp`, flushed to disk, then renamed, so a file with its final
-name is always complete. A journal (one JSON line per finished file, with its sha256 and tensor
-offsets) lets `--resume` skip files that still match; the manifest is written last, so its
-presence marks a complete shard set.
+name is always complete. A journal (one JSON line per finished file, with its sha256, tensor
+offsets and crc32s) lets `--resume` skip files that still match; the manifest is written last,
+sealed with its own digest, so its presence marks a complete shard set. The crc32s (of each
+tensor, and of each expert's data run) are computed as the bytes pass, for the runtime's checks
+at read time.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -24,10 +27,9 @@ from gguf import GGUF_DEFAULT_ALIGNMENT, GGUFWriter
 from edgemoe.errors import ConvertError
 from edgemoe.quant import GGMLType
 from edgemoe.shardset import (BASE_FILE, EXPERT_TENSORS, EXPERTS_DIR, FORMAT_NAME,
-                              FORMAT_VERSION, MANIFEST_FILE, SUBSTITUTES_DIR, check_file,
-                              expert_tensor_name)
+                              FORMAT_VERSION, JOURNAL_FILE, MANIFEST_FILE, SUBSTITUTES_DIR,
+                              check_file, expert_tensor_name, seal_manifest)
 
-JOURNAL_FILE = ".edgemoe-journal.jsonl"
 TMP_SUFFIX = ".tmp"
 
 
@@ -60,7 +62,9 @@ class Written:
     rel: str
     bytes: int
     sha256: str
-    tensors: dict = field(default_factory=dict)  # name -> {"offset", "nbytes"}
+    tensors: dict = field(default_factory=dict)  # name -> {"offset", "nbytes", "crc32"}
+    data_crc32: int | None = None   # of the bytes from the first tensor to the end of the last
+    header_crc32: int | None = None  # of the bytes before the first tensor
 
 
 class _HashingFile:
@@ -70,11 +74,22 @@ class _HashingFile:
         self.raw = raw
         self.sha = hashlib.sha256()
         self.pos = 0
+        self.run_crc: int | None = None      # from start_run(): the tensor data run
+        self.head_crc = 0                    # until start_run(): the header
+        self.tensor_crc = 0
+
+    def start_run(self) -> None:
+        self.run_crc = 0
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         self.raw.write(view)
         self.sha.update(view)
+        if self.run_crc is not None:
+            self.run_crc = zlib.crc32(view, self.run_crc)
+            self.tensor_crc = zlib.crc32(view, self.tensor_crc)
+        else:
+            self.head_crc = zlib.crc32(view, self.head_crc)
         self.pos += view.nbytes
         return view.nbytes
 
@@ -144,6 +159,7 @@ def write_gguf(path: Path, out: OutFile, progress: Progress | None = None) -> Wr
         # raw_dtype fixes the stored type; the placeholder numpy dtype is then ignored.
         w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.type)
     offsets = {}
+    run_crc = None
     complete = False
     try:
         w.open_output_file(tmp)
@@ -154,8 +170,10 @@ def write_gguf(path: Path, out: OutFile, progress: Progress | None = None) -> Wr
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         w.write_padding(f, f.tell())
+        f.start_run()
         for t in out.tensors:
             start = f.tell()
+            f.tensor_crc = 0
             for chunk in t.chunks():
                 n = f.write(chunk)
                 if progress:
@@ -163,7 +181,8 @@ def write_gguf(path: Path, out: OutFile, progress: Progress | None = None) -> Wr
             if f.tell() - start != t.nbytes:
                 raise ConvertError(f"{path}: tensor {t.name} produced {f.tell() - start} bytes, "
                                    f"expected {t.nbytes}")
-            offsets[t.name] = {"offset": start, "nbytes": t.nbytes}
+            offsets[t.name] = {"offset": start, "nbytes": t.nbytes, "crc32": f.tensor_crc}
+            run_crc = f.run_crc   # the run ends with the last tensor, before its padding
             w.write_padding(f, t.nbytes, out.alignment)
         raw.flush()
         os.fsync(raw.fileno())
@@ -178,7 +197,8 @@ def write_gguf(path: Path, out: OutFile, progress: Progress | None = None) -> Wr
             if w.fout:
                 w.fout[0].close()
             tmp.unlink(missing_ok=True)
-    return Written(rel=out.rel, bytes=size, sha256=f.sha.hexdigest(), tensors=offsets)
+    return Written(rel=out.rel, bytes=size, sha256=f.sha.hexdigest(), tensors=offsets,
+                   data_crc32=run_crc, header_crc32=f.head_crc)
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -264,18 +284,36 @@ def _done_records(out: Path, fingerprint: str) -> dict[str, Written]:
             m = json.loads(manifest.read_text())
         except (OSError, json.JSONDecodeError):
             m = {}
-        if m.get("fingerprint") == fingerprint:
-            for rec in [m["base"], *m["experts"]]:
-                tensors = {expert_tensor_name(rec["layer"], rec["expert"], proj):
-                           {"offset": t["offset"], "nbytes": t["nbytes"]}
-                           for proj, t in rec.get("tensors", {}).items()}
-                records[rec["file"]] = {"rel": rec["file"], "bytes": rec["bytes"],
-                                        "sha256": rec["sha256"], "tensors": tensors}
+        if isinstance(m, dict) and m.get("fingerprint") == fingerprint:
+            try:
+                base = m["base"]
+                if "tensor_crc32" in base:  # sets written before checksums are rewritten
+                    records[base["file"]] = {
+                        "rel": base["file"], "bytes": base["bytes"], "sha256": base["sha256"],
+                        "tensors": {n: {"crc32": c} for n, c in base["tensor_crc32"].items()},
+                        "data_crc32": 0, "header_crc32": base["header_crc32"]}
+                for rec in m["experts"]:
+                    if "crc32" not in rec:
+                        continue
+                    tensors = {expert_tensor_name(rec["layer"], rec["expert"], proj):
+                               {"offset": t["offset"], "nbytes": t["nbytes"]}
+                               for proj, t in rec["tensors"].items()}
+                    records[rec["file"]] = {"rel": rec["file"], "bytes": rec["bytes"],
+                                            "sha256": rec["sha256"], "tensors": tensors,
+                                            "data_crc32": rec["crc32"]}
+            except (KeyError, TypeError, AttributeError):
+                pass  # a damaged manifest: what it listed is written again
     done = {}
     for rel, rec in records.items():
-        if check_file(out / rel, rec["bytes"], rec["sha256"]) is None:
+        try:
+            ok = (rec.get("data_crc32") is not None and rec.get("header_crc32") is not None
+                  and check_file(out / rel, rec["bytes"], rec["sha256"]) is None)
+        except (KeyError, TypeError, OSError):
+            ok = False
+        if ok:
             done[rel] = Written(rel=rel, bytes=rec["bytes"], sha256=rec["sha256"],
-                                tensors=rec["tensors"])
+                                tensors=rec["tensors"], data_crc32=rec["data_crc32"],
+                                header_crc32=rec.get("header_crc32"))
     return done
 
 
@@ -288,7 +326,8 @@ def _expert_entry(f: OutFile, w: Written) -> dict:
     first, last = tensors[EXPERT_TENSORS[0]], tensors[EXPERT_TENSORS[-1]]
     return {"layer": f.layer, "expert": f.expert, "file": f.rel, "bytes": w.bytes,
             "sha256": w.sha256, "data_offset": first["offset"],
-            "data_bytes": last["offset"] + last["nbytes"] - first["offset"], "tensors": tensors}
+            "data_bytes": last["offset"] + last["nbytes"] - first["offset"],
+            "crc32": w.data_crc32, "tensors": tensors}
 
 
 def write_shard_set(plan, out: Path, resume: bool = False, force: bool = False,
@@ -335,7 +374,9 @@ def write_shard_set(plan, out: Path, resume: bool = False, force: bool = False,
         "n_ff_exp": plan.hp.n_ff_exp, "expert_layers": list(plan.hp.expert_layers),
         "expert_type": plan.expert_type, "dense_type": plan.dense_type,
         "fallbacks": list(plan.fallbacks),
-        "base": {"file": base.rel, "bytes": base.bytes, "sha256": base.sha256},
+        "base": {"file": base.rel, "bytes": base.bytes, "sha256": base.sha256,
+                 "header_crc32": base.header_crc32,
+                 "tensor_crc32": {name: t["crc32"] for name, t in base.tensors.items()}},
         "experts": [_expert_entry(f, written[f.rel]) for f in plan.experts],
     }
     if plan.substitutes:
@@ -344,7 +385,7 @@ def write_shard_set(plan, out: Path, resume: bool = False, force: bool = False,
         for entry in manifest["experts"]:
             sub = subs[(entry["layer"], entry["expert"])]
             entry["substitute"] = {k: v for k, v in sub.items() if k not in ("layer", "expert")}
-    write_json_atomic(out / MANIFEST_FILE, manifest)
+    write_json_atomic(out / MANIFEST_FILE, seal_manifest(manifest))
     journal.unlink(missing_ok=True)
     return manifest
 

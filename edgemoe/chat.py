@@ -36,6 +36,8 @@ class ChatSession:
         self.stop = list(stop or [])
         self.out = out or sys.stdout
         self.messages: list[dict] = []
+        self.replies = 0   # turns answered
+        self.failures = 0  # turns that ended in an error
         self.reset_history()
 
     # -- output ---------------------------------------------------------------------------
@@ -88,6 +90,7 @@ class ChatSession:
             chunks = self._start()
             if chunks is None:
                 self.messages.pop()
+                self.failures += 1
                 return
             for chunk in chunks:
                 delta = chunk["choices"][0]["delta"].get("content")
@@ -101,6 +104,10 @@ class ChatSession:
                 chunks.close()
             self.say(" [interrupted]")
         self.messages.append({"role": "assistant", "content": "".join(pieces)})
+        self.replies += 1
+        stats = self.model.last_stats
+        if stats is not None and stats.context_full:
+            self.say("(the reply stopped at a full context; /reset or raise -c/--ctx-size)")
         self.say(self.status_line())
 
     def _start(self):
@@ -138,14 +145,14 @@ class ChatSession:
             if line is None:  # end of input
                 if interactive:
                     self.say("")
-                return 0
+                return self.exit_code()
             text = line.strip()
             if not text:
                 continue
             if text.startswith("/"):
                 command = text.split()[0].lower()
                 if command in ("/exit", "/quit"):
-                    return 0
+                    return self.exit_code()
                 if command == "/reset":
                     self.reset_history()
                     self.model.reset()
@@ -160,7 +167,14 @@ class ChatSession:
             try:
                 self.reply(text)
             except EdgeMoeError as exc:
+                self.failures += 1
+                if self.messages and self.messages[-1].get("role") == "user":
+                    self.messages.pop()  # the turn that failed is not part of the conversation
                 self.say(f"error: {exc}")
+
+    def exit_code(self) -> int:
+        """1 when turns were asked and every one failed (a script sees the failure), else 0."""
+        return 1 if self.failures and not self.replies else 0
 
     def _read(self, stdin: TextIO, interactive: bool) -> str | None:
         if interactive and stdin is sys.stdin:

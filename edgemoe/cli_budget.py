@@ -21,6 +21,7 @@ import json
 import time
 from pathlib import Path
 
+from edgemoe.cli import ranged
 from edgemoe.errors import EdgeMoeError
 from edgemoe.residency import calibration as calib
 from edgemoe.residency.budget import expert_allowance, parse_budget
@@ -206,18 +207,18 @@ def register(subparsers) -> None:
                    "experts' bytes)")
     p.add_argument("--policy", choices=POLICIES, default=None,
                    help="report only this policy (default: every policy that can run)")
-    p.add_argument("-c", "--ctx-size", type=int, default=2048, metavar="N")
-    p.add_argument("-b", "--batch-size", type=int, default=512, metavar="N")
-    p.add_argument("-t", "--threads", type=int, default=None, metavar="N")
-    p.add_argument("--n-prefetch", type=int, default=None, metavar="N",
+    p.add_argument("-c", "--ctx-size", type=ranged(int, 1), default=2048, metavar="N")
+    p.add_argument("-b", "--batch-size", type=ranged(int, 1), default=512, metavar="N")
+    p.add_argument("-t", "--threads", type=ranged(int, 1, 1024), default=None, metavar="N")
+    p.add_argument("--n-prefetch", type=ranged(int, 0), default=None, metavar="N",
                    help="ondemand: predicted experts prefetched per layer (default: the fastest "
                    "of 0, 1 and 2 on this storage, which `edgemoe run` then uses)")
-    p.add_argument("--adaptive-gating", type=float, default=None, metavar="T",
+    p.add_argument("--adaptive-gating", type=ranged(float, 0.0), default=None, metavar="T",
                    help="ondemand: drop the last expert when s_l * w^2 < T")
-    p.add_argument("--prompt-tokens", type=int, default=32, metavar="N",
+    p.add_argument("--prompt-tokens", type=ranged(int, 1), default=32, metavar="N",
                    help="ondemand: the run's prompt length; the cache fills from it, and decode "
                    "pays for the slots it left free (default: %(default)s)")
-    p.add_argument("-n", "--tokens", type=int, default=256, metavar="N",
+    p.add_argument("-n", "--tokens", type=ranged(int, 1), default=256, metavar="N",
                    help="ondemand: tokens the run decodes (default: %(default)s; at most what "
                    "the calibration trace holds after the prompt)")
     p.add_argument("--no-write", action="store_true", help=f"do not write {PLAN_FILE}")
@@ -231,13 +232,13 @@ def register(subparsers) -> None:
     c.add_argument("shards", metavar="SHARDS", help="shard-set directory")
     c.add_argument("--text", metavar="FILE", default=None,
                    help="calibration text (default: a built-in mix of prose, a recipe and code)")
-    c.add_argument("--tokens", type=int, default=512, metavar="N",
+    c.add_argument("--tokens", type=ranged(int, 1), default=512, metavar="N",
                    help="use at most N tokens of the text (default: %(default)s)")
-    c.add_argument("--samples", type=int, default=16, metavar="N",
+    c.add_argument("--samples", type=ranged(int, 0), default=16, metavar="N",
                    help="positions sampled per layer for the sensitivities, 0 = none "
                    "(default: %(default)s)")
-    c.add_argument("--window", type=int, default=16, metavar="N",
+    c.add_argument("--window", type=ranged(int, 1), default=16, metavar="N",
                    help="positions over which a dropped expert's KL is summed "
                    "(default: %(default)s)")
-    c.add_argument("-t", "--threads", type=int, default=None, metavar="N")
+    c.add_argument("-t", "--threads", type=ranged(int, 1, 1024), default=None, metavar="N")
     c.set_defaults(func=_calibrate_cmd)

@@ -14,6 +14,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from edgemoe.cli import ranged
 from edgemoe.errors import EdgeMoeError, ShardSetError
 from edgemoe.runtime import add_residency_args, residency_config
 from edgemoe.sampling import SamplingParams
@@ -26,11 +27,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="shard-set directory (from `edgemoe convert`), or a Hugging Face "
                    "checkpoint directory or GGUF file, converted on first use into the cache "
                    "($EDGEMOE_CACHE, default ~/.cache/edgemoe) and reused afterwards")
-    p.add_argument("-c", "--ctx-size", type=int, default=2048, metavar="N",
+    p.add_argument("-c", "--ctx-size", type=ranged(int, 1), default=2048, metavar="N",
                    help="context window in tokens (default: %(default)s)")
-    p.add_argument("-b", "--batch-size", type=int, default=512, metavar="N",
+    p.add_argument("-b", "--batch-size", type=ranged(int, 1), default=512, metavar="N",
                    help="prompt tokens per engine step (default: %(default)s)")
-    p.add_argument("-t", "--threads", type=int, default=None, metavar="N",
+    p.add_argument("-t", "--threads", type=ranged(int, 1, 1024), default=None, metavar="N",
                    help="CPU threads (default: the engine's choice)")
     p.add_argument("--device", default=None,
                    help="ggml backend device, e.g. CPU or Vulkan0 (default: the best available)")
@@ -38,23 +39,24 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, n_default: int) -> None:
-    p.add_argument("-n", "--n-predict", type=int, default=n_default, metavar="N",
+    p.add_argument("-n", "--n-predict", type=ranged(int, -1), default=n_default, metavar="N",
                    help="tokens to generate, -1 = until end of text or a full context "
                    "(default: %(default)s)")
-    p.add_argument("--temp", type=float, default=_DEFAULTS.temperature,
+    p.add_argument("--temp", type=ranged(float, 0.0), default=_DEFAULTS.temperature,
                    help="temperature, 0 = greedy (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=_DEFAULTS.top_k,
+    p.add_argument("--top-k", type=ranged(int, 0), default=_DEFAULTS.top_k,
                    help="top-k sampling, 0 = off (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=_DEFAULTS.top_p,
+    p.add_argument("--top-p", type=ranged(float, 0.0, 1.0), default=_DEFAULTS.top_p,
                    help="top-p sampling, 1.0 = off (default: %(default)s)")
-    p.add_argument("--min-p", type=float, default=_DEFAULTS.min_p,
+    p.add_argument("--min-p", type=ranged(float, 0.0, 1.0), default=_DEFAULTS.min_p,
                    help="min-p sampling, 0.0 = off (default: %(default)s)")
-    p.add_argument("--repeat-penalty", type=float, default=_DEFAULTS.repeat_penalty,
+    p.add_argument("--repeat-penalty", type=ranged(float, 0.0, lo_open=True),
+                   default=_DEFAULTS.repeat_penalty,
                    help="penalty for repeating recent tokens, 1.0 = off (default: %(default)s)")
-    p.add_argument("--repeat-last-n", type=int, default=_DEFAULTS.repeat_last_n,
+    p.add_argument("--repeat-last-n", type=ranged(int, -1), default=_DEFAULTS.repeat_last_n,
                    help="how many recent tokens the penalty covers, -1 = the whole context "
                    "(default: %(default)s)")
-    p.add_argument("-s", "--seed", type=int, default=None,
+    p.add_argument("-s", "--seed", type=ranged(int, 0, 2**64 - 1), default=None,
                    help="random seed (default: a fresh one, printed in the summary)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when TEXT is generated (not printed); repeatable")
@@ -192,6 +194,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             pieces.close()
             _write("\n")
         stats = model.last_stats
+        if stats.context_full:
+            print(f"edgemoe run: note: generation stopped at a full context ({args.ctx_size} "
+                  "tokens); raise -c/--ctx-size for longer output", file=sys.stderr)
         line = stats.summary()
         if not sampling.greedy:
             line += f" | seed {sampling.seed}"
@@ -238,19 +243,20 @@ def _fmt_bytes(n: int) -> str:
 
 def describe(shards_path: str | Path) -> str:
     """The text `edgemoe info` prints."""
-    import gguf
     from gguf.constants import Keys
 
+    from edgemoe import arch as arch_registry
+    from edgemoe.gguf_header import GGUFHeader
     from edgemoe.shardset import ShardSet
 
     shards = ShardSet.open(shards_path)
-    try:
-        reader = gguf.GGUFReader(shards.base_path)
-    except (ValueError, OSError) as exc:
-        raise ShardSetError(f"{shards.base_path}: not a readable GGUF ({exc})") from None
+    reader = GGUFHeader(shards.base_path)
+    shards.check_base_header(reader)
+    model = arch_registry.get(shards.arch)
+    shards.check_match(model.hparams_class.from_gguf(reader, model, shards.base_path))
 
     def field(key: str):
-        f = reader.get_field(key)
+        f = reader.fields.get(key)
         return None if f is None else f.contents()
 
     arch = field(Keys.General.ARCHITECTURE)
@@ -266,10 +272,10 @@ def describe(shards_path: str | Path) -> str:
           ("expert n_ff", shards.n_ff_exp),
           ("context", field(Keys.LLM.CONTEXT_LENGTH.format(arch=arch)))]
     lines.append("hyper-params  " + ", ".join(f"{k} {v}" for k, v in hp if v is not None))
-    tokens = reader.get_field(Keys.Tokenizer.LIST)
-    lines.append(f"vocabulary    {len(tokens.data) if tokens is not None else 'none'} tokens, "
+    tokens = reader.fields.get(Keys.Tokenizer.LIST)
+    lines.append(f"vocabulary    {tokens.count if tokens is not None else 'none'} tokens, "
                  f"model {field(Keys.Tokenizer.MODEL)}, chat template "
-                 f"{'yes' if reader.get_field(Keys.Tokenizer.CHAT_TEMPLATE) else 'no'}")
+                 f"{'yes' if reader.fields.get(Keys.Tokenizer.CHAT_TEMPLATE) else 'no'}")
     lines.append(f"quant types   experts {shards.expert_type}, dense {shards.dense_type}"
                  + (f", {len(shards.fallbacks)} fallback(s)" if shards.fallbacks else ""))
 

@@ -99,6 +99,7 @@ class GenerationStats:
     decode_seconds: float
     peak_rss_bytes: int
     cgroup_peak_bytes: int | None
+    context_full: bool = False  # generation stopped because the context window was full
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -315,6 +316,7 @@ class Generator:
         n_decode = 0
         finish: str | None = None  # stays None when the consumer stops us early
         stopped = False
+        context_full = False
 
         try:
             if limit <= 0:
@@ -340,6 +342,7 @@ class Generator:
                         break
                     if len(gen.tokens) >= limit or len(self._cached) >= n_ctx:
                         finish = FINISH_LENGTH  # max_tokens reached or the context is full
+                        context_full = len(gen.tokens) < limit
                         break
                     if self.interrupt is not None and self.interrupt():
                         break
@@ -368,4 +371,5 @@ class Generator:
                 decode_seconds=t_decode,
                 peak_rss_bytes=peak_rss_bytes(),
                 cgroup_peak_bytes=cgroup_memory_peak_bytes(),
+                context_full=context_full,
             )

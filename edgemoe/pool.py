@@ -6,7 +6,12 @@ table itself; the pool only holds the bytes: `load(layer, expert, slot)` writes 
 slot, and the graph reads `tensors(layer)`. An expert is read from its shard with one positioned read of its contiguous data run (offsets
 from the manifest, no GGUF parsing) and copied into its slot. The read uses O_DIRECT where the
 filesystem allows it, else the page cache it caused is dropped (the memory budget counts page
-cache).
+cache). The first read of each expert also takes the GGUF header before the run and checks it
+against the manifest, and checks the run against the crc32 the manifest records; later reads of
+the same expert (ondemand re-reads its misses) are checked against a sum of the run's 64-bit
+words taken at that first read, ten times cheaper than a crc32 and as sure to catch a flipped
+bit. A shard that fails is a ShardSetError naming the file (ondemand fails the step that needed
+it, swap skips the swap). EDGEMOE_CHECKSUMS=0 turns the data checks off.
 
 Threading: a policy's loader thread calls `load` while the engine computes. File reads run
 without any lock (and release the GIL); the copy into a slot happens under `compute_lock`, which
@@ -17,7 +22,11 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import stat
 import threading
+import time
+import zlib
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -25,11 +34,14 @@ import numpy as np
 from edgemoe import ggml
 from edgemoe.errors import EdgeMoeError, ShardSetError
 from edgemoe.ggml import GGMLType
-from edgemoe.shardset import EXPERT_TENSORS, ShardSet
+from edgemoe.shardset import CHECKSUMS, EXPERT_TENSORS, ShardSet
 
 
 _ALIGN = 4096                       # O_DIRECT: file offsets, lengths and memory aligned to this
 _direct = hasattr(os, "O_DIRECT")   # cleared for good the first time a filesystem refuses it
+# Shard files are opened without following a link (the shard set resolved them) and without
+# blocking (a pipe swapped in for a file is refused by the fstat below, not waited on).
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK
 _buffers = threading.local()
 
 
@@ -52,13 +64,14 @@ def read_span(path, offset: int, nbytes: int) -> np.ndarray:
         start = offset - offset % _ALIGN
         end = -(-(offset + nbytes) // _ALIGN) * _ALIGN
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            fd = os.open(path, _OPEN_FLAGS | os.O_DIRECT)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
             _direct = False   # tmpfs and some FUSE filesystems refuse O_DIRECT
         else:
             try:
+                _regular(fd, path)
                 buf = _thread_buffer(end - start)[: end - start]
                 got = os.preadv(fd, [buf], start)
             except OSError as exc:
@@ -72,8 +85,9 @@ def read_span(path, offset: int, nbytes: int) -> np.ndarray:
                 return buf[offset - start: offset - start + nbytes]
             finally:
                 os.close(fd)
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, _OPEN_FLAGS)
     try:
+        _regular(fd, path)
         out = _thread_buffer(nbytes)[:nbytes]
         got = os.preadv(fd, [out], offset)
         if got != nbytes:
@@ -83,6 +97,20 @@ def read_span(path, offset: int, nbytes: int) -> np.ndarray:
     finally:
         os.close(fd)
     return out
+
+
+def word_sum(data: np.ndarray) -> int:
+    """Sum of the run's little-endian 64-bit words (mod 2**64), its last partial word as bytes:
+    any one changed word or flipped bit changes it."""
+    n = data.nbytes // 8 * 8
+    total = int(np.add.reduce(data[:n].view(np.uint64))) if n else 0
+    return total + int(data[n:].sum())
+
+
+def _regular(fd: int, path) -> None:
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        raise ShardSetError(f"{path}: not a regular file any more (mode {mode:o})")
 
 
 class ExpertPool:
@@ -134,6 +162,9 @@ class ExpertPool:
         self._lock = threading.Lock()
         self.bytes_read = 0
         self.loads = 0
+        self._word_sums: dict[Path, int] = {}  # of each shard's run, at its first read
+        self.check_crc = CHECKSUMS
+        self.check_seconds = 0.0   # spent checking data runs (crc32 and word sums)
 
     def _slot_count(self, layer: int, n_slots) -> int:
         if n_slots is None:
@@ -242,16 +273,45 @@ class ExpertPool:
             self.bytes_read += shard.data_bytes
             self.loads += 1
 
-    @staticmethod
-    def _read(shard) -> np.ndarray:
+    def _read(self, shard) -> np.ndarray:
         """The expert's data run (a view of the reading thread's buffer, valid until its next
-        read), read with one pread that leaves no page cache behind (see read_span)."""
+        read), read with one pread that leaves no page cache behind (see read_span), and
+        checked: on the first read the GGUF header before it and its crc32, on later reads the
+        word sum the first read took."""
+        key = shard.path   # an expert and its substitute are two shards
+        first = key not in self._word_sums
+        start = 0 if first else shard.data_offset
         try:
-            return read_span(shard.path, shard.data_offset, shard.data_bytes)
+            data = read_span(shard.path, start, shard.data_offset + shard.data_bytes - start)
         except EOFError as exc:
             raise ShardSetError(f"{shard.path}: {exc}; the shard is truncated") from None
         except OSError as exc:
-            raise ShardSetError(f"{shard.path}: cannot read expert shard ({exc.strerror})") from None
+            raise ShardSetError(f"{shard.path}: cannot read expert shard "
+                                f"({exc.strerror or exc})") from None
+        if not first:
+            if not self.check_crc:
+                return data
+            t0 = time.perf_counter()
+            same = word_sum(data) == self._word_sums[key]
+            self.check_seconds += time.perf_counter() - t0
+            if not same:
+                raise ShardSetError(f"{shard.path}: expert data changed since its first read "
+                                    "(its checksum differs); the shard is corrupt: reconvert it")
+            return data
+        shard.check_header(data[:shard.data_offset])
+        data = data[shard.data_offset:]
+        t0 = time.perf_counter()
+        if self.check_crc and shard.crc32 is not None:
+            crc = zlib.crc32(data)
+            if crc != shard.crc32:
+                raise ShardSetError(f"{shard.path}: expert data fails its checksum (crc32 "
+                                    f"{crc:08x}, manifest says {shard.crc32:08x}); the shard is "
+                                    "corrupt: reconvert it")
+        total = word_sum(data)
+        self.check_seconds += time.perf_counter() - t0
+        with self._lock:
+            self._word_sums[key] = total
+        return data
 
     def close(self) -> None:
         self.buffer.close()

@@ -73,9 +73,11 @@ def needs_from_files(shards: ShardSet, n_ctx: int, kv_type: str, compute_bytes: 
     the pool's (host buffer + page cache, without O_DIRECT, of one expert): base weights are
     used in place from the mapped base.gguf (its tensors are the base bytes, counted once)."""
     header = GGUFHeader(shards.base_path)
+    shards.check_base_header(header)
     base = sum(t.n_bytes for t in header.tensors)
     model = arch_registry.get(shards.arch)
     hp = model.hparams_class.from_gguf(header, model, shards.base_path)
+    shards.check_match(hp)
     expert_bytes = {l: shards.expert(l, 0).data_bytes for l in shards.expert_layers}
     kv = hp.n_layer * (hp.n_embd_kv + hp.n_embd_v) * n_ctx * _KV_BYTES[kv_type]
     return MemoryNeeds(base_bytes=base, kv_bytes=kv, compute_bytes=compute_bytes,
@@ -349,6 +351,8 @@ class StepLog(Telemetry):
 
 def add_residency_args(p) -> None:
     """The issue 4 flags shared by run, chat and anything else that opens a model."""
+    from edgemoe.cli import ranged
+
     p.add_argument("--memory-budget", default=None, metavar="SIZE|PCT",
                    help="bound the process (2GiB, 1.5GB, 512MiB) or the resident experts (50%%, "
                    "of the experts' bytes); below the minimum the model is refused before "
@@ -357,10 +361,10 @@ def add_residency_args(p) -> None:
                    help="expert residency: full (all resident), swap (masked gating over a "
                    "resident set adapted in the background; the default with a budget), "
                    "ondemand (exact: misses loaded before the experts run), static (fixed set)")
-    p.add_argument("--adaptive-gating", type=float, default=None, metavar="T",
+    p.add_argument("--adaptive-gating", type=ranged(float, 0.0), default=None, metavar="T",
                    help="ondemand: run one expert fewer when s_l * w^2 < T (s_l from "
                    "`edgemoe calibrate`)")
-    p.add_argument("--n-prefetch", type=int, default=None, metavar="N",
+    p.add_argument("--n-prefetch", type=ranged(int, 0), default=None, metavar="N",
                    help="ondemand: next-layer experts prefetched per layer, 0 = off (default: "
                    "what `edgemoe plan` chose for this budget, the fastest on this storage; "
                    "1 without a plan)")

@@ -17,6 +17,7 @@ import ctypes
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -185,7 +186,7 @@ class Vocab:
         self._vocab = self._api.model_get_vocab(model)
         self.n_vocab: int = self._api.vocab_n_tokens(self._vocab)
         template = self._api.model_chat_template(model, None)
-        self.chat_template: str | None = template.decode("utf-8") if template else None
+        self.chat_template: str | None = template.decode("utf-8", errors="replace") if template else None
         # Whether tokenize() adds a leading space to the text (SentencePiece's add_space_prefix):
         # asked of libllama itself rather than re-deriving its per-model defaults.
         probe = self.tokenize("a", add_special=False)
@@ -353,22 +354,91 @@ class Vocab:
             capacity = n
 
     def _render_jinja(self, template: str, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> str:
-        """Render the way transformers' apply_chat_template does (sandboxed, trim/lstrip blocks)."""
+        """Render the way transformers' apply_chat_template does (sandboxed, trim/lstrip blocks),
+        within bounds: output size, time, string and list repetition; include/import/extends
+        find nothing. A template that breaks a bound or fails is one EdgeMoeError."""
         import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str) -> None:
             raise EdgeMoeError(f"{self.path}: chat template: {message}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        limit = _TEMPLATE_MAX_OUTPUT + 8 * sum(len(str(m.get("content", ""))) for m in messages)
+        env = _BoundedSandbox(limit, trim_blocks=True, lstrip_blocks=True,
+                              extensions=["jinja2.ext.loopcontrols"], loader=jinja2.DictLoader({}))
         env.globals["raise_exception"] = raise_exception
         specials = {
             name: self.token_to_piece(tok).decode("utf-8", errors="replace") if tok is not None else ""
             for name, tok in (("bos_token", self.bos), ("eos_token", self.eos))
         }
+        deadline = time.monotonic() + _TEMPLATE_SECONDS
+        previous = sys.gettrace()
+
+        def tracer(frame, event, arg):
+            if time.monotonic() > deadline:
+                raise _TemplateBound(f"took more than {_TEMPLATE_SECONDS:g} s")
+            return tracer
+
+        parts, size = [], 0
         try:
-            return env.from_string(template).render(
-                messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, **specials
-            )
+            compiled = env.from_string(template)
+            sys.settrace(tracer)
+            try:
+                for piece in compiled.generate(messages=[dict(m) for m in messages],
+                                               add_generation_prompt=add_generation_prompt, **specials):
+                    size += len(piece)
+                    if size > limit:
+                        raise _TemplateBound(f"output exceeds {limit} characters")
+                    parts.append(piece)
+            finally:
+                sys.settrace(previous)
+        except EdgeMoeError:
+            raise
+        except _TemplateBound as exc:
+            raise EdgeMoeError(f"{self.path}: chat template refused: it {exc}") from None
         except jinja2.TemplateError as exc:
-            raise EdgeMoeError(f"{self.path}: chat template cannot be rendered: {exc}") from exc
+            raise EdgeMoeError(f"{self.path}: chat template cannot be rendered: {exc}") from None
+        except (RecursionError, MemoryError) as exc:
+            raise EdgeMoeError(f"{self.path}: chat template refused: {type(exc).__name__}") from None
+        except Exception as exc:  # noqa: BLE001 - a template is data: whatever it raises is its fault
+            raise EdgeMoeError(f"{self.path}: chat template cannot be rendered: "
+                               f"{type(exc).__name__}: {str(exc)[:200]}") from None
+        return "".join(parts)
+
+
+# Bounds on rendering a Jinja chat template from a model file.
+_TEMPLATE_MAX_OUTPUT = 1 << 20    # characters, plus 8x the messages' own length
+_TEMPLATE_SECONDS = 5.0
+
+
+class _TemplateBound(Exception):
+    pass
+
+
+def _sandbox_class():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        """No `*` or `**` that builds more than the output allows ('ab' * 10**9, 9**9**9)."""
+
+        intercepted_binops = frozenset(["*", "**"])
+
+        def __init__(self, limit: int, **kw):
+            super().__init__(**kw)
+            self.limit = limit
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**":
+                if isinstance(right, (int, float)) and abs(right) > 64:
+                    raise _TemplateBound(f"computes a power of {right}")
+                return left ** right
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                    if len(seq) * n > self.limit:
+                        raise _TemplateBound(f"repeats {len(seq)} items {n} times")
+            return left * right
+
+    return BoundedSandbox
+
+
+def _BoundedSandbox(limit: int, **kw):
+    return _sandbox_class()(limit, **kw)

@@ -64,12 +64,46 @@ def test_run_from_file_sampled_with_seed(shards, reference, tmp_path):
 def test_run_errors_are_one_line(shards, tmp_path):
     missing = edgemoe_cmd("run", tmp_path / "nowhere", "-p", "x")
     too_long = edgemoe_cmd("run", shards, "-p", "word " * 100, "-c", 32)
-    bad_param = edgemoe_cmd("run", shards, "-p", "x", "--top-p", 2)
-    for proc, words in ((missing, "nowhere"), (too_long, "context"), (bad_param, "top_p")):
+    not_a_model = tmp_path / "photos"
+    not_a_model.mkdir()
+    (not_a_model / "cat.jpg").write_bytes(b"\xff\xd8")
+    not_a_set = edgemoe_cmd("run", not_a_model, "-p", "x")
+    for proc, words in ((missing, "nowhere"), (too_long, "context"),
+                        (not_a_set, "photos: not a shard set (no manifest.json; expected a "
+                                    "directory written by `edgemoe convert`")):
         err = proc.stderr.decode().strip()
         assert proc.returncode == 1, err
         assert len(err.splitlines()) == 1 and "Traceback" not in err
-        assert err.startswith("edgemoe run: error:") and words in err
+        assert err.startswith("edgemoe run: error:") and words in err, err
+
+
+@pytest.mark.parametrize("flag,value,allowed", [
+    ("-n", -5, ">= -1"), ("--temp", -1, ">= 0.0"), ("-t", 0, "1..1024"), ("-c", 0, ">= 1"),
+    ("--top-p", 2, "0.0..1.0"), ("--min-p", "nan", "0.0..1.0"), ("--top-k", -1, ">= 0"),
+    ("--repeat-penalty", 0, "> 0.0"), ("--repeat-last-n", -2, ">= -1"),
+    ("--n-prefetch", -1, ">= 0"),
+])
+def test_out_of_range_arguments_name_the_allowed_range(shards, flag, value, allowed):
+    proc = edgemoe_cmd("run", shards, "-p", "x", flag, value)
+    err = proc.stderr.decode().strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert f"{value} is out of range (allowed: {allowed})" in err and flag in err, err
+
+
+def test_version_names_the_llama_cpp_build():
+    proc = edgemoe_cmd("--version")
+    assert proc.returncode == 0
+    assert re.match(rf"edgemoe {re.escape(edgemoe.__version__)} \(llama.cpp from "
+                    r"llama-cpp-python [\d.]+; libraries in /", proc.stdout.decode())
+
+
+def test_a_full_context_is_noted(shards):
+    proc = edgemoe_cmd("run", shards, "-p", "The sea", "-n", -1, "--temp", 0, "-c", 16, "-t", 1)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert ("edgemoe run: note: generation stopped at a full context (16 tokens)"
+            in proc.stderr.decode())
+    short = edgemoe_cmd("run", shards, "-p", "The sea", "-n", 3, "--temp", 0, "-c", 16, "-t", 1)
+    assert "full context" not in short.stderr.decode()
 
 
 def test_info_describes_the_shard_set(shards):
@@ -111,6 +145,12 @@ def test_chat_from_a_pipe(shards, reference):
     assert "memory:" in out and "expert_slots" in out
     assert "(conversation cleared)" in out
     assert "unknown command /bogus" in out
+
+
+def test_chat_exits_non_zero_when_every_turn_failed(shards):
+    proc = edgemoe_cmd("chat", shards, "-c", 8, "-n", 4, "-t", 1, input=b"hello\nthere\n")
+    assert proc.returncode == 1
+    assert proc.stdout.decode().count("error: the prompt has") == 2
 
 
 def test_chat_drops_the_oldest_turns_when_the_context_is_full(shards):

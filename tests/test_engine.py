@@ -1,7 +1,6 @@
 """Engine and expert pool behaviour: context bookkeeping, errors, threads, memory, masked routing."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import threading
@@ -15,6 +14,7 @@ pytest.importorskip("transformers")
 
 from edgemoe import arch as arch_registry  # noqa: E402
 from edgemoe.engine import Engine  # noqa: E402
+from edgemoe.shardset import seal_manifest  # noqa: E402
 from edgemoe.errors import (ContextOverflow, EdgeMoeError, ShardSetError,  # noqa: E402
                             UnsupportedArchitecture)
 from edgemoe.residency.observer import EngineObserver  # noqa: E402
@@ -306,9 +306,9 @@ def test_base_from_another_model_is_refused(qwen3, shard_sets):
     base = qwen3 / "base.gguf"
     shutil.copyfile(shard_sets["olmoe"] / "base.gguf", base)
     manifest = json.loads((qwen3 / "manifest.json").read_text())
-    manifest["base"].update(bytes=base.stat().st_size,
-                            sha256=hashlib.sha256(base.read_bytes()).hexdigest())
-    (qwen3 / "manifest.json").write_text(json.dumps(manifest))
+    other = json.loads((shard_sets["olmoe"] / "manifest.json").read_text())
+    manifest["base"] = other["base"]
+    (qwen3 / "manifest.json").write_text(json.dumps(seal_manifest(manifest)))
     with pytest.raises(ShardSetError, match="do not match"):
         Engine(qwen3)
 
@@ -318,7 +318,7 @@ def test_corrupt_base_is_a_clear_error(qwen3):
     data = bytearray(base.read_bytes())
     data[:4] = b"XXXX"
     base.write_bytes(bytes(data))
-    with pytest.raises(ShardSetError, match="base.gguf: not a readable GGUF"):
+    with pytest.raises(ShardSetError, match="base.gguf: not a GGUF file"):
         Engine(qwen3)
 
 

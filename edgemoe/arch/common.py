@@ -17,7 +17,9 @@ selection are graph outputs, so a policy can score every expert's importance.
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +29,10 @@ from gguf.constants import MODEL_TENSOR, TENSOR_NAMES, Keys
 from edgemoe import ggml
 from edgemoe.ggml import GGMLType
 from edgemoe.errors import ShardSetError
-from edgemoe.gguf_header import GGUFHeader
+from edgemoe.gguf_header import ARRAY, FLOAT_TYPES, INT_TYPES, STRING, GGUFHeader
+from edgemoe.shardset import CHECKSUMS, MAX_DIM, MAX_EXPERTS, MAX_LAYERS
+
+_NOT_WEIGHTS = frozenset(int(GGMLType[n]) for n in ("I8", "I16", "I32", "I64", "F64"))
 
 # KV cells are allocated in steps of this many, so a decode graph keeps its shape for that many
 # tokens and is reused (the same granularity llama.cpp pads its KV view to).
@@ -90,31 +95,61 @@ class HParams:
         """Read through gguf.Keys; a model's subclass adds its own keys in `read_extra`."""
         arch = model.name
 
-        def get(key: str, default=None):
+        def get(key: str, default=None, kind: type | None = None):
+            """The value of `key` ({arch} filled in), of `kind` (default: the default's type);
+            a value of another GGUF type is refused, not converted."""
             name = key.format(arch=arch)
             field = reader.fields.get(name)
             if field is None:
                 if default is None:
                     raise ShardSetError(f"{path}: metadata key '{name}' missing")
                 return default
-            return field.contents()
+            kind = kind or (type(default) if default is not None else None)
+            vtype = int(field.type)
+            allowed = {int: INT_TYPES, float: INT_TYPES | FLOAT_TYPES, str: {STRING},
+                       bool: {7}}.get(kind)
+            if allowed is not None and vtype not in allowed:
+                raise ShardSetError(f"{path}: metadata key '{name}' has GGUF type {vtype}, "
+                                    f"expected {kind.__name__}")
+            try:
+                value = field.contents()
+                return kind(value) if kind is not None else value
+            except (ValueError, TypeError, UnicodeDecodeError, IndexError) as exc:
+                raise ShardSetError(f"{path}: metadata key '{name}' unreadable ({exc})") from None
 
-        n_embd = int(get(Keys.LLM.EMBEDDING_LENGTH))
-        n_head = int(get(Keys.Attention.HEAD_COUNT))
+        n_embd = get(Keys.LLM.EMBEDDING_LENGTH, kind=int)
+        n_head = get(Keys.Attention.HEAD_COUNT, kind=int)
+        if n_head < 1 or n_embd < 1:
+            raise ShardSetError(f"{path}: embedding_length {n_embd} and head_count {n_head} "
+                                "must be positive")
         head_dim = int(get(Keys.Attention.KEY_LENGTH, n_embd // n_head))
         scaling = get(Keys.Rope.SCALING_TYPE, "none")
         if scaling not in ("none", "linear"):
             raise ShardSetError(f"{path}: rope scaling '{scaling}' is not supported "
                                 "(supported: none, linear)")
         factor = float(get(Keys.Rope.SCALING_FACTOR, 1.0)) if scaling == "linear" else 1.0
-        n_layer = int(get(Keys.LLM.BLOCK_COUNT))
+        if not (math.isfinite(factor) and factor > 0):
+            raise ShardSetError(f"{path}: rope scaling factor {factor} must be finite and positive")
+        n_layer = get(Keys.LLM.BLOCK_COUNT, kind=int)
         layers = reader.fields.get("edgemoe.expert_layers")
-        expert_layers = tuple(int(x) for x in layers.contents()) if layers else tuple(range(n_layer))
+        if layers is None:
+            expert_layers = tuple(range(min(n_layer, MAX_LAYERS + 1)))
+        elif int(layers.type) != ARRAY or layers.count > MAX_LAYERS:
+            raise ShardSetError(f"{path}: edgemoe.expert_layers should be an array of at most "
+                                f"{MAX_LAYERS} layers")
+        else:
+            try:
+                expert_layers = tuple(int(x) for x in layers.contents())
+            except (ValueError, TypeError, UnicodeDecodeError, IndexError) as exc:
+                raise ShardSetError(f"{path}: edgemoe.expert_layers unreadable ({exc})") from None
         embd = next((t for t in reader.tensors
                      if t.name == TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight"), None)
         if embd is None:
             raise ShardSetError(f"{path}: tensor token_embd.weight missing")
-        return cls(
+        if len(embd.shape) != 2:
+            raise ShardSetError(f"{path}: tensor token_embd.weight has shape "
+                                f"{[int(x) for x in embd.shape]}, expected [n_embd, n_vocab]")
+        hp = cls(
             arch=arch,
             n_vocab=int(embd.shape[1]),
             n_embd=n_embd,
@@ -124,11 +159,11 @@ class HParams:
             head_dim=head_dim,
             n_rot=int(get(Keys.Rope.DIMENSION_COUNT, head_dim)),
             n_ctx_train=int(get(Keys.LLM.CONTEXT_LENGTH, 4096)),
-            rms_eps=float(get(Keys.Attention.LAYERNORM_RMS_EPS)),
+            rms_eps=get(Keys.Attention.LAYERNORM_RMS_EPS, kind=float),
             rope_freq_base=float(get(Keys.Rope.FREQ_BASE, 10000.0)),
             rope_freq_scale=1.0 / factor,
-            n_expert=int(get(Keys.LLM.EXPERT_COUNT)),
-            n_expert_used=int(get(Keys.LLM.EXPERT_USED_COUNT)),
+            n_expert=get(Keys.LLM.EXPERT_COUNT, kind=int),
+            n_expert_used=get(Keys.LLM.EXPERT_USED_COUNT, kind=int),
             n_ff_exp=int(get(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, 0)),
             n_ff_shexp=int(get(Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH, 0)),
             # llama.cpp fixes renormalisation per architecture (it ignores the metadata key).
@@ -142,6 +177,49 @@ class HParams:
             head_dim_v=int(get(Keys.Attention.VALUE_LENGTH, head_dim)),
             **cls.read_extra(get),
         )
+        hp.check(path)
+        return hp
+
+    def check(self, path: Path) -> None:
+        """Refuse hyper-parameters no graph can be built from (ggml would abort on them)."""
+        def bad(what: str):
+            raise ShardSetError(f"{path}: {what}")
+
+        if not 1 <= self.n_layer <= MAX_LAYERS:
+            bad(f"block_count {self.n_layer}, expected 1..{MAX_LAYERS}")
+        if not 1 <= self.n_vocab or not 1 <= self.n_embd <= MAX_DIM:
+            bad(f"n_vocab {self.n_vocab} / embedding_length {self.n_embd} out of range")
+        if not (1 <= self.n_head_kv <= self.n_head and self.n_head % self.n_head_kv == 0):
+            bad(f"head_count_kv {self.n_head_kv} must divide head_count {self.n_head}")
+        if (not 1 <= self.head_dim <= MAX_DIM or not 0 <= self.head_dim_v <= MAX_DIM
+                or self.n_embd_q > MAX_DIM):
+            bad(f"head dimensions {self.head_dim}/{self.head_dim_v} x {self.n_head} heads out of "
+                "range")
+        if not (0 < self.n_rot <= self.head_dim and self.n_rot % 2 == 0):
+            bad(f"rope dimension_count {self.n_rot} must be even and in 2..{self.head_dim} "
+                "(the head dimension)")
+        if not 1 <= self.n_ctx_train:
+            bad(f"context_length {self.n_ctx_train} must be positive")
+        if not 1 <= self.n_expert <= MAX_EXPERTS or not 1 <= self.n_expert_used <= self.n_expert:
+            bad(f"expert_count {self.n_expert} / expert_used_count {self.n_expert_used}: expected "
+                f"1 <= used <= count <= {MAX_EXPERTS}")
+        if not 0 <= self.n_ff_exp <= MAX_DIM or not 0 <= self.n_ff_shexp <= MAX_DIM:
+            bad(f"expert feed_forward_length {self.n_ff_exp} / shared {self.n_ff_shexp} out of "
+                "range")
+        if (list(self.expert_layers) != sorted(set(self.expert_layers))
+                or any(not 0 <= l < self.n_layer for l in self.expert_layers)):
+            bad(f"edgemoe.expert_layers {list(self.expert_layers)[:8]} should be distinct "
+                f"increasing layers in 0..{self.n_layer - 1}")
+        for name, value, positive in (
+                ("layer_norm_rms_epsilon", self.rms_eps, True),
+                ("rope.freq_base", self.rope_freq_base, True),
+                ("expert_weights_scale", self.expert_weights_scale, False),
+                ("embedding_scale", self.embedding_scale, False),
+                ("attention.scale", self.attention_scale, False),
+                ("residual_scale", self.residual_scale, False),
+                ("logit_scale", self.logit_scale, False)):
+            if not math.isfinite(value) or (positive and value <= 0):
+                bad(f"{name} {value} must be finite" + (" and positive" if positive else ""))
 
 
 def tensor_name(kind: MODEL_TENSOR, layer: int | None = None, suffix: str = "weight") -> str:
@@ -153,6 +231,14 @@ def tensor_name(kind: MODEL_TENSOR, layer: int | None = None, suffix: str = "wei
 _READ_PIECE = 16 << 20   # bytes of a base tensor read at a time on a device that cannot map
 
 
+def _check_crc(path: Path, name: str, crc32: dict[str, int], got: int) -> None:
+    want = crc32.get(name)
+    if want != got:
+        raise ShardSetError(f"{path}: tensor {name} fails its checksum (crc32 {got:08x}, "
+                            "manifest says " + ("none" if want is None else f"{want:08x}")
+                            + "); the file is corrupt: reconvert it")
+
+
 class BaseWeights:
     """Every non-expert tensor of base.gguf, in its own quant type. On the CPU they are used in
     place from the mapped file (pages read on first touch, counted once as page cache, never
@@ -160,7 +246,7 @@ class BaseWeights:
     buffer (edgemoe.pool.read_span: no page cache left behind)."""
 
     def __init__(self, path: Path, header: GGUFHeader, model: type["Decoder"], hp: HParams,
-                 backend: ggml.Backend):
+                 backend: ggml.Backend, crc32: dict[str, int] | None = None):
         wanted = model.tensors(hp)
         present = {t.name: t for t in header.tensors}
         chosen = []
@@ -176,6 +262,12 @@ class BaseWeights:
             if got != shape:
                 raise ShardSetError(f"{path}: tensor {name} has shape {list(got)}, "
                                     f"expected {list(shape)}")
+            kind = int(t.tensor_type)
+            # Norms and biases are added and multiplied as F32; a matrix in an integer type
+            # holds no weights. ggml aborts on either.
+            if (len(ne) == 1 and kind != GGMLType.F32) or kind in _NOT_WEIGHTS:
+                raise ShardSetError(f"{path}: tensor {name} is {GGMLType(kind).name}, expected "
+                                    + ("F32" if len(ne) == 1 else "a float or quantized type"))
             chosen.append(t)
         self.ctx = ggml.Context(len(chosen))
         self.tensors: dict[str, int] = {
@@ -187,22 +279,32 @@ class BaseWeights:
                 raise ShardSetError(f"{path}: tensor {t.name} holds {t.n_bytes} bytes, "
                                     f"its type and shape need {expect}")
         self.nbytes = sum(t.n_bytes for t in chosen)
+        check = crc32 is not None and CHECKSUMS
         if backend.maps_host_memory:
             self.buffer = ggml.MappedBuffer(path, backend.device, f"{path} weights")
             for t in chosen:
                 self.buffer.place(self.tensors[t.name], t.data_offset)
+                if check:  # through the mapping: the pages it reads are the ones used in place
+                    _check_crc(path, t.name, crc32, zlib.crc32((ctypes.c_char * t.n_bytes)
+                                                               .from_address(self.buffer.addr
+                                                                             + t.data_offset)))
         else:
             from edgemoe.pool import read_span
 
             self.buffer = ggml.Buffer(self.ctx, backend.weights_buffer_type, f"{path} weights")
             for t in chosen:   # in pieces: the reading buffer stays small (it is kept)
+                crc = 0
                 for start in range(0, t.n_bytes, _READ_PIECE):
                     n = min(_READ_PIECE, t.n_bytes - start)
                     try:
                         data = read_span(path, t.data_offset + start, n)
                     except (OSError, EOFError) as exc:
                         raise ShardSetError(f"{path}: cannot read tensor {t.name} ({exc})") from None
+                    if check:
+                        crc = zlib.crc32(data, crc)
                     ggml.tensor_set(self.tensors[t.name], data, start)
+                if check:
+                    _check_crc(path, t.name, crc32, crc)
 
     def get(self, kind: MODEL_TENSOR, layer: int | None = None, suffix: str = "weight") -> int | None:
         return self.tensors.get(tensor_name(kind, layer, suffix))
