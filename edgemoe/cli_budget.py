@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from edgemoe.cli import ranged
+from edgemoe.shardset import write_atomic
 from edgemoe.errors import EdgeMoeError
 from edgemoe.residency import calibration as calib
 from edgemoe.residency.budget import expert_allowance, parse_budget
@@ -159,7 +160,7 @@ def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = 
                     f"{profile.read_latency_s * 1e3:.2f} ms per read; compute "
                     f"{profile.fused_seconds * 1e3:.1f} ms/token in one graph (masked routing)")
     if write:
-        (shards_path / PLAN_FILE).write_text(json.dumps(doc, indent=1))
+        write_atomic(shards_path / PLAN_FILE, json.dumps(doc, indent=1).encode())
         lines.append(f"wrote {shards_path / PLAN_FILE} (used by `edgemoe run --memory-budget "
                      f"{budget_text}`)")
     return preds, lines, doc

@@ -88,6 +88,21 @@ def seal_manifest(manifest: dict) -> dict:
     return manifest
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `path` through `path.tmp`, flushed to disk and renamed over it: a reader, or a
+    process killed meanwhile, sees the old file or the new one, never part of one."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -4,6 +4,7 @@ synthetic generator here builds traces with known structure for tests and planne
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -11,6 +12,7 @@ from typing import Mapping
 import numpy as np
 
 from edgemoe.residency.routing import adaptive_gate, softmax, topk
+from edgemoe.shardset import write_atomic
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,9 @@ class RoutingTrace:
                             ("predicted", self.predicted)):
             for layer, a in table.items():
                 arrays[f"{name}.{layer}"] = a
-        np.savez_compressed(path, **arrays)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        write_atomic(Path(path), buf.getvalue())   # never a half-written trace beside the shards
 
     @classmethod
     def load(cls, path: str | Path) -> "RoutingTrace":
