@@ -28,6 +28,7 @@ from edgemoe.errors import EdgeMoeError
 from edgemoe.generate import Generation, GenerationStats, Generator
 from edgemoe.residency.telemetry import record
 from edgemoe.sampling import SamplingParams
+from edgemoe.gguf_header import GGUFHeader
 from edgemoe.shardset import ShardSet
 from edgemoe.tokenizer import Vocab
 
@@ -72,7 +73,10 @@ class Model:
                                          adaptive_gating=adaptive_gating, n_prefetch=n_prefetch,
                                          substitutes=substitutes)
         # The vocabulary first: a budget's measure of the process (open_engine) includes it.
-        self.vocab = Vocab(ShardSet.open(self.shards_path).base_path)
+        shards = ShardSet.open(self.shards_path)
+        # base.gguf's header bounded and checked before libllama parses it
+        shards.check_base_header(GGUFHeader(shards.base_path))
+        self.vocab = Vocab(shards.base_path)
         try:
             self.engine, self.slot_plan = open_engine(
                 self.shards_path, self.residency, n_ctx=n_ctx, n_threads=n_threads,
