@@ -10,6 +10,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from edgemoe.cli import ranged
 from edgemoe.cli_run import _add_model_args, open_model, report_residency
 from edgemoe.errors import EdgeMoeError
 
@@ -26,23 +27,23 @@ def register(subparsers) -> None:
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: %(default)s, this machine only)")
-    p.add_argument("--port", type=int, default=8080,
+    p.add_argument("--port", type=ranged(int, 0, 65535), default=8080,
                    help="port to listen on, 0 = any free one (default: %(default)s)")
     p.add_argument("--api-key", default=os.environ.get("EDGEMOE_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on the API (default: "
                    "$EDGEMOE_API_KEY, else none)")
     p.add_argument("--alias", default=None, metavar="NAME",
                    help="model id clients see (default: the MODEL directory's name)")
-    p.add_argument("--parallel", type=int, default=1, metavar="N",
+    p.add_argument("--parallel", type=ranged(int, 1), default=1, metavar="N",
                    help="sequences generated at once (default and only value for now: 1; "
                    "requests queue and run in turn)")
-    p.add_argument("--queue", type=int, default=16, metavar="N",
+    p.add_argument("--queue", type=ranged(int, 0), default=16, metavar="N",
                    help="requests that may wait behind the running one; more get 429 "
                    "(default: %(default)s)")
-    p.add_argument("--max-tokens", type=int, default=None, metavar="N",
+    p.add_argument("--max-tokens", type=ranged(int, 1), default=None, metavar="N",
                    help="the largest max_tokens a request may ask, and the default of chat "
                    "requests (default: the context size)")
-    p.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES",
+    p.add_argument("--max-body", type=ranged(int, 1), default=1 << 20, metavar="BYTES",
                    help="largest request body (default: %(default)s)")
     p.set_defaults(func=cmd_serve)
 

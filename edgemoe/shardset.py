@@ -198,6 +198,10 @@ class ExpertShard:
 
         h = parse(header, self.path, self.bytes)
         kv = h.kv
+        if kv.get("edgemoe.format_version") != FORMAT_VERSION:
+            raise ShardSetError(f"{self.path}: edgemoe.format_version "
+                                f"{kv.get('edgemoe.format_version')!r}, this edgemoe reads "
+                                f"{FORMAT_VERSION}")
         if (kv.get("general.architecture") != EXPERT_ARCH or kv.get("edgemoe.layer") != self.layer
                 or kv.get("edgemoe.expert") != self.expert):
             raise ShardSetError(
@@ -473,6 +477,10 @@ class ShardSet:
     def check_base_header(self, reader) -> None:
         """base.gguf's metadata and tensor table (its GGUFHeader) against the crc32 the
         converter recorded."""
+        version = reader.fields.get("edgemoe.format_version")
+        if version is not None and version.contents() != FORMAT_VERSION:
+            raise ShardSetError(f"{self.base_path}: edgemoe.format_version "
+                                f"{version.contents()!r}, this edgemoe reads {FORMAT_VERSION}")
         want = self.base_header_crc32
         if want is None or not CHECKSUMS:
             return
