@@ -709,7 +709,7 @@ class Campaign:
         if klass == "chat templates":
             cmds = ["chat", "run"]
         else:
-            cmds = ["run", "run ondemand"] + (["verify", "info"] if i % 3 == 0 else [])
+            cmds = ["run", "run ondemand"] + (["verify", "info"] if i % 5 == 0 else [])
         results = []
         for cmd in cmds:
             rc, out, err, rss, opened = run_command(
@@ -768,18 +768,39 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/edgemoe-fuzz"))
     p.add_argument("--log", type=Path, default=None, help="JSON lines of every non-clean result")
     p.add_argument("--timeout", type=float, default=TIMEOUT)
+    p.add_argument("--results", type=Path, default=None,
+                   help="JSON lines of every command run (appended; cases already in it are "
+                   "skipped, so an interrupted campaign resumes)")
+    p.add_argument("--table", type=Path, nargs="+", default=None, metavar="RESULTS",
+                   help="print the table of --results files and exit")
     args = p.parse_args(argv)
+    if args.table:
+        rows = [Result(**json.loads(line)) for path in args.table
+                for line in path.read_text().splitlines() if line.strip()]
+        print(table(rows))
+        return 1 if any(r.outcome in BAD for r in rows) else 0
+    done = set()
+    if args.results and args.results.exists():
+        done = {json.loads(line)["case"] for line in args.results.read_text().splitlines()
+                if line.strip()}
     campaign = Campaign(args.shards, args.work, args.seed, args.timeout)
     results = []
     log = open(args.log, "a") if args.log else None
+    every = open(args.results, "a") if args.results else None
     start = time.monotonic()
     for i in range(args.first, args.first + args.cases):
+        if i in done:
+            continue
         rs = campaign.case(i)
         results.extend(rs)
         for r in rs:
             if r.outcome != "clean" and log:
                 log.write(json.dumps(r.__dict__) + "\n")
                 log.flush()
+            if every:
+                every.write(json.dumps(r.__dict__) + "\n")
+        if every:
+            every.flush()
         done = i - args.first + 1
         if done % 100 == 0:
             bad = sum(r.outcome in BAD for r in results)
