@@ -779,9 +779,9 @@ def main(argv=None) -> int:
                 for line in path.read_text().splitlines() if line.strip()]
         print(table(rows))
         return 1 if any(r.outcome in BAD for r in rows) else 0
-    done = set()
+    finished = set()
     if args.results and args.results.exists():
-        done = {json.loads(line)["case"] for line in args.results.read_text().splitlines()
+        finished = {json.loads(line)["case"] for line in args.results.read_text().splitlines()
                 if line.strip()}
     campaign = Campaign(args.shards, args.work, args.seed, args.timeout)
     results = []
@@ -789,7 +789,7 @@ def main(argv=None) -> int:
     every = open(args.results, "a") if args.results else None
     start = time.monotonic()
     for i in range(args.first, args.first + args.cases):
-        if i in done:
+        if i in finished:
             continue
         rs = campaign.case(i)
         results.extend(rs)
