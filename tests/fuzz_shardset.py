@@ -771,6 +771,9 @@ def main(argv=None) -> int:
     p.add_argument("--results", type=Path, default=None,
                    help="JSON lines of every command run (appended; cases already in it are "
                    "skipped, so an interrupted campaign resumes)")
+    p.add_argument("--skip", type=Path, nargs="+", default=[], metavar="RESULTS",
+                   help="also skip the cases these result files hold (a campaign re-split over "
+                   "more processes)")
     p.add_argument("--table", type=Path, nargs="+", default=None, metavar="RESULTS",
                    help="print the table of --results files and exit")
     args = p.parse_args(argv)
@@ -780,9 +783,10 @@ def main(argv=None) -> int:
         print(table(rows))
         return 1 if any(r.outcome in BAD for r in rows) else 0
     finished = set()
-    if args.results and args.results.exists():
-        finished = {json.loads(line)["case"] for line in args.results.read_text().splitlines()
-                if line.strip()}
+    for path in [args.results, *args.skip]:
+        if path and path.exists():
+            finished |= {json.loads(line)["case"] for line in path.read_text().splitlines()
+                         if line.strip()}
     campaign = Campaign(args.shards, args.work, args.seed, args.timeout)
     results = []
     log = open(args.log, "a") if args.log else None
