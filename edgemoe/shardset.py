@@ -23,7 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
 
+from gguf.constants import GGMLQuantizationType
+
 from edgemoe.errors import ShardSetError
+from edgemoe.gguf_header import parse, tensor_nbytes, type_name
 
 FORMAT_NAME = "edgemoe.shardset"
 FORMAT_VERSION = 1
@@ -194,8 +197,6 @@ class ExpertShard:
     def check_header(self, header) -> None:
         """The file's own GGUF header (its first data_offset bytes) must say what the manifest
         says: this expert, these tensors with these types, shapes and offsets."""
-        from edgemoe.gguf_header import parse, type_name
-
         h = parse(header, self.path, self.bytes)
         kv = h.kv
         if kv.get("edgemoe.format_version") != FORMAT_VERSION:
@@ -242,8 +243,6 @@ def _short(value) -> str:
 
 def _type_list(manifest: Mapping, key: str, where: str) -> str:
     """A type name, or several joined by '/' (the types a GGUF source mixed)."""
-    from gguf.constants import GGMLQuantizationType
-
     value = _field(manifest, key, str, where)
     if not all(part in GGMLQuantizationType.__members__ for part in value.split("/")):
         raise ShardSetError(f"{where}: key '{key}' is {_short(value)}, expected ggml type "
@@ -252,8 +251,6 @@ def _type_list(manifest: Mapping, key: str, where: str) -> str:
 
 
 def _weight_type(name: str, where: str) -> str:
-    from gguf.constants import GGMLQuantizationType
-
     if name not in GGMLQuantizationType.__members__ or name in _NON_WEIGHT_TYPES:
         raise ShardSetError(f"{where}: tensor type {_short(name)} is not a ggml weight type")
     return name
@@ -263,9 +260,6 @@ class ShardSet:
     """An opened, structurally checked shard set. Use `ShardSet.open(path)`."""
 
     def __init__(self, root: Path, manifest: dict):
-        from edgemoe.gguf_header import tensor_nbytes
-        from gguf.constants import GGMLQuantizationType
-
         self.root = root
         self.manifest = manifest
         where = str(root / MANIFEST_FILE)
@@ -324,8 +318,6 @@ class ShardSet:
                                 f"({len(self.expert_layers)} expert layers x {self.n_expert})")
         # Per projection: (type name, ggml type) -> bytes, computed once.
         self._nbytes: dict[tuple, int | None] = {}
-        self._types = GGMLQuantizationType
-        self._tensor_nbytes = tensor_nbytes
         self._experts: dict[tuple[int, int], ExpertShard] = {}
         for entry in entries:
             if not isinstance(entry, dict):
@@ -378,7 +370,7 @@ class ShardSet:
                                     f"{list(want)}")
             key = (info.type, want)
             if key not in self._nbytes:
-                self._nbytes[key] = self._tensor_nbytes(int(self._types[info.type]), want)
+                self._nbytes[key] = tensor_nbytes(int(GGMLQuantizationType[info.type]), want)
             need = self._nbytes[key]
             if need is None:
                 raise ShardSetError(f"{at}: {info.type} cannot hold rows of {want[0]} elements")
