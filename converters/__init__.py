@@ -43,7 +43,30 @@ def convert(src: str | Path, out: str | Path, expert_type: str = "Q4_K",
         from converters.writer import write_shard_set
 
         write_shard_set(the_plan, Path(out), resume=resume, force=force, progress=progress)
+        _save_expert_norms(Path(out), overwrite=force)
     return the_plan
+
+
+def _save_expert_norms(out: Path, overwrite: bool) -> None:
+    """||E_i|| of every expert into calibration.json, which swap and static need: computed here
+    (streamed with O_DIRECT, a block of rows at a time) so that the first budgeted run does not
+    read every expert. The norms follow the shards as written; what `edgemoe calibrate` stored
+    besides them is kept when a conversion is resumed (not when it is overwritten)."""
+    import dataclasses
+
+    from edgemoe.errors import ShardSetError
+    from edgemoe.pool import read_span
+    from edgemoe.residency.calibration import FILE_NAME, Calibration, compute_norms
+    from edgemoe.shardset import ShardSet
+
+    norms = compute_norms(ShardSet.open(out), read_span)
+    cal = Calibration(norms=norms)
+    if (out / FILE_NAME).exists() and not overwrite:
+        try:
+            cal = dataclasses.replace(Calibration.load(out), norms=norms)
+        except ShardSetError:
+            pass   # unreadable: replaced
+    cal.save(out)
 
 
 def export(shards: str | Path, out_gguf: str | Path, progress: bool = False) -> Path:

@@ -50,3 +50,19 @@ def test_api_budget_keeps_the_greedy_text_with_ondemand(shards):
         assert 0.0 < m.status()["hit_rate"] < 1.0
     with pytest.raises(BudgetError, match="minimum"):
         Model(shards, memory_budget="10%")
+
+
+def test_conversion_stores_the_expert_norms(shards):
+    """swap and static need ||E_i||: the converter stores them (the first budgeted run reads
+    no expert to compute them)."""
+    import numpy as np
+
+    from edgemoe.residency.calibration import Calibration, compute_norms
+    from edgemoe.shardset import ShardSet
+
+    stored = Calibration.load(shards).norms
+    again = compute_norms(ShardSet.open(shards))
+    assert sorted(stored) == sorted(again)
+    for layer in again:
+        np.testing.assert_allclose(stored[layer], again[layer], rtol=1e-9)
+        assert np.all(stored[layer] > 0)
