@@ -237,10 +237,10 @@ def evaluate(engine, tokens: Sequence[int], n_ctx: int, bos: int | None = None,
             if bos is not None:
                 window[0] = bos
             engine.reset()
-            engine.eval(window[:first], all_logits=False)
+            engine.eval(window[:first], logits_from=first)   # no rows: none is scored
             t1 = time.perf_counter()
             for pos in range(first, n_ctx - 1):
-                logits = engine.eval(window[pos:pos + 1], all_logits=False)[0]
+                logits = engine.eval(window[pos:pos + 1])[0]
                 experts += _experts_run(engine, n_layers)
                 logp = _log_softmax(logits)
                 target = int(window[pos + 1])
