@@ -28,15 +28,14 @@ def expert_norm(matrices: Iterable[np.ndarray]) -> float:
 
 
 def expert_norm_from_shard(shard, read=None) -> float:
-    """||E_i|| of one expert shard (an edgemoe.shardset.ExpertShard), dequantized with gguf-py.
+    """||E_i|| of one expert shard (an edgemoe.shardset.ExpertShard), dequantized by ggml.
 
     Reads the expert's data run with the manifest's offsets (no GGUF parsing) through
     `read(path, offset, nbytes) -> uint8 array` (default: a plain read; the runtime passes
     edgemoe.pool.read_span, which reads with O_DIRECT and leaves no page cache), then
     dequantizes a block of rows at a time, so memory stays near one expert's bytes. Done once
     per expert and cached beside the shard set by the caller."""
-    from gguf.constants import GGMLQuantizationType
-    from gguf.quants import dequantize
+    from edgemoe import quant
 
     if read is None:
         with open(shard.path, "rb") as f:
@@ -52,7 +51,8 @@ def expert_norm_from_shard(shard, read=None) -> float:
         # dequantize wants the byte shape: one row of ne[0] elements per line.
         raw = data[start:start + info.nbytes].reshape(rows, -1)
         for r in range(0, rows, _NORM_ROWS):
-            block = dequantize(raw[r:r + _NORM_ROWS], GGMLQuantizationType[info.type])
+            part = raw[r:r + _NORM_ROWS]
+            block = quant.dequantize(part, info.type, (part.shape[0], int(info.ne[0])))
             block = block.astype(np.float64).ravel()
             total += float(np.dot(block, block))
     return float(np.sqrt(total))
