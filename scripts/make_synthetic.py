@@ -5,6 +5,12 @@
     python scripts/make_synthetic.py OUT --layers 16 --experts 32 --top-k 4 --hidden 1024 --ffn 512
     python scripts/make_synthetic.py OUT --arch mixtral --size 1GB --dtype f32
     python scripts/make_synthetic.py OUT --experts-size 1GB --expert-type Q4_K  # runtime benchmarks
+    python scripts/make_synthetic.py OUT --preset qwen3-30b-a3b --gguf OUT.gguf   # a real shape
+
+With --preset (qwen3-30b-a3b, olmoe-1b-7b) the output is not a checkpoint but a shard set written
+straight into --expert-type blocks (Q4_K or Q8_0; dense matrices Q8_0), plus with --gguf the same
+weights as one stock GGUF for llama.cpp, and the routers route text with the locality of trained
+models (scripts/synthetic_gguf.py says how). --layers/--experts/... override the preset's shape.
 
 The output is what `save_pretrained` plus a tokenizer would leave for that architecture, under the
 hub's names and shapes: config.json (hub spelling), model-0000i-of-0000n.safetensors with
@@ -41,6 +47,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edge_emulate import fmt_bytes, parse_size  # noqa: E402
+import synthetic_gguf  # noqa: E402
+from edgemoe.errors import ConvertError  # noqa: E402
 
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -363,6 +371,32 @@ def make_synthetic(out: str | Path, spec: SynthSpec, shard_bytes: int = 1 << 30,
     return out
 
 
+def _main_preset(args, given: dict) -> int:
+    try:
+        spec = synthetic_gguf.preset(args.preset, seed=args.seed, expert_type=args.expert_type.upper(),
+                                     **given)
+    except (TypeError, ValueError) as exc:
+        print(f"make_synthetic: {exc}", file=sys.stderr)
+        return 2
+    n_dense = spec.dense_params()
+    print(f"{args.preset}: {spec.arch}, {spec.n_layer} layers, {spec.n_expert} experts top-"
+          f"{spec.n_expert_used}, hidden {spec.n_embd}, expert ffn {spec.n_ff_exp}, heads "
+          f"{spec.n_head}/{spec.n_head_kv} x {spec.head_dim}, vocab {spec.n_vocab}; experts "
+          f"{fmt_bytes(spec.expert_bytes())} as {spec.expert_type}, {n_dense / 1e9:.2f}e9 dense "
+          f"weights as {spec.dense_type}")
+    if args.dry_run:
+        return 0
+    out = Path(args.out)
+    try:
+        synthetic_gguf.write_synthetic(spec, out, args.gguf, progress=sys.stderr.isatty(),
+                                       force=args.force, reuse_experts=args.reuse_experts)
+    except (ConvertError, ValueError, OSError) as exc:  # disk full, a non-empty OUT, bad shapes
+        print(f"make_synthetic: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}" + (f" and {args.gguf}" if args.gguf else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     d = SynthSpec()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -388,11 +422,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="std of a lasting per-expert router-logit offset, giving experts "
                     "unequal popularity as trained models have (e.g. 0.5; default 0: none)")
     ap.add_argument("--shard-size", default="1GiB", help="safetensors file size limit")
+    ap.add_argument("--preset", choices=sorted(synthetic_gguf.PRESETS),
+                    help="a public model's shape, written as a quantized shard set (see above)")
+    ap.add_argument("--gguf", type=Path, metavar="FILE",
+                    help="with --preset: also write the stock GGUF llama.cpp runs")
+    ap.add_argument("--reuse-experts", action="store_true",
+                    help="with --preset: when OUT holds this shape's experts, rewrite only "
+                    "base.gguf (the routers and attention: a new routing design) and the GGUF")
     ap.add_argument("--force", action="store_true", help="replace an existing OUT")
     ap.add_argument("--dry-run", action="store_true", help="print the dimensions, write nothing")
     args = ap.parse_args(argv)
     dims = ("n_layer", "n_expert", "n_expert_used", "n_embd", "n_ff_exp", "n_vocab")
     given = {k: getattr(args, k) for k in dims if getattr(args, k) is not None}
+    if args.preset:
+        return _main_preset(args, given)
     spec = replace(d, arch=args.arch, dtype=args.dtype, seed=args.seed,
                    router_scale=args.router_scale, routing_skew=args.routing_skew, **given)
     try:
