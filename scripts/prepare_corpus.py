@@ -121,6 +121,28 @@ def load_corpus(cache_dir: Path | None = None) -> Corpus:
     return Corpus(train, heldout)
 
 
+def alternating_heldout(corpus: Corpus, piece_chars: int = 2000,
+                        total_chars: int | None = None) -> str:
+    """One evaluation text from both domains' held-out documents: pieces of about
+    `piece_chars` characters (cut at line ends), taken in turn from each domain's held-out
+    stream, so that a model (and its expert cache) keeps switching domains."""
+    streams = {d: "".join(doc.text for doc in corpus.heldout[d]) for d in DOMAINS}
+    pos = {d: 0 for d in DOMAINS}
+    out: list[str] = []
+    size = 0
+    while all(pos[d] < len(streams[d]) for d in DOMAINS):
+        for d in DOMAINS:
+            text, start = streams[d], pos[d]
+            end = text.find("\n", start + piece_chars)
+            end = len(text) if end < 0 else end + 1
+            out.append(text[start:end])
+            pos[d] = end
+            size += end - start
+            if total_chars is not None and size >= total_chars:
+                return "".join(out)[:total_chars]
+    return "".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache-dir", type=Path, default=None)

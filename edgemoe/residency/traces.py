@@ -11,6 +11,7 @@ from typing import Mapping
 
 import numpy as np
 
+from edgemoe.errors import EdgeMoeError
 from edgemoe.residency.routing import adaptive_gate, softmax, topk
 from edgemoe.shardset import write_atomic
 
@@ -113,3 +114,187 @@ def topic_trace(n_layer: int, n_expert: int, n_tokens: int, n_topics: int = 2,
             noisy = logits + predictor_noise * rng.standard_normal(logits.shape)
             predicted[l] = noisy.astype(np.float32)
     return RoutingTrace(probs, x_norm, predicted)
+
+
+# -- locality of a routing: what caches meet ----------------------------------------------------
+
+def reuse_distances(ids: np.ndarray) -> np.ndarray:
+    """(n_tokens, k) for one layer's selections (expert ids, -1 = none): how many tokens back
+    each chosen expert was last chosen (1 = by the previous token), 0 where never before or
+    where the id is -1."""
+    ids = np.asarray(ids)
+    last = np.full(int(ids.max()) + 1 if ids.size else 1, -1, dtype=np.int64)
+    out = np.zeros(ids.shape, dtype=np.int64)
+    for t, row in enumerate(ids):
+        valid = row >= 0
+        seen = last[row[valid]]
+        out[t, valid] = np.where(seen >= 0, t - seen, 0)
+        last[row[valid]] = t
+    return out
+
+
+def lru_stack_distances(ids: np.ndarray) -> np.ndarray:
+    """(n_tokens, k): each access's LRU stack distance in one layer (distinct experts used
+    since that expert's last use; -1 for a first use or an id of -1). A per-layer LRU cache of
+    C experts hits exactly the accesses with 0 <= distance < C."""
+    stack: list[int] = []
+    ids = np.asarray(ids)
+    out = np.full(ids.shape, -1, dtype=np.int64)
+    for t, row in enumerate(ids):
+        for j, e in enumerate(row):
+            e = int(e)
+            if e < 0:
+                continue
+            try:
+                d = stack.index(e)
+            except ValueError:
+                d = -1
+            else:
+                del stack[d]
+            out[t, j] = d
+            stack.insert(0, e)
+    return out
+
+
+@dataclass(frozen=True)
+class Locality:
+    """Figures of a routing over (layer, token) selections, averaged over layers."""
+    n_tokens: int
+    n_expert: int
+    k: int
+    reuse: dict[int, float]            # window -> share of experts chosen within `window` tokens
+    lru_hit: dict[float, float]        # fraction of n_expert per layer -> hit rate after warm-up
+    touched: dict[int, float]          # n tokens -> distinct experts of a layer in its first n
+    warmup: int
+
+    def to_dict(self) -> dict:
+        return {"n_tokens": self.n_tokens, "n_expert": self.n_expert, "k": self.k,
+                "warmup": self.warmup, "reuse": {str(k): v for k, v in self.reuse.items()},
+                "lru_hit": {str(k): v for k, v in self.lru_hit.items()},
+                "touched": {str(k): v for k, v in self.touched.items()}}
+
+
+def locality(selections: Mapping[int, np.ndarray], n_expert: int,
+             windows=(1, 4, 8), fractions=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6), warmup: int = 64,
+             touched_after=(128,), segments: int | None = None) -> Locality:
+    """Reuse within 1/4/8 tokens (counted from the window-th token on), per-layer LRU hit rates
+    with `fractions` of the experts resident (counted after `warmup` tokens) and experts touched
+    in the first n tokens, of per-layer selections (n_tokens, k). `segments`: the token stream is
+    that many independent runs of equal length (e.g. perplexity windows; each starts cold)."""
+    reuse = {w: [] for w in windows}
+    hits = {f: [] for f in fractions}
+    touched = {n: [] for n in touched_after}
+    n_tok = k = 0
+    for ids in selections.values():
+        ids = np.asarray(ids)
+        n_tok, k = ids.shape
+        parts = np.split(ids, segments) if segments else [ids]
+        dist = [reuse_distances(p) for p in parts]
+        stack = [lru_stack_distances(p) for p in parts]
+        for w in windows:
+            num = sum(((d[w:] > 0) & (d[w:] <= w)).sum() for d in dist)
+            den = sum((p[w:] >= 0).sum() for p in parts)
+            reuse[w].append(num / den if den else float("nan"))
+        for f in fractions:
+            cap = max(k, int(round(f * n_expert)))
+            num = sum(((s[warmup:] >= 0) & (s[warmup:] < cap)).sum() for s in stack)
+            den = sum((p[warmup:] >= 0).sum() for p in parts)
+            hits[f].append(num / den if den else float("nan"))
+        for n in touched_after:
+            touched[n].append(np.mean([len(np.unique(p[:n][p[:n] >= 0])) for p in parts]))
+    mean = lambda xs: float(np.mean(xs))  # noqa: E731
+    return Locality(n_tokens=n_tok, n_expert=n_expert, k=k,
+                    reuse={w: mean(v) for w, v in reuse.items()},
+                    lru_hit={f: mean(v) for f, v in hits.items()},
+                    touched={n: mean(v) for n, v in touched.items()}, warmup=warmup)
+
+
+# -- selections: the replayable record of what ran ----------------------------------------------
+
+@dataclass(frozen=True)
+class SelectionTrace:
+    """What a model's routers chose, token by token: per expert layer, `ids` (n_tokens, k) int32
+    expert ids (-1: none) and `weights` (n_tokens, k) float32 gate weights, in the order the
+    tokens were evaluated. Stored as .npz with members `ids.{layer}` and `weights.{layer}`;
+    any recorded trace converted to this layout can drive a benchmark (`Replay`)."""
+    ids: Mapping[int, np.ndarray]
+    weights: Mapping[int, np.ndarray]
+
+    @property
+    def n_tokens(self) -> int:
+        return next(iter(self.ids.values())).shape[0]
+
+    def save(self, path: str | Path) -> None:
+        arrays = {f"ids.{l}": np.asarray(a, dtype=np.int32) for l, a in self.ids.items()}
+        arrays.update({f"weights.{l}": np.asarray(a, dtype=np.float32)
+                       for l, a in self.weights.items()})
+        np.savez_compressed(path, **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SelectionTrace":
+        ids, weights = {}, {}
+        with np.load(path) as z:
+            for key in z.files:
+                name, layer = key.rsplit(".", 1)
+                {"ids": ids, "weights": weights}[name][int(layer)] = z[key]
+        if set(ids) != set(weights) or not ids:
+            raise ValueError(f"{path}: a selection trace needs ids.L and weights.L for the same "
+                             "layers")
+        for l in ids:
+            if ids[l].shape != weights[l].shape or ids[l].ndim != 2:
+                raise ValueError(f"{path}: layer {l}: ids {ids[l].shape} and weights "
+                                 f"{weights[l].shape} must be the same (n_tokens, k)")
+        return cls(ids, weights)
+
+
+# -- replay: a recorded routing forced into a run -----------------------------------------------
+
+class ReplayPolicy:
+    """A recorded routing (SelectionTrace) forced into an
+    exact-routing run, so that a benchmark meets that routing whatever the weights would choose.
+
+        engine, _ = open_engine(shards, ResidencyConfig(memory_budget="8GiB", policy="ondemand"))
+        engine.policy = ReplayPolicy(engine.policy, SelectionTrace.load("trace.npz"))
+
+    Each step, the router's top-k of every expert layer is replaced by the trace's ids and gate
+    weights for the tokens being evaluated (row i of the trace for the i-th token evaluated since
+    the replay started, wrapping around at the trace's end); the wrapped policy then gates, loads
+    and counts as usual. Only exact routing can be replayed: masked policies choose among resident
+    experts by design, so forcing their choice would be a different policy.
+    """
+
+    def __init__(self, inner, trace, n_expert: int | None = None):
+        if inner.masked:
+            raise EdgeMoeError(f"routing replay needs an exact-routing policy (ondemand), not "
+                               f"{inner.name!r}: masked policies choose among resident experts")
+        self.inner = inner
+        self.trace = trace
+        self.pos = 0
+        layers = set(getattr(inner, "layers", trace.ids))
+        missing = sorted(layers - set(trace.ids))
+        if missing:
+            raise EdgeMoeError(f"the routing trace has no selections for layer {missing[0]} "
+                               f"(it has layers {sorted(trace.ids)})")
+        n_expert = n_expert or getattr(inner, "n_expert", None)
+        k = getattr(inner, "k", None)
+        for layer in layers:
+            ids = trace.ids[layer]
+            if k is not None and ids.shape[1] != k:
+                raise EdgeMoeError(f"the routing trace chooses {ids.shape[1]} experts per token "
+                                   f"in layer {layer}; the model chooses {k}")
+            if n_expert is not None and ids.max() >= n_expert:
+                raise EdgeMoeError(f"the routing trace names expert {int(ids.max())} in layer "
+                                   f"{layer}; the model has {n_expert}")
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def gate(self, layer, ids, weights, decode):
+        n = np.asarray(ids).shape[0]
+        rows = (self.pos + np.arange(n)) % self.trace.n_tokens
+        return self.inner.gate(layer, self.trace.ids[layer][rows],
+                               self.trace.weights[layer][rows], decode)
+
+    def end_step(self, n_tokens: int = 1) -> dict:
+        self.pos += n_tokens
+        return self.inner.end_step(n_tokens)
