@@ -118,17 +118,20 @@ def child_needs(args) -> dict:
             "minimum": needs.minimum_bytes + compute}
 
 
-def _decode(eval_one, prefill, text: list[int], n) -> tuple[float, list[int]]:
+def _decode(eval_one, prefill, text: list[int], n) -> tuple[float, list[int], float]:
     """Prefill text[:N_PROMPT], then n steps of one token each: the text's next token while it
-    lasts, then the argmax. Returns (decode tok/s, the greedy prediction at every step)."""
+    lasts, then the argmax. Returns (decode tok/s, the greedy prediction at every step, prefill
+    tok/s)."""
+    t0 = time.perf_counter()
     logits = prefill(text[:N_PROMPT])
+    prefill_tok_s = N_PROMPT / (time.perf_counter() - t0)
     out = []
     t0 = time.perf_counter()
     for i in range(n):
         out.append(int(np.argmax(logits)))
         j = N_PROMPT + i
         logits = eval_one(text[j] if j < len(text) else out[-1])
-    return n / (time.perf_counter() - t0), out
+    return n / (time.perf_counter() - t0), out, prefill_tok_s
 
 
 def child_run(args) -> dict:
@@ -137,21 +140,26 @@ def child_run(args) -> dict:
         from bench_vs_llamacpp import LlamaRunner
 
         runner = LlamaRunner(Path(args.gguf), args.n_ctx, args.threads, N_PROMPT, False)
-        tok_s, tokens = _decode(runner.step, runner.prefill, spec["text"], args.n)
+        tok_s, tokens, prefill_tok_s = _decode(runner.step, runner.prefill, spec["text"], args.n)
         runner.close()
-        return {"tok_s": tok_s, "tokens": tokens,
+        return {"tok_s": tok_s, "prefill_tok_s": prefill_tok_s, "tokens": tokens,
                 "peak_rss": _vm_hwm()}
     from edgemoe.runtime import ResidencyConfig, open_engine
 
     cfg = ResidencyConfig(memory_budget=spec.get("budget"), policy=spec["policy"],
                           n_prefetch=spec.get("n_prefetch", 1),
-                          adaptive_gating=spec.get("adaptive_gating"))
+                          adaptive_gating=spec.get("adaptive_gating"),
+                          swap_interval=spec.get("swap_interval"))
     t0 = time.perf_counter()
     engine, plan = open_engine(args.shards, cfg, n_ctx=args.n_ctx, n_batch=N_PROMPT,
                                n_threads=args.threads)
     opened = time.perf_counter() - t0
     from edgemoe.residency.telemetry import record
 
+    if args.replay and not engine.policy.masked:
+        from edgemoe.residency.traces import ReplayPolicy, SelectionTrace
+
+        engine.policy = ReplayPolicy(engine.policy, SelectionTrace.load(args.replay))
     with engine:
         marks = {}
 
@@ -160,12 +168,14 @@ def child_run(args) -> dict:
             marks["before"] = engine.policy.telemetry.counters   # decode figures only
             return logits
 
-        tok_s, tokens = _decode(lambda t: engine.eval([t])[-1], prefill, spec["text"], args.n)
+        tok_s, tokens, prefill_tok_s = _decode(lambda t: engine.eval([t])[-1], prefill,
+                                               spec["text"], args.n)
         decode = record(engine.policy.telemetry.counters - marks["before"],
                         engine.policy.telemetry.resident_bytes)
         summary = engine.policy.telemetry.summary()
         memory = engine.memory()
-    return {"tok_s": tok_s, "tokens": tokens, "open_s": opened, "decode": decode,
+    return {"tok_s": tok_s, "prefill_tok_s": prefill_tok_s, "tokens": tokens, "open_s": opened,
+            "decode": decode,
             "summary": summary, "slots": plan.slots if plan else None, "memory": memory,
             "peak_rss": _vm_hwm()}
 
@@ -198,6 +208,8 @@ def _child(args, mode, spec=None, profile=None, mem=None, drop=()):
            "-n", str(args.n), "--n-ctx", str(args.n_ctx), "--threads", str(args.threads)]
     if args.gguf:
         cmd += ["--gguf", args.gguf]
+    if args.replay:
+        cmd += ["--replay", args.replay]
     if spec is not None:
         cmd += ["--spec", json.dumps(spec)]
     if profile is None and mem is None:
@@ -224,7 +236,12 @@ def adaptive_threshold(shards: str, rate: float) -> float | None:
     from edgemoe.residency.traces import RoutingTrace
     from edgemoe.runtime import TRACE_FILE
 
-    cal = Calibration.load(shards)
+    from edgemoe.errors import ShardSetError
+
+    try:
+        cal = Calibration.load(shards)
+    except ShardSetError:   # not calibrated: no sensitivities, no gating
+        return None
     if not cal.sensitivity:
         return None
     trace = RoutingTrace.load(Path(shards) / TRACE_FILE)
@@ -241,9 +258,9 @@ def main() -> int:
     ap.add_argument("--gguf", help="the same model exported as one GGUF (`edgemoe export`)")
     ap.add_argument("--profiles", nargs="+", default=["rpi5-sd", "rpi5-nvme"])
     ap.add_argument("--budget", default="50%", help="percentage of expert bytes or a size")
-    ap.add_argument("--policies", nargs="+",
-                    default=["full", "swap", "static", "ondemand", "ondemand+prefetch",
-                             "ondemand+gating", "llama.cpp"])
+    ap.add_argument("--policies", nargs="+", default=None,
+                    help="runners (default: every policy edgemoe has, ondemand without and with "
+                    "prefetch and with adaptive gating, and llama.cpp)")
     ap.add_argument("--text", metavar="FILE",
                     help="text to decode (default: BENCH_TEXT, held out from calibration)")
     ap.add_argument("-n", type=int, default=64, help="tokens decoded per run")
@@ -258,6 +275,18 @@ def main() -> int:
     ap.add_argument("--plan-once", action="store_true",
                     help="profile and plan once per storage profile, not right before each run "
                     "(this machine's speed drifts by 20-30%% over minutes)")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=JSON",
+                    help='another edgemoe runner, e.g. \'prefetch2={"policy": "ondemand", '
+                    '"n_prefetch": 2}\' (runs under the budget; keys: policy, n_prefetch, '
+                    'adaptive_gating, swap_interval); repeatable, added to --policies')
+    ap.add_argument("--pass-relative", action="store_true",
+                    help="with a percentage budget: give edgemoe the percentage (of expert "
+                    "bytes) and use the byte figure as the cgroup limit only; for models so "
+                    "small that the interpreter's own size varies more than the experts weigh")
+    ap.add_argument("--replay", metavar="TRACE.npz",
+                    help="force this recorded routing (a SelectionTrace: ids.L / weights.L per "
+                    "token) into the exact-routing runners (ondemand); masked policies and "
+                    "llama.cpp route by the weights")
     ap.add_argument("--json", help="write every figure here")
     ap.add_argument("--child", choices=["needs", "run", "plan"], help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -300,18 +329,22 @@ def main() -> int:
     if len(text) < N_PROMPT + args.n:
         print(f"the text has {len(text)} tokens: the last {N_PROMPT + args.n - len(text)} of "
               f"{args.n} decode steps feed the greedy prediction instead", file=sys.stderr)
-    specs = {
-        "full": {"runner": "edgemoe", "policy": "full"},
-        "swap": {"runner": "edgemoe", "policy": "swap", "budget": str(limit)},
-        "static": {"runner": "edgemoe", "policy": "static", "budget": str(limit)},
-        "ondemand": {"runner": "edgemoe", "policy": "ondemand", "budget": str(limit),
-                     "n_prefetch": 0},
-        "ondemand+prefetch": {"runner": "edgemoe", "policy": "ondemand", "budget": str(limit),
-                              "n_prefetch": 1},
-        "ondemand+gating": {"runner": "edgemoe", "policy": "ondemand", "budget": str(limit),
-                            "n_prefetch": 1, "adaptive_gating": threshold},
-        "llama.cpp": {"runner": "llama.cpp"},
-    }
+    edgemoe_budget = args.budget if args.pass_relative and budget.relative else limit
+    specs = runner_specs(edgemoe_budget, threshold)
+    args.policies = args.policies or list(specs)
+    for item in args.extra:
+        name, _, body = item.partition("=")
+        try:
+            extra = json.loads(body)
+        except ValueError as exc:
+            print(f"--extra {item!r}: not NAME=JSON ({exc})", file=sys.stderr)
+            return 2
+        specs[name] = {"runner": "edgemoe", "budget": str(edgemoe_budget), **extra}
+        args.policies.append(name)
+    unknown = [p for p in args.policies if p not in specs]
+    if unknown:
+        print(f"unknown runner(s) {', '.join(unknown)}; known: {', '.join(specs)}", file=sys.stderr)
+        return 2
     plan_key = {"full": "full", "swap": "swap", "static": "static",
                 "ondemand": "ondemand-noprefetch", "ondemand+prefetch": "ondemand",
                 "ondemand+gating": "ondemand+gating"}
@@ -346,6 +379,31 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     return 0
+
+
+def runner_specs(limit: int | str, threshold: float | None) -> dict[str, dict]:
+    """Every runner: each policy edgemoe has (the runtime's list, so new ones are benchmarked
+    too) under the budget -- full without one --, ondemand without and with prefetch and with
+    adaptive gating, and llama.cpp."""
+    from edgemoe.runtime import POLICIES
+
+    specs = {}
+    for name in POLICIES:
+        if name == "ondemand":
+            specs["ondemand"] = {"runner": "edgemoe", "policy": "ondemand", "budget": str(limit),
+                                 "n_prefetch": 0}
+            specs["ondemand+prefetch"] = {"runner": "edgemoe", "policy": "ondemand",
+                                          "budget": str(limit), "n_prefetch": 1}
+            if threshold is not None:
+                specs["ondemand+gating"] = {"runner": "edgemoe", "policy": "ondemand",
+                                            "budget": str(limit), "n_prefetch": 1,
+                                            "adaptive_gating": threshold}
+        elif name == "full":
+            specs["full"] = {"runner": "edgemoe", "policy": "full"}
+        else:
+            specs[name] = {"runner": "edgemoe", "policy": name, "budget": str(limit)}
+    specs["llama.cpp"] = {"runner": "llama.cpp"}
+    return specs
 
 
 def _row(profile, key, out, limit) -> str:
