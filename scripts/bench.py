@@ -329,7 +329,7 @@ def section_speed(ctx) -> dict:
         log(f"speed: bundled model at {budget} on {', '.join(ctx.mode.speed_profiles)}")
         out[budget] = bench_budget(shards, gguf, budget, ctx.mode.speed_profiles,
                                    ctx.mode.speed_n, text, pass_relative=True)
-    return {"budgets": out, "n": ctx.mode.speed_n}
+    return {"budgets": out, "n": ctx.mode.speed_n, "weights": _weights(shards)}
 
 
 # -- large shapes -----------------------------------------------------------------------------
