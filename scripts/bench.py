@@ -58,15 +58,17 @@ class Mode:
     speed_budgets: tuple[float, ...]
     speed_n: int             # decode steps per speed run
     routing_chunks: int
+    large_routing_chunks: int  # windows of 512 tokens measured on the 30B shape (slow: it runs)
     large: bool
     large_n: int
 
 
 QUICK = Mode("quick", ctx=256, chunks=2, speed_profiles=("rpi5-nvme",), speed_budgets=(0.5,),
-             speed_n=16, routing_chunks=2, large=False, large_n=0)
+             speed_n=16, routing_chunks=2, large_routing_chunks=0, large=False, large_n=0)
 FULL = Mode("full", ctx=512, chunks=16,
             speed_profiles=("rpi5-sd", "rpi5-nvme", "jetson-orin-nano"),
-            speed_budgets=FRACTIONS, speed_n=32, routing_chunks=4, large=True, large_n=16)
+            speed_budgets=FRACTIONS, speed_n=32, routing_chunks=4, large_routing_chunks=1,
+            large=True, large_n=16)
 
 # Large shapes: (preset, memory limit, profiles).
 LARGE = (("qwen3-30b-a3b", "8GiB", ("rpi5-nvme", "rpi5-sd")),
@@ -193,21 +195,22 @@ def section_routing(ctx) -> dict:
         synthetic_gguf.write_synthetic(spec, small, force=True)
     # (name, shards, budget, policy): masked runs show the unmasked router through the engine's
     # observer; exact (ondemand) runs show the router's choice at the policy's gate.
-    models = [("qwen3-30b-a3b routing, 4 layers x 128 (small), exact", small, "60%", "ondemand"),
-              ("qwen3-30b-a3b routing, 4 layers x 128 (small), masked", small, None, "full")]
+    n = ctx.mode.routing_chunks
+    models = [("qwen3-30b-a3b routing, 4 layers x 128 (small), exact", small, "60%", "ondemand", n),
+              ("qwen3-30b-a3b routing, 4 layers x 128 (small), masked", small, None, "full", n)]
     if ctx.mode.large:
         m = large_model("qwen3-30b-a3b", ctx.large_dir, ctx.generate)
         if m:
             models.append(("qwen3-30b-a3b shape (synthetic, 48 x 128, top-8)", m[0], "8GiB",
-                           "swap"))
+                           "swap", ctx.mode.large_routing_chunks))
     bundled, _ = bundled_shards(ctx.work)
-    models.append(("bundled model (trained, 4 x 8, top-2)", bundled, None, "full"))
+    models.append(("bundled model (trained, 4 x 8, top-2)", bundled, None, "full", n))
     traces = {}
-    for name, shards, budget, policy in models:
+    for name, shards, budget, policy, chunks in models:
         log(f"routing locality: {name}")
         trace = ctx.work / f"{shards.name}-{policy}.selections.npz"
         loc, loc0, seconds = routing_locality.measure(
-            shards, text, n_ctx=512, n_chunks=ctx.mode.routing_chunks, memory_budget=budget,
+            shards, text, n_ctx=512, n_chunks=chunks, memory_budget=budget,
             policy=policy, save_trace=trace, verbose=False)
         traces[name] = trace
         out.setdefault("models", []).append({"name": name, "all_layers": loc.to_dict(),
