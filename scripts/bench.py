@@ -370,6 +370,8 @@ def _ppl_child(shards, text: Path, budget: str, policy: str, ctx_size: int, chun
 def section_large(ctx) -> dict:
     text = heldout_text(ctx.work)
     out = {}
+    from bench_budget import runner_specs
+
     for preset, limit, profiles in LARGE:
         model = large_model(preset, ctx.large_dir, ctx.generate)
         if model is None:
@@ -377,20 +379,28 @@ def section_large(ctx) -> dict:
             continue
         shards, gguf = model
         _norms_child(shards)
-        from bench_budget import runner_specs
-
+        doc = out[preset] = {"limit": limit, "weights": _weights(shards), "quality": {},
+                             "speed": {"profiles": {}, "n": ctx.mode.large_n}}
         runners = [r for r in runner_specs(limit, None) if r != "full"]
-        log(f"large: {preset} under {limit} on {', '.join(profiles)}: {', '.join(runners)}")
-        speed = bench_budget(shards, gguf, limit, profiles, ctx.mode.large_n, text,
-                             runners=runners, timeout=5400)
+        # One profile at a time, each stored as soon as it is measured (hours in all).
+        for profile in profiles:
+            log(f"large: {preset} under {limit} on {profile}: {', '.join(runners)}")
+            speed = bench_budget(shards, gguf, limit, [profile], ctx.mode.large_n, text,
+                                 runners=runners, timeout=5400)
+            if "error" in speed:
+                doc["speed"]["profiles"][profile] = {"error": speed["error"]}
+            else:
+                doc["speed"]["profiles"].update(speed["profiles"])
+                doc["speed"]["budget_bytes"] = speed["budget_bytes"]
+            ctx.save_partial("large", out)
         # Quality beside speed: agreement and KL of each policy with the exact (ondemand) run.
         base = Path(str(shards) + ".exact.logits")
-        quality = {"ondemand": _ppl_child(shards, text, limit, "ondemand", 128, 1, save=base)}
+        doc["quality"]["ondemand"] = _ppl_child(shards, text, limit, "ondemand", 128, 1,
+                                                save=base)
         for p in policies():
             if p not in ("ondemand", "full"):
-                quality[p] = _ppl_child(shards, text, limit, p, 128, 1, base=base)
-        info = _weights(shards)
-        out[preset] = {"limit": limit, "speed": speed, "quality": quality, "weights": info}
+                doc["quality"][p] = _ppl_child(shards, text, limit, p, 128, 1, base=base)
+            ctx.save_partial("large", out)
     return out
 
 
@@ -484,6 +494,20 @@ def section_ablations(ctx) -> dict:
 # -- the page ---------------------------------------------------------------------------------
 
 class Context:
+    results_dir: Path | None = None
+    started: dict = {}
+
+    def save_partial(self, name: str, figures: dict) -> None:
+        """Store a long section's figures so far (marked partial) so that a run cut short
+        still leaves them on the page."""
+        if self.results_dir is None:
+            return
+        doc = {"figures": figures, "seconds": time.perf_counter() - self.started[name],
+               "mode": self.mode.name, "partial": True,
+               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "command": " ".join(["scripts/bench.py", *sys.argv[1:]])}
+        (self.results_dir / f"{name}.json").write_text(json.dumps(doc, indent=1, default=_json))
+
     def __init__(self, args):
         self.mode = QUICK if args.quick else FULL
         self.work = Path(args.work)
@@ -517,8 +541,9 @@ def main(argv=None) -> int:
     results = load_results(results_dir)
     if not args.render_only:
         todo = args.sections or [s for s in SECTIONS if s != "large" or ctx.mode.large]
+        ctx.results_dir = results_dir
         for name in todo:
-            t0 = time.perf_counter()
+            t0 = ctx.started[name] = time.perf_counter()
             log(f"section {name}")
             fig = globals()[f"section_{name}"](ctx)
             results[name] = {"figures": fig, "seconds": time.perf_counter() - t0,

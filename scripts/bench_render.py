@@ -90,7 +90,8 @@ def _header(results) -> list[str]:
         if s is None:
             lines.append(f"| {name} | **not run** | – | – | `scripts/bench.py --sections {name}` |")
         else:
-            lines.append(f"| {name} | {s.get('mode', '?')} | {s['when']} | "
+            mode = s.get("mode", "?") + (" (**partial**: cut short)" if s.get("partial") else "")
+            lines.append(f"| {name} | {mode} | {s['when']} | "
                          f"{s['seconds'] / 60:.1f} min | `{s['command']}` |")
     if any((results.get(n) or {}).get("mode") == "quick" for n in results if n != "meta"):
         lines += ["", "**Sections marked quick ran on small models with short runs (the CI "
