@@ -65,7 +65,7 @@ class Model:
         stats: bool = False,
         substitutes: bool = True,
     ) -> None:
-        from edgemoe.runtime import ResidencyConfig, StepLog, open_engine
+        from edgemoe.runtime import ResidencyConfig, StepLog, open_engine, refuse_early
 
         self.shards_path = Path(shards_path)
         self.name = self.shards_path.resolve().name
@@ -76,6 +76,7 @@ class Model:
         shards = ShardSet.open(self.shards_path)
         # base.gguf's header bounded and checked before libllama parses it
         shards.check_base_header(GGUFHeader(shards.base_path))
+        refuse_early(shards, self.residency, n_ctx)   # a budget far too small, before the vocab
         self.vocab = Vocab(shards.base_path)
         try:
             self.engine, self.slot_plan = open_engine(

@@ -248,6 +248,15 @@ def empty_policy(name: str, k: int, substitutes: bool = False):
     return make
 
 
+def refuse_early(shards: ShardSet, cfg: ResidencyConfig, n_ctx: int, kv_type: str = "f16"
+                 ) -> None:
+    """Refuse an absolute budget below the lower bound (the process now, the files' fixed parts
+    and top-k slots) before anything else is loaded, the vocabulary included: a budget that
+    small would be exceeded by loading it, before open_engine could say so."""
+    if cfg.memory_budget is not None and not cfg.budget.relative and kv_type in _KV_BYTES:
+        expert_allowance(cfg.budget, needs_from_files(shards, n_ctx, kv_type))
+
+
 def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048,
                 n_threads: int | None = None, device: str | None = None, n_batch: int = 512,
                 kv_type: str = "f16", telemetry=None, n_outputs: int | None = 1):
