@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except EdgeMoeError as exc:
-        print(f"edgemoe {args.command}: error: {exc}", file=sys.stderr)
+        # one line whatever the message quotes from a file (control characters escaped)
+        line = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(exc))
+        print(f"edgemoe {args.command}: error: {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"edgemoe {args.command}: interrupted", file=sys.stderr)

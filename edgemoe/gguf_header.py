@@ -121,6 +121,13 @@ class _Cursor:
         self.pos += n
         return data
 
+    def name(self, what: str, max_len: int) -> str:
+        """A key or tensor name: printable ASCII (what llama.cpp and gguf-py write)."""
+        data = self.raw_string(what, max_len)
+        if not data.isascii() or not data.decode("ascii").isprintable():
+            self.fail(f"{what} {data[:40]!r} is not printable ASCII")
+        return data.decode("ascii")
+
     def string(self, what: str, max_len: int | None = None) -> str:
         data = self.raw_string(what, max_len)
         try:
@@ -150,7 +157,7 @@ def parse(buf, path, file_size: int | None = None) -> Header:
                "left)")
     h = Header(version=version, alignment=DEFAULT_ALIGNMENT, data_start=0)
     for _ in range(n_kv):
-        key = c.string("key", MAX_KEY)
+        key = c.name("key", MAX_KEY)
         if key in h.kv_types:
             c.fail(f"key '{key}' appears twice")
         vtype = c.take("I")
@@ -163,7 +170,7 @@ def parse(buf, path, file_size: int | None = None) -> Header:
         h.alignment = align
     names = set()
     for _ in range(n_tensors):
-        name = c.string("tensor name", MAX_NAME)
+        name = c.name("tensor name", MAX_NAME)
         if name in names:
             c.fail(f"tensor {name} appears twice")
         names.add(name)

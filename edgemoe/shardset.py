@@ -284,8 +284,10 @@ class ShardSet:
                                 f"{_short(fallbacks)}")
         self.fallbacks: list[dict] = fallbacks
         source = manifest.get("source", {})
-        if not isinstance(source, dict):
-            raise ShardSetError(f"{where}: key 'source' should be an object, got {_short(source)}")
+        if not isinstance(source, dict) or not all(
+                value is None or isinstance(value, str) for value in source.values()):
+            raise ShardSetError(f"{where}: key 'source' should be an object of strings, got "
+                                f"{_short(source)}")
         self.source: dict = source
         sub = manifest.get("substitute_type")
         if sub is not None:
