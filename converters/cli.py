@@ -39,8 +39,16 @@ def _export(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from edgemoe.shardset import ShardSet
 
+    from edgemoe import arch as arch_registry
+    from edgemoe.gguf_header import GGUFHeader
+
     ss = ShardSet.open(args.shards)
     ss.verify()
+    # the manifest and base.gguf describe the same model
+    header = GGUFHeader(ss.base_path)
+    ss.check_base_header(header)
+    model = arch_registry.get(ss.arch)
+    ss.check_match(model.hparams_class.from_gguf(header, model, ss.base_path))
     n = len(list(ss.experts()))
     print(f"{args.shards}: OK ({ss.arch}, base + {n} expert shards, every sha256 matches)")
     return 0
