@@ -5,7 +5,10 @@ never import the `llama_cpp` Python package at run time: we only borrow its comp
 The libraries are loaded once, RTLD_GLOBAL, in dependency order, so that ggml backends that are
 built as separate libraries find the symbols of libggml-base.
 
-EDGEMOE_LIB_DIR overrides the directory (e.g. a llama.cpp build with Vulkan or CUDA).
+EDGEMOE_LIB_DIR overrides the directory (e.g. a llama.cpp build with Vulkan or CUDA, from
+scripts/build_backend.sh). A build with GGML_BACKEND_DL keeps its backends (the CPU one included)
+in modules that libggml does not link: they are registered with ggml_backend_load_all_from_path
+from that directory the first time the registry is used.
 """
 from __future__ import annotations
 
@@ -51,14 +54,21 @@ def lib_dir() -> Path:
     raise EdgeMoeError(f"no libggml-base{_shared_suffix()} found under {pkg}")
 
 
-def _find(stem: str) -> Path:
+def _path(stem: str) -> Path | None:
     """The library file for `stem` (e.g. 'ggml-base'), with or without a 'lib' prefix."""
     directory = lib_dir()
     suffix = _shared_suffix()
     for name in (f"lib{stem}{suffix}", f"{stem}{suffix}"):
         if (directory / name).exists():
             return directory / name
-    raise EdgeMoeError(f"{stem}{suffix} not found in {directory}")
+    return None
+
+
+def _find(stem: str) -> Path:
+    path = _path(stem)
+    if path is None:
+        raise EdgeMoeError(f"{stem}{_shared_suffix()} not found in {lib_dir()}")
+    return path
 
 
 @lru_cache(maxsize=None)
@@ -76,16 +86,23 @@ def ggml_base() -> ctypes.CDLL:
     return _load("ggml-base")
 
 
-def ggml_cpu() -> ctypes.CDLL:
-    """The CPU backend (always built)."""
-    ggml_base()
-    return _load("ggml-cpu")
-
-
+@lru_cache(maxsize=None)
 def ggml() -> ctypes.CDLL:
-    """The backend registry (ggml_backend_dev_*, ggml_backend_load_all)."""
-    ggml_cpu()
-    return _load("ggml")
+    """The backend registry (ggml_backend_dev_*), with every backend of the build registered."""
+    ggml_base()
+    if _path("ggml-cpu") is not None:  # linked into libggml unless backends are modules
+        _load("ggml-cpu")
+    lib = _load("ggml")
+    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+    if lib.ggml_backend_dev_count() == 0:
+        # GGML_BACKEND_DL: libggml-cpu-<variant>, libggml-vulkan, ... are loaded at run time.
+        load = lib.ggml_backend_load_all_from_path
+        load.argtypes, load.restype = [ctypes.c_char_p], None
+        load(str(lib_dir()).encode())
+        if lib.ggml_backend_dev_count() == 0:
+            raise EdgeMoeError(f"{lib_dir()}: ggml registered no backend (no libggml-cpu*, "
+                               "nor any other backend module, loaded)")
+    return lib
 
 
 def llama() -> ctypes.CDLL:

@@ -66,6 +66,7 @@ COMMAND_MODULES = [
     "edgemoe.cli_budget",  # plan, calibrate
     "edgemoe.cli_perplexity",  # perplexity
     "edgemoe.cli_serve",   # serve
+    "edgemoe.cli_devices", # devices
 ]
 
 

@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from edgemoe.cli import ranged
+from edgemoe.cli_devices import add_rpc_arg, register_rpc
 from edgemoe.errors import EdgeMoeError, ShardSetError
 from edgemoe.runtime import add_residency_args, residency_config
 from edgemoe.sampling import SamplingParams
@@ -34,7 +35,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--threads", type=ranged(int, 1, 1024), default=None, metavar="N",
                    help="CPU threads (default: the engine's choice)")
     p.add_argument("--device", default=None,
-                   help="ggml backend device, e.g. CPU or Vulkan0 (default: the best available)")
+                   help="ggml backend device, e.g. CPU, Vulkan0, CUDA0 or RPC0 (`edgemoe "
+                   "devices` lists them; default: the best available)")
+    add_rpc_arg(p)
     add_residency_args(p)
 
 
@@ -115,6 +118,7 @@ def open_model(args: argparse.Namespace):
     from edgemoe.api import Model
 
     cfg = residency_config(args)
+    register_rpc(args.rpc)
     return Model(resolve_shards(args.shards), n_ctx=args.ctx_size, n_threads=args.threads,
                  device=args.device, n_batch=args.batch_size, memory_budget=cfg.memory_budget,
                  policy=cfg.policy, adaptive_gating=cfg.adaptive_gating,

@@ -75,14 +75,16 @@ class Engine:
     logits per batch the compute buffers are reserved for (None: n_batch, every row; 1: what
     generation samples). A batch asking for more rows grows the buffers then.
     `measure_only`: opened only for memory() (a budget's probe): the KV cache and the slots are
-    allocated but never touched (no resident pages) and eval is refused.
+    allocated but never touched (no resident pages) and eval is refused. `repack`: expert slots in
+    host memory use the CPU's repacked weight layouts where ggml has one for their type (see
+    ExpertPool).
     """
 
     def __init__(self, shards_path: str | Path, n_ctx: int = 2048, n_threads: int | None = None,
                  device: str | None = None, n_batch: int = 512, kv_type: str = "f16",
                  n_slots=None, policy: Callable[[ExpertPool], Policy] | None = None,
                  n_outputs: int | None = None, measure_only: bool = False,
-                 n_substitutes=None):
+                 n_substitutes=None, repack: bool = False):
         if n_ctx < 1 or n_batch < 1:
             raise EdgeMoeError(f"n_ctx ({n_ctx}) and n_batch ({n_batch}) must be positive")
         if n_outputs is not None and n_outputs < 1:
@@ -118,7 +120,7 @@ class Engine:
                                                  # a measuring probe touches no page of it
                                                  None if measure_only else self.shards.base_crc32))
             self.pool = self._own(ExpertPool(self.shards, self.backend, n_slots, n_substitutes,
-                                             clear=not measure_only))
+                                             clear=not measure_only, repack=repack))
             if policy is None:
                 self.policy = FullPolicy(self.pool, hp.n_expert, hp.n_expert_used,
                                          self.pool.layers)
@@ -214,6 +216,13 @@ class Engine:
     def _graph(self, key: tuple) -> Graph:
         """The graph for `key` (kind, ...shape), built on first use and kept while recent."""
         g = self._graphs.get(key)
+        if g is not None and not self.backend.on_host and g is not self._allocated:
+            # A node keeps its placement from its last allocation, and ggml's scheduler takes
+            # such a node as pre-allocated: re-allocating the graph after others ran aborts
+            # with several backends ("pre-allocated tensor in a buffer that cannot run the
+            # operation"). Off the CPU a graph is rebuilt instead (one CPU buffer is immune).
+            self._drop_graph(key)
+            g = None
         if g is None:
             g = self._graphs[key] = self._build(key)
             self._graph_bytes += g.ctx.nbytes
@@ -395,6 +404,15 @@ class Engine:
     @property
     def device(self) -> str:
         return self.backend.device_name
+
+    def memory_by_place(self) -> dict[str, int]:
+        """Bytes of backend buffers in host memory and in the device's own memory (all host
+        when the device is the CPU), compute buffers included."""
+        return self.backend.buffer_bytes(self._parts, self.sched)
+
+    def link_bytes(self) -> int | None:
+        """Bytes sent to and received from RPC servers so far (None: no RPC device in use)."""
+        return ggml.rpc_link_bytes() if self.backend.uses_rpc else None
 
     def close(self) -> None:
         with self._lock:

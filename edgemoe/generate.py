@@ -100,6 +100,8 @@ class GenerationStats:
     peak_rss_bytes: int
     cgroup_peak_bytes: int | None
     context_full: bool = False  # generation stopped because the context window was full
+    # Bytes over the links to RPC servers per decode step (None: no RPC device).
+    link_bytes_per_token: float | None = None
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -118,6 +120,8 @@ class GenerationStats:
         )
         if self.cgroup_peak_bytes is not None:
             line += f" | cgroup peak {_mib(self.cgroup_peak_bytes)}"
+        if self.link_bytes_per_token is not None:
+            line += f" | RPC link {self.link_bytes_per_token / 1024:.1f} KiB/token"
         return line
 
 
@@ -231,6 +235,11 @@ class Generator:
         self._cached = self._cached[:n_common]
         return n_common
 
+    def _link_bytes(self) -> int | None:
+        """Bytes over the engine's RPC links so far (None: none, or an engine without them)."""
+        link_bytes = getattr(self.engine, "link_bytes", None)
+        return link_bytes() if link_bytes is not None else None
+
     def _eval(self, tokens: Sequence[int]) -> np.ndarray:
         """Evaluate tokens (appending to the KV cache); return the last position's logits."""
         batch = int(self.engine.n_batch)
@@ -314,6 +323,7 @@ class Generator:
         # decode = each later step: evaluating the previous token plus sampling the next one.
         t_prefill = t_decode = 0.0
         n_decode = 0
+        link_start = link_bytes = None  # bytes over RPC links when decode began, and since
         finish: str | None = None  # stays None when the consumer stops us early
         stopped = False
         context_full = False
@@ -328,6 +338,7 @@ class Generator:
                 n_evaluated = len(gen.prompt_tokens) - n_reused
                 token = sampler.sample(logits, history)
                 t_prefill = time.perf_counter() - t0
+                link_start = self._link_bytes()
                 while True:
                     gen.tokens.append(token)
                     history.append(token)
@@ -362,6 +373,8 @@ class Generator:
                     yield text
         finally:
             gen.finish_reason = finish
+            if link_start is not None and n_decode:
+                link_bytes = (self._link_bytes() - link_start) / n_decode
             gen.stats = GenerationStats(
                 n_prompt=len(gen.prompt_tokens),
                 n_prompt_evaluated=n_evaluated,
@@ -372,4 +385,5 @@ class Generator:
                 peak_rss_bytes=peak_rss_bytes(),
                 cgroup_peak_bytes=cgroup_memory_peak_bytes(),
                 context_full=context_full,
+                link_bytes_per_token=link_bytes,
             )

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
+import struct
+import sys
 import threading
 from ctypes import POINTER, c_bool, c_char_p, c_float, c_int, c_int64, c_size_t, c_void_p
 
@@ -114,6 +117,19 @@ _SIGNATURES = {
     "ggml_backend_dev_backend_reg": (_lib.ggml_base, c_void_p, [c_void_p]),
     "ggml_backend_reg_get_proc_address": (_lib.ggml_base, c_void_p, [c_void_p, c_char_p]),
     "ggml_backend_free": (_lib.ggml_base, None, [c_void_p]),
+    "ggml_backend_dev_memory": (_lib.ggml_base, None, [c_void_p, POINTER(c_size_t),
+                                                       POINTER(c_size_t)]),
+    "ggml_backend_dev_supports_op": (_lib.ggml_base, c_bool, [c_void_p, T]),
+    "ggml_backend_dev_host_buffer_type": (_lib.ggml_base, c_void_p, [c_void_p]),
+    "ggml_backend_buft_name": (_lib.ggml_base, c_char_p, [c_void_p]),
+    "ggml_backend_buft_is_host": (_lib.ggml_base, c_bool, [c_void_p]),
+    "ggml_backend_reg_by_name": (_lib.ggml, c_void_p, [c_char_p]),
+    "ggml_backend_reg_dev_count": (_lib.ggml_base, c_size_t, [c_void_p]),
+    "ggml_backend_reg_dev_get": (_lib.ggml_base, c_void_p, [c_void_p, c_size_t]),
+    "ggml_backend_device_register": (_lib.ggml, None, [c_void_p]),
+    "ggml_set_abort_callback": (_lib.ggml_base, c_void_p, [c_void_p]),
+    "ggml_backend_view_init": (_lib.ggml_base, c_int, [T]),
+    "ggml_log_set": (_lib.ggml_base, None, [c_void_p, c_void_p]),
     # backend: scheduler
     "ggml_backend_sched_new": (_lib.ggml_base, c_void_p, [POINTER(c_void_p), POINTER(c_void_p),
                                                          c_int, c_size_t, c_bool, c_bool]),
@@ -205,6 +221,7 @@ class Buffer:
     ptr = None
 
     def __init__(self, ctx: Context, buffer_type: int, what: str):
+        self.buffer_type = buffer_type
         self.ptr = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx.ptr, buffer_type)
         if not self.ptr:
             raise EdgeMoeError(f"cannot allocate the backend buffer for {what}")
@@ -280,24 +297,176 @@ def tensor_set_ptr(tensor: int, ptr: int, offset: int, size: int) -> None:
     lib.ggml_backend_tensor_set(tensor, ptr, offset, size)
 
 
+def view_init(view: int) -> None:
+    """Give a view (of a tensor already in a backend buffer) its data pointer, and let the
+    buffer prepare it (a repacking buffer picks its layout here)."""
+    status = lib.ggml_backend_view_init(view)
+    if status != 0:
+        raise EdgeMoeError(f"ggml_backend_view_init: {_STATUS.get(status, status)}")
+
+
 def tensor_get(tensor: int, out: np.ndarray, offset: int = 0) -> np.ndarray:
     """Copy a backend tensor's bytes into `out` (C-contiguous) and return it."""
     lib.ggml_backend_tensor_get(tensor, out.ctypes.data, offset, out.nbytes)
     return out
 
 
+def device_memory(dev: int) -> tuple[int, int]:
+    """(free, total) bytes of a device as its backend reports them (the CPU: system RAM)."""
+    free, total = c_size_t(0), c_size_t(0)
+    lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+    return int(free.value), int(total.value)
+
+
 def list_devices() -> list[dict]:
-    """The ggml devices this build registered: name, description, kind (cpu/gpu/igpu/accel)."""
+    """The ggml devices this build registered: name, description, kind (cpu/gpu/igpu/accel),
+    free and total memory in bytes."""
+    _install_logger()
     out = []
     for i in range(lib.ggml_backend_dev_count()):
         dev = lib.ggml_backend_dev_get(i)
+        free, total = device_memory(dev)
         out.append({
             "name": lib.ggml_backend_dev_name(dev).decode(),
             "description": lib.ggml_backend_dev_description(dev).decode(),
             "kind": _DEV_TYPE_NAMES.get(lib.ggml_backend_dev_type(dev), "other"),
+            "memory_free": free,
+            "memory_total": total,
             "handle": dev,
         })
     return out
+
+
+# -- llama.cpp's RPC backend: devices of an rpc-server on another machine (or process) --------
+
+_rpc_servers: dict[str, list[str]] = {}   # endpoint -> names of the devices it registered
+_ABORT_CB = ctypes.CFUNCTYPE(None, c_char_p)
+
+
+def _on_ggml_abort(message: bytes) -> None:
+    """ggml is about to abort() the process (its RPC client does on any socket error, on a
+    thread of its own): name the peer and exit with an error instead of a core dump."""
+    text = (message or b"").decode(errors="replace").strip()
+    if _rpc_servers and "RPC" in text:
+        peers = ", ".join(_rpc_servers)
+        sys.stderr.write(f"edgemoe: error: lost the RPC server at {peers} (it stopped, or "
+                         f"refused the connection): {text}\n")
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stderr.write(f"edgemoe: ggml aborted: {text}\n")
+    sys.stderr.flush()
+
+
+_abort_cb = _ABORT_CB(_on_ggml_abort)  # referenced for the life of the process
+
+
+def _parse_endpoint(endpoint: str) -> tuple[str, int]:
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise EdgeMoeError(f"RPC endpoint {endpoint!r}: expected HOST:PORT, e.g. 127.0.0.1:50052")
+    return host, int(port)
+
+
+def add_rpc_server(endpoint: str, timeout: float = 5.0) -> list[str]:
+    """Register the devices of llama.cpp's rpc-server at HOST:PORT (ggml-rpc-server from the
+    same llama.cpp build) and return their names (RPC0, RPC1, ...). The server is reached with a
+    plain TCP connect first, so a dead or refusing peer is an error within `timeout` seconds,
+    not an abort inside ggml."""
+    if endpoint in _rpc_servers:
+        return _rpc_servers[endpoint]
+    host, port = _parse_endpoint(endpoint)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, socket.timeout) else (exc.strerror or str(exc))
+        raise EdgeMoeError(f"RPC server {endpoint}: cannot connect ({reason}); start it with "
+                           f"`ggml-rpc-server -H {host} -p {port}` on that machine") from None
+    reg = lib.ggml_backend_reg_by_name(b"RPC")
+    add = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_add_server") if reg else None
+    if not add:
+        raise EdgeMoeError(f"this ggml build ({_lib.lib_dir()}) has no RPC backend; build one "
+                           "with scripts/build_backend.sh rpc and set EDGEMOE_LIB_DIR")
+    lib.ggml_set_abort_callback(ctypes.cast(_abort_cb, c_void_p))
+    server = ctypes.CFUNCTYPE(c_void_p, c_char_p)(add)(endpoint.encode())
+    if not server:
+        raise EdgeMoeError(f"RPC server {endpoint}: it reported no device")
+    names = []
+    for i in range(lib.ggml_backend_reg_dev_count(server)):
+        dev = lib.ggml_backend_reg_dev_get(server, i)
+        lib.ggml_backend_device_register(dev)
+        names.append(lib.ggml_backend_dev_name(dev).decode())
+    _rpc_servers[endpoint] = names
+    return names
+
+
+def rpc_link_bytes() -> int:
+    """Bytes this process sent to and received from its RPC servers so far, summed over its TCP
+    connections to them (the kernel's tcp_info counters; 0 without RPC servers or off Linux)."""
+    if not _rpc_servers or not sys.platform.startswith("linux"):
+        return 0
+    return sum(sent + received for sent, received in _tcp_bytes(_rpc_servers).values())
+
+
+def _tcp_bytes(endpoints) -> dict[int, tuple[int, int]]:
+    """{fd: (bytes sent, bytes received)} of this process's TCP sockets connected to any of
+    `endpoints` (HOST:PORT with HOST numeric or a name)."""
+    peers = set()
+    for endpoint in endpoints:
+        host, port = _parse_endpoint(endpoint)
+        for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP):
+            peers.add((info[4][0], port))
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        try:
+            if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            try:
+                peer = sock.getpeername()[:2]
+            except OSError:
+                continue
+            if (peer[0], peer[1]) not in peers:
+                continue
+            # struct tcp_info (linux/tcp.h): __u64 tcpi_bytes_acked at 120, tcpi_bytes_received
+            # at 128 (Linux 4.1+).
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
+            if len(info) >= 136:
+                acked, received = struct.unpack_from("<QQ", info, 120)
+                out[fd] = (acked, received)
+        finally:
+            sock.close()
+    return out
+
+
+# ggml_log_callback: void (*)(enum ggml_log_level level, const char * text, void * user_data)
+_LogCallback = ctypes.CFUNCTYPE(None, c_int, c_char_p, c_void_p)
+_LOG_WARN, _LOG_CONT = 3, 5
+_log_state = {"level": 0, "installed": False}
+
+
+def _on_log(level: int, text: bytes, _user) -> None:
+    """ggml's messages: warnings and errors to stderr; its debug and info chatter (a line per
+    repacked tensor, per Vulkan device found, ...) only with EDGEMOE_GGML_LOG=1."""
+    if level == _LOG_CONT:
+        level = _log_state["level"]
+    _log_state["level"] = level
+    if level >= _LOG_WARN or os.environ.get("EDGEMOE_GGML_LOG") == "1":
+        sys.stderr.write((text or b"").decode(errors="replace"))
+
+
+_log_cb = _LogCallback(_on_log)  # referenced for the life of the process
+
+
+def _install_logger() -> None:
+    if not _log_state["installed"]:
+        lib.ggml_log_set(ctypes.cast(_log_cb, c_void_p), None)
+        _log_state["installed"] = True
 
 
 _SetThreads = ctypes.CFUNCTYPE(None, c_void_p, c_int)
@@ -314,6 +483,7 @@ class Backend:
     backends: list[int] = []
 
     def __init__(self, device: str | None = None, n_threads: int | None = None):
+        _install_logger()
         devices = list_devices()
         if not devices:
             raise EdgeMoeError("ggml registered no device")
@@ -324,11 +494,16 @@ class Backend:
         self.backends.append(_check(lib.ggml_backend_dev_init(chosen["handle"], None),
                                     f"initialising device {self.device_name}"))
         self.buffer_types = [lib.ggml_backend_dev_buffer_type(chosen["handle"])]
+        self._devices = [chosen["handle"]]
         if chosen["kind"] != "cpu":
-            cpu = next(d for d in devices if d["kind"] == "cpu")
+            cpu = next((d for d in devices if d["kind"] == "cpu"), None)
+            if cpu is None:
+                raise EdgeMoeError("this ggml build registered no CPU device")
             self.backends.append(_check(lib.ggml_backend_dev_init(cpu["handle"], None), "CPU init"))
             self.buffer_types.append(lib.ggml_backend_dev_buffer_type(cpu["handle"]))
-        self._devices = [chosen["handle"]] + ([cpu["handle"]] if chosen["kind"] != "cpu" else [])
+            self._devices.append(cpu["handle"])
+        # Where each group of tensors went ({what: reason} for groups kept in host memory).
+        self.placement: dict[str, str] = {}
         self.set_threads(n_threads)
 
     @staticmethod
@@ -358,6 +533,81 @@ class Backend:
     @property
     def device(self) -> int:
         return self._devices[0]
+
+    @property
+    def host_buffer_type(self) -> int:
+        """The CPU's buffer type (the last backend is always the CPU)."""
+        return self.buffer_types[-1]
+
+    @property
+    def on_host(self) -> bool:
+        """True when the chosen device computes from host memory (the CPU itself)."""
+        return len(self.backends) == 1
+
+    def memory(self) -> tuple[int, int]:
+        """(free, total) bytes of the chosen device."""
+        return device_memory(self._devices[0])
+
+    @property
+    def uses_rpc(self) -> bool:
+        return any(lib.ggml_backend_dev_backend_reg(d) == lib.ggml_backend_reg_by_name(b"RPC")
+                   for d in self._devices) if _rpc_servers else False
+
+    def buffer_bytes(self, parts, sched: "Scheduler") -> dict[str, int]:
+        """{'host': bytes, 'device': bytes} of the Buffers held by `parts` (objects with a
+        `buffer` attribute) and of the scheduler's compute buffers."""
+        out = {"host": 0, "device": 0}
+        for part in parts:
+            buf = getattr(part, "buffer", None)
+            if isinstance(buf, Buffer) and buf.ptr:
+                out["host" if self.on_host or buf.buffer_type == self.host_buffer_type
+                    else "device"] += buf.nbytes
+            elif isinstance(buf, MappedBuffer) and buf.ptr:  # a mapped file: host memory
+                out["host"] += buf.size
+        for i, backend in enumerate(self.backends):
+            n = lib.ggml_backend_sched_get_buffer_size(sched.ptr, backend)
+            out["host" if self.on_host or i == len(self.backends) - 1 else "device"] += n
+        return out
+
+    def extra_buffer_types(self) -> dict[str, int]:
+        """The CPU's extra buffer types ({name: buft}, e.g. CPU_REPACK: weights repacked on
+        write into the interleaved layouts of the AVX2/NEON matmul kernels)."""
+        cpu = self._devices[-1]
+        reg = lib.ggml_backend_dev_backend_reg(cpu)
+        addr = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
+        if not addr:
+            return {}
+        array = ctypes.CFUNCTYPE(POINTER(c_void_p), c_void_p)(addr)(cpu)
+        out, i = {}, 0
+        while array and array[i]:
+            out[lib.ggml_backend_buft_name(array[i]).decode()] = array[i]
+            i += 1
+        return out
+
+    def supports_on_cpu(self, op: int) -> bool:
+        return bool(lib.ggml_backend_dev_supports_op(self._devices[-1], op))
+
+    def buffer_type_for(self, what: str, build_ops) -> int:
+        """The buffer type for a group of tensors (`what`: e.g. 'expert slots'): the device's,
+        if it can run every op that uses them, else the CPU's. ggml's scheduler cannot move a
+        tensor that already lives in a device buffer to another backend (it aborts: 'pre-allocated
+        tensor in a buffer that cannot run the operation'), so support is checked first, on
+        probe ops of the same types and shapes: build_ops(Ops) returns them (a throwaway
+        context, no data)."""
+        if self.on_host:
+            return self.buffer_types[0]
+        ctx = Context(1024)
+        try:
+            ops = build_ops(Ops(ctx))
+            missing = [lib.ggml_op_desc(op).decode() for op in ops
+                       if not lib.ggml_backend_dev_supports_op(self._devices[0], op)]
+        finally:
+            ctx.close()
+        if not missing:
+            return self.buffer_types[0]
+        self.placement[what] = (f"host memory: {self.device_name} cannot run "
+                                f"{', '.join(sorted(set(missing)))} on them")
+        return self.host_buffer_type
 
     def set_threads(self, n_threads: int | None) -> None:
         """Thread count for every backend that has one (found through the backend registry, so

@@ -118,11 +118,19 @@ class ExpertPool:
 
     `n_slots` is one count for every layer, a {layer: count} mapping, or None (every expert gets
     a slot, as the `full` policy needs). A slot count below the router's top-k cannot run and is refused.
+
+    The slots live in the chosen device's memory (reads go file -> host buffer -> slot) unless
+    that device cannot multiply their types. `repack`: when the slots live in host memory and
+    ggml's CPU backend has a repacked layout for the experts' types on this CPU (CPU_REPACK:
+    Q4_0, Q4_K, IQ4_NL, ... for AVX2/NEON), the slots use it: each expert is repacked as it is
+    written into its slot (through a view of that slot: the repacking buffer takes whole
+    tensors only).
     """
 
     def __init__(self, shards: ShardSet, backend: ggml.Backend,
                  n_slots: int | Mapping[int, int] | None = None,
-                 n_substitutes: Mapping[int, int] | None = None, clear: bool = True):
+                 n_substitutes: Mapping[int, int] | None = None, clear: bool = True,
+                 repack: bool = False):
         """clear=False leaves the slots' memory untouched (an engine opened to be measured)."""
         self.shards = shards
         self.n_expert = shards.n_expert
@@ -153,7 +161,32 @@ class ExpertPool:
                     self._tensors[(layer, sub)][proj] = self.ctx.new_tensor(
                         types[proj], (ne0, ne1, n), name)
                     sizes[proj] = ggml.row_size(types[proj], ne0) * ne1
-        self.buffer = ggml.Buffer(self.ctx, backend.weights_buffer_type, "the expert slots")
+        k = shards.n_expert_used
+
+        def probe(o: ggml.Ops) -> list[int]:  # the experts' matmul, once per type and shape
+            ops, seen = [], set()
+            for tensors in self._tensors.values():
+                for proj, t in tensors.items():
+                    key = (proj, self._type_of(t))   # a projection's shape is every layer's
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    x = o.context.new_tensor(GGMLType.F32, (self.ne[proj][0], 1, 1))
+                    ids = o.context.new_tensor(GGMLType.I32, (k, 1))
+                    ops.append(o.mul_mat_id(t, x, ids))
+            return ops
+
+        buft = backend.buffer_type_for("expert slots", probe)
+        counts = [*self._n_slots.values(), *(n_substitutes or {}).values()]
+        self.repacked = False
+        if repack and buft == backend.host_buffer_type and min(counts) > 1:
+            repack_buft = backend.extra_buffer_types().get("CPU_REPACK")
+            if repack_buft and self._repack_supported(backend, repack_buft):
+                buft, self.repacked = repack_buft, True
+        self.buffer = ggml.Buffer(self.ctx, buft, "the expert slots")
+        self._views: dict[tuple[int, bool], dict[str, list[int]]] = {}
+        if self.repacked:
+            self._make_views()
         # An empty slot may be indexed with weight 0 (dropped or masked choices): 0 * NaN = NaN.
         if clear:
             self.buffer.clear(0)
@@ -165,6 +198,59 @@ class ExpertPool:
         self._word_sums: dict[Path, int] = {}  # of each shard's run, at its first read
         self.check_crc = CHECKSUMS
         self.check_seconds = 0.0   # spent checking data runs (crc32 and word sums)
+
+    def _type_of(self, tensor: int) -> int:
+        for (layer, sub), tensors in self._tensors.items():
+            for proj, t in tensors.items():
+                if t == tensor:
+                    return (self.substitute_types if sub else self.types)[layer][proj]
+        raise KeyError(tensor)
+
+    def _repack_supported(self, backend: ggml.Backend, repack_buft: int) -> bool:
+        """Whether the CPU runs ggml_mul_mat_id on every slot tensor's type repacked (asked of
+        ggml with two experts' worth of each, in a small repacking buffer)."""
+        shapes = {(self._type_of(t), self.ne[proj])
+                  for tensors in self._tensors.values() for proj, t in tensors.items()}
+        weights = ggml.Context(len(shapes))
+        ops = ggml.Context(4 * len(shapes))
+        try:
+            # Two slots: ggml counts a trailing dimension of 1 away, and the repacked
+            # mul_mat_id takes 3-D tensors only.
+            probes = {key: weights.new_tensor(key[0], (*key[1], 2)) for key in shapes}
+            buffer = ggml.Buffer(weights, repack_buft, "a repacking probe")
+            try:
+                o = ggml.Ops(ops)
+                for (t, (ne0, _)), w in probes.items():
+                    x = ops.new_tensor(GGMLType.F32, (ne0, 1, 1))
+                    ids = ops.new_tensor(GGMLType.I32, (1, 1))
+                    if not backend.supports_on_cpu(o.mul_mat_id(w, x, ids)):
+                        return False
+                return True
+            finally:
+                buffer.close()
+        finally:
+            ops.close()
+            weights.close()
+
+    def _make_views(self) -> None:
+        """One view per slot of every slot tensor: what a repacking buffer is written through."""
+        n_views = sum(len(EXPERT_TENSORS) * (self.n_substitutes[l] if sub else self._n_slots[l])
+                      for (l, sub) in self._tensors)
+        self._views_ctx = ggml.Context(n_views)
+        o = ggml.Ops(self._views_ctx)
+        for (layer, sub), tensors in self._tensors.items():
+            n = self.n_substitutes[layer] if sub else self._n_slots[layer]
+            sizes = (self.substitute_slot_bytes if sub else self.slot_bytes)[layer]
+            self._views[(layer, sub)] = {}
+            for proj, t in tensors.items():
+                ne0, ne1 = self.ne[proj]
+                size = sizes[proj]
+                views = []
+                for slot in range(n):
+                    v = o.view_3d(t, ne0, ne1, 1, size // ne1, size, slot * size)
+                    ggml.view_init(v)
+                    views.append(v)
+                self._views[(layer, sub)][proj] = views
 
     def _slot_count(self, layer: int, n_slots) -> int:
         if n_slots is None:
@@ -267,8 +353,12 @@ class ExpertPool:
             for proj in EXPERT_TENSORS:
                 info = shard.tensors[proj]
                 size = sizes[proj]
-                ggml.tensor_set_ptr(self._tensors[(layer, substitute)][proj],
-                                    base + info.offset - shard.data_offset, slot * size, size)
+                src = base + info.offset - shard.data_offset
+                if self.repacked:
+                    ggml.tensor_set_ptr(self._views[(layer, substitute)][proj][slot], src, 0, size)
+                else:
+                    ggml.tensor_set_ptr(self._tensors[(layer, substitute)][proj], src,
+                                        slot * size, size)
         with self._lock:
             self.bytes_read += shard.data_bytes
             self.loads += 1
@@ -315,4 +405,6 @@ class ExpertPool:
 
     def close(self) -> None:
         self.buffer.close()
+        if self.repacked:
+            self._views_ctx.close()
         self.ctx.close()

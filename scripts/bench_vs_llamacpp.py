@@ -15,7 +15,12 @@ tok/s and the edgemoe / llama.cpp ratios. Both runners produce the next token's 
 
 llama.cpp runs with flash attention (the kernel edgemoe uses) and, by default, without its extra
 weight buffer types (--llama-extra-bufts turns them on): on CPUs with AMX its AMX Q8_0 kernel
-crashed in testing here, and edgemoe does not repack weights either.
+crashed in testing here. --repack compares repacked weights on both sides: edgemoe's expert slots
+in ggml's CPU_REPACK layout (each expert repacked as it is loaded into its slot) against llama.cpp
+with its default extra buffer types (which repack every matrix it can, attention included):
+
+    python scripts/bench_vs_llamacpp.py --expert-type Q4_0 --dense-type Q4_0 --threads 1 \
+        --repeats 1 --repack
 """
 from __future__ import annotations
 
@@ -58,10 +63,13 @@ def prepare(args) -> tuple[Path, Path]:
 class EdgemoeRunner:
     name = "edgemoe"
 
-    def __init__(self, shards: Path, n_ctx: int, threads: int):
+    def __init__(self, shards: Path, n_ctx: int, threads: int, repack: bool = False):
         from edgemoe.engine import Engine
 
-        self.engine = Engine(shards, n_ctx=n_ctx, n_threads=threads)
+        self.engine = Engine(shards, n_ctx=n_ctx, n_threads=threads, repack=repack)
+        if repack and not self.engine.pool.repacked:
+            raise SystemExit("edgemoe: ggml has no repacked layout for these expert types on "
+                             "this CPU (CPU_REPACK covers Q4_0, IQ4_NL, Q4_K, ... per ISA)")
         self.n_vocab = self.engine.n_vocab
 
     def reset(self):
@@ -191,16 +199,24 @@ def main() -> int:
                     help="then time edgemoe's decode per ggml op over N tokens")
     ap.add_argument("--llama-extra-bufts", action="store_true",
                     help="let llama.cpp repack weights into its extra CPU buffer types")
+    ap.add_argument("--repack", action="store_true",
+                    help="edgemoe's expert slots repacked (CPU_REPACK) against llama.cpp with its "
+                    "default extra buffer types (implies --llama-extra-bufts)")
     args = ap.parse_args()
+    if args.repack:
+        args.llama_extra_bufts = True
 
     shards, gguf = prepare(args)
     n_ctx = args.prompt + args.gen + 8
     size = sum(p.stat().st_size for p in shards.rglob("*.gguf"))
     print(f"model: {shards.name} ({size / 1e9:.2f} GB of GGUF), threads {args.threads}, "
-          f"prompt {args.prompt}, generate {args.gen}, repeats {args.repeats}")
+          f"prompt {args.prompt}, generate {args.gen}, repeats {args.repeats}, weights "
+          + ("repacked (edgemoe: expert slots; llama.cpp: default extra buffer types)"
+             if args.repack else "as stored" + (" (llama.cpp: extra buffer types)"
+                                                 if args.llama_extra_bufts else "")))
 
     t = time.perf_counter()
-    ours = EdgemoeRunner(shards, n_ctx, args.threads)
+    ours = EdgemoeRunner(shards, n_ctx, args.threads, args.repack)
     print(f"edgemoe loaded in {time.perf_counter() - t:.1f} s; memory "
           + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in ours.engine.memory().items()))
     t = time.perf_counter()

@@ -291,7 +291,20 @@ class BaseWeights:
         else:
             from edgemoe.pool import read_span
 
-            self.buffer = ggml.Buffer(self.ctx, backend.weights_buffer_type, f"{path} weights")
+            # One matmul per matrix type (and the embedding lookup) decides where they live.
+            matrices = {int(t.tensor_type): (t.name, int(t.shape[0]))
+                        for t in chosen if len(t.shape) == 2}
+            embd = tensor_name(MODEL_TENSOR.TOKEN_EMBD)
+
+            def probe(o: ggml.Ops) -> list[int]:
+                new = o.context.new_tensor
+                ops = [o.get_rows(self.tensors[embd], new(GGMLType.I32, (1,)))]
+                for name, ne0 in matrices.values():
+                    ops.append(o.mul_mat(self.tensors[name], new(GGMLType.F32, (ne0, 1))))
+                return ops
+
+            self.buffer = ggml.Buffer(self.ctx, backend.buffer_type_for("base weights", probe),
+                                      f"{path} weights")
             for t in chosen:   # in pieces: the reading buffer stays small (it is kept)
                 crc = 0
                 for start in range(0, t.n_bytes, _READ_PIECE):
@@ -328,7 +341,21 @@ class KVCache:
                   for il in range(hp.n_layer)]
         self.v = [self.ctx.new_tensor(kv_type, (hp.n_embd_v, n_ctx), f"cache_v_l{il}")
                   for il in range(hp.n_layer)]
-        self.buffer = ggml.Buffer(self.ctx, backend.weights_buffer_type, "the KV cache")
+        dk, dv, n_kv = hp.head_dim, hp.head_dim_v or hp.head_dim, min(n_ctx, KV_STEP)
+
+        def probe(o: ggml.Ops) -> list[int]:  # the ops that write and read the cache
+            new = o.context.new_tensor
+            idx = new(GGMLType.I64, (1,))
+            q = new(GGMLType.F32, (dk, 1, hp.n_head))
+            k = new(kv_type, (dk, n_kv, hp.n_head_kv))
+            v = new(kv_type, (dv, n_kv, hp.n_head_kv))
+            mask = new(GGMLType.F16, (n_kv, 1))
+            return [o.set_rows(self.k[0], new(GGMLType.F32, (hp.n_embd_kv, 1)), idx),
+                    o.set_rows(self.v[0], new(GGMLType.F32, (hp.n_embd_v, 1)), idx),
+                    o.flash_attn(q, k, v, mask, 1.0)]
+
+        self.buffer = ggml.Buffer(self.ctx, backend.buffer_type_for("KV cache", probe),
+                                  "the KV cache")
         # Unwritten cells are masked out, but must not hold NaN bit patterns (0 * NaN = NaN).
         if clear:   # (not for an engine opened to be measured: its pages stay untouched)
             self.buffer.clear(0)
@@ -347,7 +374,9 @@ class SplitState:
         self.ctx = ggml.Context(2)
         self.x = self.ctx.new_tensor(GGMLType.F32, (hp.n_embd, n_batch), "state_x")
         self.h = self.ctx.new_tensor(GGMLType.F32, (hp.n_embd, n_batch), "state_h")
-        self.buffer = ggml.Buffer(self.ctx, backend.weights_buffer_type, "the layer state")
+        self.buffer = ggml.Buffer(
+            self.ctx, backend.buffer_type_for("layer state", lambda o: [o.cpy(self.x, self.h)]),
+            "the layer state")
         self.nbytes = self.buffer.nbytes
 
     def close(self) -> None:
