@@ -71,7 +71,8 @@ need cmake "install cmake (Debian: apt-get install cmake)"
 need "${CXX:-c++}" "install a C++ compiler (Debian: apt-get install g++)"
 CMAKE_FLAGS=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TESTS=OFF
              -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
-             -DLLAMA_BUILD_TOOLS=OFF -DGGML_BACKEND_DL="$DL")
+             -DLLAMA_BUILD_TOOLS=OFF -DGGML_BACKEND_DL="$DL"
+             "-DCMAKE_BUILD_RPATH=\$ORIGIN;\$ORIGIN/../lib")
 TARGETS=(llama)
 if has vulkan; then
     need glslc "install glslc (Debian: apt-get install glslc)"

@@ -57,7 +57,9 @@ class RpcServer:
     def __init__(self):
         self.port = _free_port()
         self.endpoint = f"127.0.0.1:{self.port}"
-        env = {**os.environ, "GGML_VK_VISIBLE_DEVICES": ""}  # the server's CPU, not llvmpipe
+        # The server's CPU, not llvmpipe; the libraries beside it are the ones it was built with.
+        env = {**os.environ, "GGML_VK_VISIBLE_DEVICES": "",
+               "LD_LIBRARY_PATH": str(_lib.lib_dir())}
         self.proc = subprocess.Popen([str(_server_binary()), "-H", "127.0.0.1", "-p",
                                       str(self.port), "-t", "1", "-d", "CPU"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
