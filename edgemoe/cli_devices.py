@@ -41,11 +41,13 @@ def cmd_devices(args: argparse.Namespace) -> int:
     register_rpc(args.rpc)
     devices = ggml.list_devices()
     if args.json:
-        print(json.dumps({"lib_dir": str(_lib.lib_dir()),
+        print(json.dumps({"lib_dir": str(_lib.lib_dir()), "cpu_features": ggml.backend_features(),
                           "devices": [{k: v for k, v in d.items() if k != "handle"}
                                       for d in devices]}, indent=1))
         return 0
     print(f"ggml libraries: {_lib.lib_dir()}")
+    features = ggml.backend_features("CPU")
+    print("CPU features:   " + (" ".join(k for k, v in features.items() if v == "1") or "-"))
     print(f"{'device':<12}{'kind':<7}{'free':>12}{'total':>12}  description")
     for d in devices:
         print(f"{d['name']:<12}{d['kind']:<7}{_size(d['memory_free']):>12}"

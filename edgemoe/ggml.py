@@ -337,6 +337,26 @@ def list_devices() -> list[dict]:
     return out
 
 
+class _Feature(ctypes.Structure):
+    # struct ggml_backend_feature { const char * name; const char * value; } (ggml-backend.h)
+    _fields_ = [("name", c_char_p), ("value", c_char_p)]
+
+
+def backend_features(reg_name: str = "CPU") -> dict[str, str]:
+    """What a backend reports of its build and machine (the CPU: AVX2, NEON, DOTPROD,
+    REPACK, ... with value 1), through its registry's ggml_backend_get_features."""
+    reg = lib.ggml_backend_reg_by_name(reg_name.encode())
+    addr = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_get_features") if reg else None
+    if not addr:
+        return {}
+    items = ctypes.CFUNCTYPE(POINTER(_Feature), c_void_p)(addr)(reg)
+    out, i = {}, 0
+    while items and items[i].name:
+        out[items[i].name.decode()] = (items[i].value or b"").decode()
+        i += 1
+    return out
+
+
 # -- llama.cpp's RPC backend: devices of an rpc-server on another machine (or process) --------
 
 _rpc_servers: dict[str, list[str]] = {}   # endpoint -> names of the devices it registered
