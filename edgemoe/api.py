@@ -47,8 +47,9 @@ class Model:
     T; n_prefetch: ondemand's prefetched experts per layer (None: what `edgemoe plan` chose for
     this budget, else 1); stats: keep a telemetry record per engine step (`write_stats`);
     substitutes: with static or swap under a budget, keep the shard set's low-bit expert
-    substitutes resident (when it has them: `edgemoe convert --substitute-type`). A
-    budget below the minimum raises BudgetError before loading.
+    substitutes resident (when it has them: `edgemoe convert --substitute-type`).
+    device_budget: "4GiB" bounds the device's own memory (not the CPU's). A budget below the
+    minimum raises BudgetError before loading.
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class Model:
         n_prefetch: int | None = None,
         stats: bool = False,
         substitutes: bool = True,
+        device_budget: str | None = None,
     ) -> None:
         from edgemoe.runtime import ResidencyConfig, StepLog, open_engine, refuse_early
 
@@ -71,7 +73,7 @@ class Model:
         self.name = self.shards_path.resolve().name
         self.residency = ResidencyConfig(memory_budget=memory_budget, policy=policy,
                                          adaptive_gating=adaptive_gating, n_prefetch=n_prefetch,
-                                         substitutes=substitutes)
+                                         substitutes=substitutes, device_budget=device_budget)
         # The vocabulary first: a budget's measure of the process (open_engine) includes it.
         shards = ShardSet.open(self.shards_path)
         # base.gguf's header bounded and checked before libllama parses it

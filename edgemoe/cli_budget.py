@@ -92,21 +92,24 @@ def calibrate(shards_path: str | Path, tokens: list[int], samples: int = 16, win
     return calib.calibrate(opener, ShardSet.open(shards_path), tokens, samples, window, seed)
 
 
-def measure_profile(shards_path: str | Path, n_threads: int | None = None, n_decode: int = 64):
-    """The planner's Profile measured on this machine (residency.profiling)."""
+def measure_profile(shards_path: str | Path, n_threads: int | None = None, n_decode: int = 64,
+                    device: str | None = None):
+    """The planner's Profile measured on this machine and device (residency.profiling)."""
     from edgemoe.residency.profiling import measure_profile as measure
     from edgemoe.shardset import ShardSet
 
     shards_path = Path(shards_path)
-    return measure(ShardSet.open(shards_path), _engine_opener(shards_path, n_threads), n_decode)
+    return measure(ShardSet.open(shards_path), _engine_opener(shards_path, n_threads, device=device),
+                   n_decode)
 
 
 def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = None,
                 n_ctx: int = 2048, n_batch: int = 512, kv_type: str = "f16",
                 n_threads: int | None = None, n_prefetch: int | None = None,
                 adaptive_gating: float | None = None, profile=None, write: bool = True,
-                prompt_tokens: int = 32, decode_tokens: int = 256):
-    """The `edgemoe plan` answer: (predictions, report lines, plan document)."""
+                prompt_tokens: int = 32, decode_tokens: int = 256, device: str | None = None):
+    """The `edgemoe plan` answer: (predictions, report lines, plan document), for `device`
+    (None: the best available, as `run` picks)."""
     from edgemoe.engine import Engine
     from edgemoe.residency.planner import plan as make_plans
     from edgemoe.runtime import empty_policy, needs_from_files
@@ -121,7 +124,7 @@ def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = 
         k = shards.n_expert_used
         with Engine(shards_path, n_ctx=n_ctx, n_batch=n_batch, kv_type=kv_type, n_slots=k,
                     policy=empty_policy("ondemand", k), n_outputs=1,
-                    measure_only=True) as probe:
+                    measure_only=True, device=device) as probe:
             compute = probe.memory()["compute"]
         needs = needs_from_files(shards, n_ctx, kv_type, compute, needs.runtime_bytes)
     cal = calib.Calibration.load(shards_path)
@@ -132,20 +135,21 @@ def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = 
     if adaptive_gating is not None and cal.sensitivity is None:
         raise EdgeMoeError(f"{shards_path}: --adaptive-gating needs sensitivities; run "
                            "`edgemoe calibrate` on a model with top-k > 1")
-    profile = profile or measure_profile(shards_path, n_threads)
+    profile = profile or measure_profile(shards_path, n_threads, device=device)
     preds, lines = make_plans(budget, needs, trace, profile, norms=cal.norms,
                               n_prefetch=n_prefetch, sensitivity=cal.sensitivity,
                               threshold=adaptive_gating, usage=cal.usage,
                               prompt_tokens=prompt_tokens, decode_tokens=decode_tokens)
     if policy is not None:
         preds = [p for p in preds if p.policy == policy]
-    doc = {**PlanKey.of(budget, n_ctx, kv_type, None).fields(),
+    doc = {**PlanKey.of(budget, n_ctx, kv_type, device).fields(),
            "profile": {"read_bytes_per_s": profile.read_bytes_per_s,
                        "read_latency_s": profile.read_latency_s,
                        "sustained_bytes_per_s": profile.sustained_bytes_per_s,
                        "burst_bytes": profile.burst_bytes,
                        "fused_seconds": profile.fused_seconds,
-                       "other_seconds": profile.other_seconds},
+                       "other_seconds": profile.other_seconds,
+                       "copy_bytes_per_s": profile.copy_bytes_per_s},
            "policies": {p.policy: {"slots": {str(l): int(n) for l, n in p.slots.items()},
                                    "tok_per_s": p.tok_per_s, "hit_rate": p.hit_rate,
                                    "bytes_read_per_token": p.bytes_read_per_token,
@@ -158,7 +162,9 @@ def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = 
                  if profile.sustained_bytes_per_s else "")
     lines.insert(1, f"storage: {profile.read_bytes_per_s / 1e6:.0f} MB/s{sustained}, "
                     f"{profile.read_latency_s * 1e3:.2f} ms per read; compute "
-                    f"{profile.fused_seconds * 1e3:.1f} ms/token in one graph (masked routing)")
+                    f"{profile.fused_seconds * 1e3:.1f} ms/token in one graph (masked routing)"
+                    + (f"; host -> {doc['device']} copies {profile.copy_bytes_per_s / 1e6:.0f} MB/s"
+                       if profile.copy_bytes_per_s else ""))
     if write:
         write_atomic(shards_path / PLAN_FILE, json.dumps(doc, indent=1).encode())
         lines.append(f"wrote {shards_path / PLAN_FILE} (used by `edgemoe run --memory-budget "
@@ -188,7 +194,8 @@ def _plan_cmd(args: argparse.Namespace) -> int:
                                   args.batch_size, n_threads=args.threads,
                                   n_prefetch=args.n_prefetch,
                                   adaptive_gating=args.adaptive_gating, write=not args.no_write,
-                                  prompt_tokens=args.prompt_tokens, decode_tokens=args.tokens)
+                                  prompt_tokens=args.prompt_tokens, decode_tokens=args.tokens,
+                                  device=args.device)
     except ValueError as exc:
         raise EdgeMoeError(str(exc)) from None
     print("\n".join(lines))
@@ -211,6 +218,9 @@ def register(subparsers) -> None:
     p.add_argument("-c", "--ctx-size", type=ranged(int, 1), default=2048, metavar="N")
     p.add_argument("-b", "--batch-size", type=ranged(int, 1), default=512, metavar="N")
     p.add_argument("-t", "--threads", type=ranged(int, 1, 1024), default=None, metavar="N")
+    p.add_argument("--device", default=None,
+                   help="the device `run --device` will use (default: the best available); "
+                   "its compute and host -> device copy speed are measured")
     p.add_argument("--n-prefetch", type=ranged(int, 0), default=None, metavar="N",
                    help="ondemand: predicted experts prefetched per layer (default: the fastest "
                    "of 0, 1 and 2 on this storage, which `edgemoe run` then uses)")

@@ -123,13 +123,13 @@ def open_model(args: argparse.Namespace):
                  device=args.device, n_batch=args.batch_size, memory_budget=cfg.memory_budget,
                  policy=cfg.policy, adaptive_gating=cfg.adaptive_gating,
                  n_prefetch=cfg.n_prefetch, stats=args.stats_json is not None,
-                 substitutes=cfg.substitutes)
+                 substitutes=cfg.substitutes, device_budget=cfg.device_budget)
 
 
 def report_residency(model, args: argparse.Namespace) -> None:
     """After every run: the policy's one-line summary on stderr when a budget or a policy was
     asked for, and --stats-json."""
-    if args.memory_budget is not None or args.policy is not None:
+    if args.memory_budget is not None or args.policy is not None or args.device_budget:
         print(model.residency_summary(), file=sys.stderr)
     if args.stats_json is not None:
         model.write_stats(args.stats_json)

@@ -297,6 +297,30 @@ def tensor_set_ptr(tensor: int, ptr: int, offset: int, size: int) -> None:
     lib.ggml_backend_tensor_set(tensor, ptr, offset, size)
 
 
+def copy_bandwidth(backend: "Backend", nbytes: int = 16 << 20, repeats: int = 4) -> float:
+    """Bytes per second of host -> device copies into the chosen device's memory
+    (ggml_backend_tensor_set of an nbytes tensor, the best of `repeats`), what a slot load
+    costs after its read."""
+    import time
+
+    ctx = Context(1)
+    try:
+        t = ctx.new_tensor(GGMLType.I8, (nbytes,))
+        buf = Buffer(ctx, backend.weights_buffer_type, "a copy-bandwidth probe")
+        try:
+            src = np.ones(nbytes, dtype=np.int8)
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                tensor_set(t, src)
+                best = min(best, time.perf_counter() - start)
+        finally:
+            buf.close()
+    finally:
+        ctx.close()
+    return nbytes / best
+
+
 def view_init(view: int) -> None:
     """Give a view (of a tensor already in a backend buffer) its data pointer, and let the
     buffer prepare it (a repacking buffer picks its layout here)."""

@@ -26,7 +26,7 @@ from edgemoe.errors import BudgetError, EdgeMoeError, ShardSetError
 from edgemoe.gguf_header import GGUFHeader
 from edgemoe.residency import calibration as calib
 from edgemoe.residency.budget import (Budget, MemoryNeeds, SlotPlan, expert_allowance,
-                                      make_plan, parse_budget, process_baseline_bytes,
+                                      format_bytes, make_plan, parse_budget, process_baseline_bytes,
                                       substitute_split, uniform_slots)
 from edgemoe.residency.policies import FullPolicy, OnDemandPolicy, StaticPolicy, make_policy
 from edgemoe.residency.telemetry import Telemetry, record
@@ -51,11 +51,15 @@ class ResidencyConfig:
     swap_interval: int | None = None       # swap: tokens per importance window (None: plan/16)
     substitutes: bool = True               # static/swap under a budget: keep the shard set's
                                            # low-bit substitutes resident (if it has them)
+    # The chosen device's own memory (its base weights, KV cache, compute buffers and expert
+    # slots), as a size; None: unbounded. The CPU's memory is memory_budget's.
+    device_budget: str | None = None
 
     @property
     def policy_name(self) -> str:
         """A budget with no policy chooses swap; a policy with no budget runs at 100%."""
-        name = self.policy or ("swap" if self.memory_budget is not None else "full")
+        budgeted = self.memory_budget is not None or self.device_budget is not None
+        name = self.policy or ("swap" if budgeted else "full")
         if name not in POLICIES:
             raise EdgeMoeError(f"policy {name!r}: expected one of {', '.join(POLICIES)}")
         if self.adaptive_gating is not None and name != "ondemand":
@@ -257,6 +261,57 @@ def refuse_early(shards: ShardSet, cfg: ResidencyConfig, n_ctx: int, kv_type: st
         expert_allowance(cfg.budget, needs_from_files(shards, n_ctx, kv_type))
 
 
+def device_fixed_bytes(shards_path, k: int, probe_policy,
+                       engine_kw: dict) -> tuple[int, dict[int, int] | None, str]:
+    """(bytes, slot_bytes, device): what the chosen device holds besides expert slots (base
+    weights, KV cache, compute buffers, measured on a probe engine with k slots per layer that
+    reads nothing), the bytes of one slot per layer when the slots live there too (else None),
+    and the device's name."""
+    from edgemoe.engine import Engine
+
+    with Engine(shards_path, n_slots=k, policy=probe_policy, measure_only=True,
+                **engine_kw) as probe:
+        backend = probe.backend
+        if backend.on_host:
+            raise BudgetError(f"--device-budget bounds a device's own memory; {probe.device} is "
+                              "the CPU, whose memory --memory-budget bounds")
+        pool = probe.pool
+        slots_there = pool.buffer.buffer_type != backend.host_buffer_type
+        fixed = probe.memory_by_place()["device"] - (pool.bytes_held() if slots_there else 0)
+        slot_bytes = {l: pool.expert_bytes(l) for l in pool.layers} if slots_there else None
+        return fixed, slot_bytes, probe.device
+
+
+def fit_device_budget(shards_path, budget: Budget, plan: SlotPlan, needs: MemoryNeeds,
+                      probe_policy, engine_kw: dict) -> SlotPlan:
+    """`plan` cut down (slots taken from the layers that have the most, one at a time) until
+    the device's own memory fits `budget`: its fixed parts (device_fixed_bytes) plus the expert
+    slots when they live there. Refuses (BudgetError, with the minimum) a budget that cannot
+    hold top-k slots per layer."""
+    if budget.relative:
+        raise BudgetError(f"device budget {budget}: give a size (4GiB, 512MiB), not a percentage")
+    if plan.substitutes:
+        raise BudgetError("--device-budget does not yet count the substitute tier's slots; "
+                          "use --no-substitutes with it")
+    k = needs.n_expert_used
+    fixed, slot_bytes, device = device_fixed_bytes(shards_path, k, probe_policy, engine_kw)
+    per_round = sum(slot_bytes.values()) if slot_bytes else 0
+    minimum = fixed + k * per_round
+    if budget.bytes < minimum:
+        raise BudgetError(
+            f"device budget {format_bytes(budget.bytes)} is below the minimum of "
+            f"{format_bytes(minimum)} on {device}: base weights, KV cache and compute buffers "
+            f"there {format_bytes(fixed)}"
+            + (f" + {k} expert slots per layer {format_bytes(k * per_round)}" if slot_bytes else ""))
+    if not slot_bytes:
+        return plan   # the device cannot run the experts: their slots are host memory
+    slots = dict(plan.slots)
+    while sum(n * slot_bytes[l] for l, n in slots.items()) > budget.bytes - fixed:
+        layer = max(slots, key=lambda l: (slots[l], slot_bytes[l]))
+        slots[layer] -= 1
+    return make_plan(slots, needs)
+
+
 def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048,
                 n_threads: int | None = None, device: str | None = None, n_batch: int = 512,
                 kv_type: str = "f16", telemetry=None, n_outputs: int | None = 1):
@@ -269,7 +324,7 @@ def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048
     name = cfg.policy_name
     kw = dict(n_ctx=n_ctx, n_threads=n_threads, device=device, n_batch=n_batch, kv_type=kv_type,
               n_outputs=n_outputs)
-    if cfg.memory_budget is None and name == "full":
+    if cfg.memory_budget is None and cfg.device_budget is None and name == "full":
         engine = Engine(shards_path, policy=lambda pool: FullPolicy(
             pool, pool.n_expert, pool.shards.n_expert_used, pool.layers, telemetry), **kw)
         return _warmed(engine), None
@@ -299,6 +354,9 @@ def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048
         # engine (its own buffers went back when it closed).
         needs = needs_from_files(shards, n_ctx, kv_type, compute)
     plan = choose_slots(shards, cfg, needs, key)
+    if cfg.device_budget is not None:
+        plan = fit_device_budget(shards_path, parse_budget(cfg.device_budget), plan, needs,
+                                 empty_policy(name, shards.n_expert_used), kw)
     cal = load_calibration(shards, need_norms=name in ("swap", "static"))
     options: dict = {}
     if telemetry is not None:
@@ -366,6 +424,9 @@ def add_residency_args(p) -> None:
                    help="bound the process (2GiB, 1.5GB, 512MiB) or the resident experts (50%%, "
                    "of the experts' bytes); below the minimum the model is refused before "
                    "loading, with the minimum stated")
+    p.add_argument("--device-budget", default=None, metavar="SIZE",
+                   help="bound the device's own memory (4GiB): its base weights, KV cache, "
+                   "compute buffers and expert slots; with --device other than the CPU")
     p.add_argument("--policy", choices=POLICIES, default=None,
                    help="expert residency: full (all resident), swap (masked gating over a "
                    "resident set adapted in the background; the default with a budget), "
@@ -388,7 +449,8 @@ def add_residency_args(p) -> None:
 def residency_config(args) -> ResidencyConfig:
     return ResidencyConfig(memory_budget=args.memory_budget, policy=args.policy,
                            adaptive_gating=args.adaptive_gating, n_prefetch=args.n_prefetch,
-                           substitutes=args.substitutes)
+                           substitutes=args.substitutes,
+                           device_budget=getattr(args, "device_budget", None))
 
 
 def residency_summary(engine) -> str:

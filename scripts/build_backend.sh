@@ -25,6 +25,7 @@
 #   --venv DIR    pip-install llama-cpp-python built with these backends into virtualenv DIR
 #   --jobs N      parallel compile jobs (default: the number of cores)
 #   --dl          GGML_BACKEND_DL: backends as modules loaded at run time (ggml_backend_load_all)
+# PYTHON: the interpreter whose pip downloads the sdist (default python3).
 #
 # Vulkan needs (Debian/Ubuntu) libvulkan-dev glslc spirv-headers, and a driver at run time
 # (mesa-vulkan-drivers gives llvmpipe, a CPU Vulkan device: set GGML_VK_VISIBLE_DEVICES=0 to
@@ -51,7 +52,7 @@ while [ $# -gt 0 ]; do
         --venv) VENV="$2"; shift ;;
         --jobs) JOBS="$2"; shift ;;
         --dl) DL=ON ;;
-        -h|--help) sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument '$1' (backends: cpu vulkan rpc cuda metal; see --help)" ;;
     esac
     shift
@@ -112,7 +113,7 @@ if [ -z "$SRC" ]; then
     if [ ! -f "$OUT/src/vendor/llama.cpp/CMakeLists.txt" ]; then
         if [ -z "$SDIST" ]; then
             say "downloading the llama-cpp-python $VERSION sdist"
-            python3 -m pip download --quiet --no-deps --no-binary :all: \
+            "${PYTHON:-python3}" -m pip download --quiet --no-deps --no-binary :all: \
                 "llama-cpp-python==$VERSION" -d "$OUT/dl" >&2
             SDIST="$(ls "$OUT"/dl/llama_cpp_python-"$VERSION".tar.gz)"
         fi

@@ -30,8 +30,10 @@ pytest.importorskip("transformers")
 
 from edgemoe import _lib, ggml  # noqa: E402
 from edgemoe.engine import Engine  # noqa: E402
+from edgemoe.errors import BudgetError  # noqa: E402
 from edgemoe.residency.observer import EngineObserver  # noqa: E402
-from edgemoe.runtime import ResidencyConfig, open_engine  # noqa: E402
+from edgemoe.runtime import (ResidencyConfig, device_fixed_bytes, empty_policy,  # noqa: E402
+                             open_engine)
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "models" / "edgemoe-tiny-shakespy"
@@ -178,6 +180,44 @@ def test_swap_with_every_expert_resident_is_lossless(shard_sets, device):
             memory_budget="100%", policy=policy), n_ctx=64, n_threads=1, device=device)
         with engine:
             assert _greedy(engine) == want, f"{policy} at 100% on {device}"
+
+
+def test_device_budget_bounds_the_device_memory(shard_sets, device):
+    """--device-budget: refused below the device's minimum (saying it); otherwise the slots
+    are cut until the device's buffers fit, and ondemand stays lossless."""
+    path = shard_sets["qwen3_moe"]
+    with Engine(path, n_ctx=64, n_threads=1, device=device) as full:
+        want = _greedy(full)
+    with pytest.raises(BudgetError, match=f"below the minimum of .* on {device}"):
+        open_engine(path, ResidencyConfig(device_budget="64KiB", policy="ondemand"), n_ctx=64,
+                    n_threads=1, device=device)
+    kw = dict(n_ctx=64, n_threads=1, device=device, n_batch=512, kv_type="f16", n_outputs=1)
+    fixed, slot_bytes, name = device_fixed_bytes(path, 2, empty_policy("ondemand", 2), kw)
+    assert slot_bytes and name == device
+    big, _ = open_engine(path, ResidencyConfig(device_budget="64GiB", policy="ondemand"),
+                         n_ctx=64, n_threads=1, device=device)
+    with big:
+        one = sum(big.pool.expert_bytes(l) for l in big.pool.layers)   # a slot in every layer
+        # The probe's measure is what the engine holds there (compute buffers alike).
+        assert big.memory_by_place()["device"] - big.pool.bytes_held() <= fixed
+    budget = fixed + 3 * one
+    engine, plan = open_engine(path, ResidencyConfig(device_budget=str(budget), policy="ondemand"),
+                               n_ctx=64, n_threads=1, device=device)
+    with engine:
+        assert set(plan.slots.values()) == {3}
+        assert engine.memory_by_place()["device"] <= budget
+        assert _greedy(engine) == want
+
+
+def test_plan_profile_knows_the_device_copy_bandwidth(shard_sets, device):
+    from edgemoe.cli_budget import measure_profile
+
+    profile = measure_profile(shard_sets["qwen3_moe"], n_threads=1, n_decode=4, device=device)
+    assert profile.copy_bytes_per_s and profile.copy_bytes_per_s > 0
+    nbytes = 1 << 20   # a load is its read, then its copy into the device's slot
+    assert profile.read_seconds(nbytes) == pytest.approx(
+        profile.read_latency_s + nbytes / profile.read_bytes_per_s
+        + nbytes / profile.copy_bytes_per_s)
 
 
 def _edgemoe(*args, timeout=600) -> subprocess.CompletedProcess:

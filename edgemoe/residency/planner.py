@@ -58,9 +58,14 @@ class Profile:
     # throttle that lets short bursts through, then holds a rate). None: read_bytes_per_s.
     sustained_bytes_per_s: float | None = None
     burst_bytes: float = 0.0             # how much gets through at full speed after a pause
+    # Host -> device copies of a read expert into its slot (a device other than the CPU;
+    # None: the CPU, whose slot copy is a memcpy the read time dwarfs).
+    copy_bytes_per_s: float | None = None
 
     def read_seconds(self, nbytes: int) -> float:
-        return self.read_latency_s + nbytes / self.read_bytes_per_s
+        """One expert made resident: its read, then its copy into the device's slot."""
+        copy = nbytes / self.copy_bytes_per_s if self.copy_bytes_per_s else 0.0
+        return self.read_latency_s + nbytes / self.read_bytes_per_s + copy
 
     def paced(self, seconds_per_token: float, bytes_per_token: float) -> float:
         """A token cannot take less time than its reads need at the sustained rate."""

@@ -8,6 +8,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgemoe import ggml
 from edgemoe.residency.observer import EngineObserver
 from edgemoe.residency.planner import Profile, measure_reads
 from edgemoe.residency.policies import OnDemandPolicy, StaticPolicy
@@ -77,6 +78,7 @@ def measure_profile(shards, open_engine: Callable, n_decode: int = 64,
                      **kw) as engine:
         engine.add_observer(timer)
         decode(engine)
+        copy = None if engine.backend.on_host else ggml.copy_bandwidth(engine.backend)
     # Means, not medians: decode speed is tokens over total time, and this machine's hiccups
     # (a shared host) are part of it.
     per_expert = {l: float(np.mean(v)) / k for l, v in timer.experts.items()}
@@ -91,4 +93,5 @@ def measure_profile(shards, open_engine: Callable, n_decode: int = 64,
     return Profile(read_bytes_per_s=bandwidth, read_latency_s=latency,
                    layer_seconds={l: float(np.mean(timer.layer[l])) for l in layers},
                    expert_seconds=expert_seconds, other_seconds=other_seconds,
-                   fused_seconds=fused, sustained_bytes_per_s=sustained, burst_bytes=burst)
+                   fused_seconds=fused, sustained_bytes_per_s=sustained, burst_bytes=burst,
+                   copy_bytes_per_s=copy)
