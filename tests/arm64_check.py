@@ -45,6 +45,7 @@ def teacher_forced(engine, prompt, follow):
 
 
 def greedy(engine, prompt, n):
+    engine.reset()
     row = engine.eval(prompt, all_logits=False)[-1]
     out = []
     for _ in range(n):
