@@ -75,6 +75,12 @@ CMAKE_FLAGS=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TES
              -DLLAMA_BUILD_TOOLS=OFF -DGGML_BACKEND_DL="$DL"
              "-DCMAKE_BUILD_RPATH=\$ORIGIN;\$ORIGIN/../lib")
 TARGETS=(llama)
+if [ "$DL" = ON ]; then
+    # The CPU backend becomes a module libggml does not link; ggml refuses GGML_NATIVE there
+    # (a module per ISA level comes with -DGGML_CPU_ALL_VARIANTS=ON, at many times the build).
+    TARGETS+=(ggml-cpu)
+    [ -z "$ARCH" ] && CMAKE_FLAGS+=(-DGGML_NATIVE=OFF)
+fi
 if has vulkan; then
     need glslc "install glslc (Debian: apt-get install glslc)"
     [ -f /usr/include/vulkan/vulkan.hpp ] || [ -n "${VULKAN_SDK:-}" ] \
