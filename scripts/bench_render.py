@@ -207,11 +207,20 @@ def _quality(results, out_dir: Path) -> list[str]:
     od = f["runners"].get("ondemand", {})
     exact = [r for r in od.values() if "error" not in r]
     if exact:
-        same = all(r["kl"]["mean_kl"] == 0 and r["kl"]["agreement"] == 1
-                   and abs(r["kl"]["ppl_ratio"] - 1) < 1e-6 for r in exact)
-        lines.append("ondemand " + ("**equals the full model** at every budget (KL 0, 100% "
-                                    "agreement, PPL ratio 1)." if same else
-                                    "**differs from the full model** somewhere: a bug."))
+        worst_kl = max(r["kl"]["mean_kl"] for r in exact)
+        worst_agree = min(r["kl"]["agreement"] for r in exact)
+        worst_ratio = max(abs(r["kl"]["ppl_ratio"] - 1) for r in exact)
+        if worst_kl == 0 and worst_agree == 1 and worst_ratio < 1e-9:
+            lines.append("ondemand **equals the full model** at every budget (KL 0, 100% "
+                         "agreement, PPL ratio 1).")
+        elif worst_kl < 1e-5 and worst_agree >= 0.999 and worst_ratio < 1e-4:
+            lines.append(f"ondemand **equals the full model up to float rounding** at every "
+                         f"budget (worst: mean KL {worst_kl:.1e}, agreement "
+                         f"{_pct(worst_agree, 2)}, PPL ratio off by {worst_ratio:.1e}): where a "
+                         "prompt needs more experts than a layer has slots, their outputs are "
+                         "summed group by group, in another order than in one graph.")
+        else:
+            lines.append("ondemand **differs from the full model** beyond float rounding: a bug.")
     for runner, by_budget in f["runners"].items():
         r = by_budget.get("50%")
         if r and "error" not in r and r["kl"]["ppl_ratio"] - 1 > LOSS_LIMIT:
@@ -283,7 +292,11 @@ def _speed(results, out_dir: Path) -> list[str]:
                  f"12 prompt tokens, then {f['n']} tokens decoded one per step from the "
                  "held-out text (teacher-forced). llama.cpp is llama-cpp-python on the exported "
                  "GGUF with its default parameters in the same cgroup and thread count. A lossy "
-                 "runner's quality (section above, same budget) is beside its speed.")
+                 "runner's quality (section above, same budget) is beside its speed. The bundled "
+                 "model computes a token in well under a millisecond, so these figures measure "
+                 "Python's per-token overhead and the host's load far more than storage or "
+                 "memory: single runs on this shared host vary by 10x. Speed at real scale is in "
+                 "the next section.")
     lines.append("")
     for budget, doc in f["budgets"].items():
         if "error" in doc:
@@ -418,6 +431,9 @@ def _ablations(results) -> list[str]:
     head = ["variant", "PPL ratio", "agreement", "KL", "experts/token", "hit"]
     lines += ["### Swap importance: Eq. 1 against usage counts (50%)", ""]
     lines += _table(head, [qrow(k, v) for k, v in f["importance"].items()]) + [""]
+    lines += ["swap's figures vary from run to run: its background swaps race the decode, so "
+              "which experts are resident when a token arrives is timing-dependent (compare "
+              "the Eq. 1 row with swap at 50% in the quality table: the same setting).", ""]
     lines += ["### Swap interval in tokens (50%)", ""]
     lines += _table(head, [qrow(k, v) for k, v in f["swap_interval"].items()]) + [""]
     lines += ["### Slots per layer: planned (slot DP on the calibration trace) against uniform "
