@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 BUNDLED = ROOT / "models" / "edgemoe-tiny-shakespy"
-SECTIONS = ("machine", "routing", "quality", "speed", "large", "ablations")
+SECTIONS = ("machine", "routing", "quality", "speed", "large", "large_quality", "ablations")
 FRACTIONS = (1.0, 0.75, 0.5, 0.35, 0.25)
 LOSS_LIMIT = 0.03      # a lossy policy losing more PPL than this at 50% is called out
 
@@ -393,14 +393,28 @@ def section_large(ctx) -> dict:
                 doc["speed"]["profiles"].update(speed["profiles"])
                 doc["speed"]["budget_bytes"] = speed["budget_bytes"]
             ctx.save_partial("large", out)
-        # Quality beside speed: agreement and KL of each policy with the exact (ondemand) run.
+    return out
+
+
+def section_large_quality(ctx) -> dict:
+    """Quality beside the large shapes' speeds: perplexity, KL and top-1 agreement of each lossy
+    policy against the exact (ondemand) run under the same limit, one window of 128 tokens."""
+    text = heldout_text(ctx.work)
+    out = {}
+    for preset, limit, _ in LARGE:
+        model = large_model(preset, ctx.large_dir, ctx.generate)
+        if model is None:
+            continue
+        shards, _ = model
+        _norms_child(shards)
         base = Path(str(shards) + ".exact.logits")
-        doc["quality"]["ondemand"] = _ppl_child(shards, text, limit, "ondemand", 128, 1,
-                                                save=base)
+        log(f"large quality: {preset} under {limit}")
+        doc = out[preset] = {"limit": limit}
+        doc["ondemand"] = _ppl_child(shards, text, limit, "ondemand", 128, 1, save=base)
         for p in policies():
             if p not in ("ondemand", "full"):
-                doc["quality"][p] = _ppl_child(shards, text, limit, p, 128, 1, base=base)
-            ctx.save_partial("large", out)
+                doc[p] = _ppl_child(shards, text, limit, p, 128, 1, base=base)
+            ctx.save_partial("large_quality", out)
     return out
 
 
@@ -540,7 +554,8 @@ def main(argv=None) -> int:
     results_dir.mkdir(parents=True, exist_ok=True)
     results = load_results(results_dir)
     if not args.render_only:
-        todo = args.sections or [s for s in SECTIONS if s != "large" or ctx.mode.large]
+        todo = args.sections or [s for s in SECTIONS
+                                 if not s.startswith("large") or ctx.mode.large]
         ctx.results_dir = results_dir
         for name in todo:
             t0 = ctx.started[name] = time.perf_counter()

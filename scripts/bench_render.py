@@ -85,7 +85,7 @@ def _header(results) -> list[str]:
     lines.append("")
     lines.append("| section | mode | when | took | command |")
     lines.append("|---|---|---|---|---|")
-    for name in ("machine", "routing", "quality", "speed", "large", "ablations"):
+    for name in ("machine", "routing", "quality", "speed", "large", "large_quality", "ablations"):
         s = results.get(name)
         if s is None:
             lines.append(f"| {name} | **not run** | – | – | `scripts/bench.py --sections {name}` |")
@@ -357,7 +357,8 @@ def _large(results, out_dir: Path) -> list[str]:
         if "error" in speed:
             lines += ["Speed runs failed:", "", "```", speed["error"], "```", ""]
             continue
-        quality = doc.get("quality", {})
+        quality = {**doc.get("quality", {}), **(((results.get("large_quality") or {})
+                                                  .get("figures") or {}).get(preset) or {})}
         for profile, rows in speed["profiles"].items():
             lines.append(f"#### {profile}")
             lines.append("")
