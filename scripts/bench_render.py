@@ -374,7 +374,8 @@ def _large(results, out_dir: Path) -> list[str]:
                 disk = r.get("disk_read")
                 q = quality.get(runner)
                 qcell = ("exact" if runner in EXACT else "–" if runner == "llama.cpp" else
-                         _quality_cell(q) if q and "error" not in q else "–")
+                         _quality_cell(q) if q and "error" not in q else
+                         "**lossy: quality not measured yet**")
                 table.append([runner, _num(r.get("prefill_tok_s"), "{:.2f}"),
                               _num(r["tok_s"], "{:.3f}"), _mib(d.get("bytes_read_per_token")),
                               _pct(d.get("hit_rate")),
