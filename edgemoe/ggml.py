@@ -71,6 +71,16 @@ _SIGNATURES = {
     "ggml_mul_mat": (_lib.ggml_base, T, [c_void_p, T, T]),
     "ggml_mul_mat_id": (_lib.ggml_base, T, [c_void_p, T, T, T]),
     "ggml_rms_norm": (_lib.ggml_base, T, [c_void_p, T, c_float]),
+    "ggml_norm": (_lib.ggml_base, T, [c_void_p, T, c_float]),
+    "ggml_sub": (_lib.ggml_base, T, [c_void_p, T, T]),
+    "ggml_abs": (_lib.ggml_base, T, [c_void_p, T]),
+    "ggml_neg": (_lib.ggml_base, T, [c_void_p, T]),
+    "ggml_relu": (_lib.ggml_base, T, [c_void_p, T]),
+    "ggml_step": (_lib.ggml_base, T, [c_void_p, T]),
+    "ggml_exp": (_lib.ggml_base, T, [c_void_p, T]),
+    "ggml_log": (_lib.ggml_base, T, [c_void_p, T]),
+    "ggml_repeat_4d": (_lib.ggml_base, T, [c_void_p, T, c_int64, c_int64, c_int64, c_int64]),
+    "ggml_concat": (_lib.ggml_base, T, [c_void_p, T, T, c_int]),
     "ggml_rope_ext": (_lib.ggml_base, T, [c_void_p, T, T, T, c_int, c_int, c_int, c_float,
                                          c_float, c_float, c_float, c_float, c_float]),
     "ggml_soft_max": (_lib.ggml_base, T, [c_void_p, T]),
@@ -750,6 +760,18 @@ class Ops:
     def mul_mat(self, a, b): return lib.ggml_mul_mat(self.ctx, a, b)
     def mul_mat_id(self, as_, b, ids): return lib.ggml_mul_mat_id(self.ctx, as_, b, ids)
     def rms_norm(self, a, eps): return lib.ggml_rms_norm(self.ctx, a, eps)
+    def norm(self, a, eps): return lib.ggml_norm(self.ctx, a, eps)
+    def sub(self, a, b): return lib.ggml_sub(self.ctx, a, b)
+    def abs(self, a): return lib.ggml_abs(self.ctx, a)
+    def neg(self, a): return lib.ggml_neg(self.ctx, a)
+    def relu(self, a): return lib.ggml_relu(self.ctx, a)
+    def step(self, a): return lib.ggml_step(self.ctx, a)
+    def exp(self, a): return lib.ggml_exp(self.ctx, a)
+    def log(self, a): return lib.ggml_log(self.ctx, a)
+    def concat(self, a, b, dim): return lib.ggml_concat(self.ctx, a, b, dim)
+
+    def repeat_4d(self, a, ne0, ne1, ne2, ne3=1):
+        return lib.ggml_repeat_4d(self.ctx, a, ne0, ne1, ne2, ne3)
     def soft_max(self, a): return lib.ggml_soft_max(self.ctx, a)
     def get_rows(self, a, rows): return lib.ggml_get_rows(self.ctx, a, rows)
     def set_rows(self, dst, src, rows): return lib.ggml_set_rows(self.ctx, dst, src, rows)

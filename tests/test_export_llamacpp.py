@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import converters
-from tiny_models import ARCHS, cached_checkpoint, load_reference
+from tiny_models import ARCHS, LLAMACPP_GRAPH_DIFFERS, cached_checkpoint, load_reference
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("llama_cpp")
@@ -49,7 +49,7 @@ def llamacpp_run(gguf_path, prompt: list[int], n_new: int) -> tuple[np.ndarray, 
     return logits, out
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in LLAMACPP_GRAPH_DIFFERS])
 def test_exported_gguf_matches_transformers(tiny_root, tmp_path, arch):
     tokenizer = "spm" if arch == "mixtral" else "bpe"
     ckpt = cached_checkpoint(tiny_root, arch, tokenizer=tokenizer)

@@ -42,6 +42,7 @@ def assert_same_shard_sets(a, b):
     ("qwen2_moe", "Q8_0", "Q8_0", 64),
     ("mixtral", "F16", "BF16", 64),
     ("qwen3_moe", "Q4_K", "Q6_K", 256),   # ffn_down falls back to Q5_0: mixed types per expert
+    ("phimoe", "Q8_0", "Q8_0", 64),       # norm and output biases, an edgemoe key of its own
 ])
 def test_gguf_round_trip_is_byte_exact(tiny_root, tmp_path, arch, expert_type, dense_type,
                                        hidden):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tiny_models import ARCHS, make_tiny_checkpoint
+from tiny_models import ARCHS, LLAMACPP_GRAPH_DIFFERS, make_tiny_checkpoint
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("transformers")
@@ -55,8 +55,7 @@ def _greedy_edgemoe(shards) -> tuple[list[int], np.ndarray]:
     return out, np.stack(logits)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_same_greedy_continuation_and_logits(tmp_path, arch):
+def _same_as_llamacpp(tmp_path, arch):
     ckpt = make_tiny_checkpoint(arch, tmp_path / "hf", seed=2)
     shards = tmp_path / "shards"
     converters.convert(ckpt, shards, expert_type="Q8_0", dense_type="Q8_0", progress=False)
@@ -68,3 +67,31 @@ def test_same_greedy_continuation_and_logits(tmp_path, arch):
     assert tokens == ref_tokens
     span = float(ref_logits.max() - ref_logits.min())
     assert np.abs(logits - ref_logits).max() <= 1e-2 * span
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in LLAMACPP_GRAPH_DIFFERS])
+def test_same_greedy_continuation_and_logits(tmp_path, arch):
+    _same_as_llamacpp(tmp_path, arch)
+
+
+def test_phimoe_differs_from_llamacpp_only_by_its_graph(tmp_path, monkeypatch):
+    """llama.cpp's phimoe graph (src/models/phi3.cpp) applies RMSNorm where PhiMoE has LayerNorm
+    (both add the bias) and renormalised softmax top-2 where it has sparsemixer. edgemoe follows
+    transformers (test_parity_transformers); with those two pieces swapped for llama.cpp's, the
+    exported GGUF runs identically in both, so the export and everything else agree."""
+    from edgemoe import arch as arch_registry
+    from edgemoe.arch.common import Decoder
+    from edgemoe.arch.phimoe import Phimoe
+
+    class LlamaCppPhimoe(Phimoe):
+        expert_weights_norm = True
+
+        def norm(self, o, x, kind, il=None):
+            y = o.mul(o.rms_norm(x, self.hp.rms_eps), self.w.get(kind, il))
+            return o.add(y, self.w.get(kind, il, "bias"))
+
+        def gate(self, o, logits, n_tokens):
+            return Decoder.gate(self, o, logits, n_tokens)
+
+    monkeypatch.setitem(arch_registry.models(), "phimoe", LlamaCppPhimoe)
+    _same_as_llamacpp(tmp_path, "phimoe")

@@ -14,7 +14,11 @@ from pathlib import Path
 
 from tiny_tokenizers import make_bpe_tokenizer, make_spm_tokenizer
 
-ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe")
+# Architectures whose llama.cpp graph computes another model than transformers' on the same
+# weights (phimoe: RMSNorm for LayerNorm, softmax top-2 for sparsemixer; see
+# test_parity_llamacpp.py): llama.cpp is no oracle for them.
+LLAMACPP_GRAPH_DIFFERS = ("phimoe",)
 
 VOCAB_SIZE = 384  # used with tokenizer=None (tensor-only checkpoints)
 
@@ -50,6 +54,11 @@ _PER_ARCH = {
     "granitemoe": dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
                        embedding_multiplier=2.0, residual_multiplier=0.5,
                        attention_multiplier=0.2, logits_scaling=1.5, rope_theta=10000.0),
+    # Every optional bias present; a jitter epsilon large enough that sparsemixer keeps some
+    # experts beside the chosen one in its softmax and drops others.
+    "phimoe": dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                   attention_bias=True, lm_head_bias=True, router_jitter_noise=0.1,
+                   rope_theta=10000.0),
 }
 
 
@@ -58,7 +67,7 @@ def _config(arch: str, vocab_size: int, overrides: dict):
 
     classes = {"mixtral": transformers.MixtralConfig, "qwen2_moe": transformers.Qwen2MoeConfig,
                "qwen3_moe": transformers.Qwen3MoeConfig, "olmoe": transformers.OlmoeConfig,
-               "granitemoe": transformers.GraniteMoeConfig}
+               "granitemoe": transformers.GraniteMoeConfig, "phimoe": transformers.PhimoeConfig}
     kwargs = {**_COMMON, **_PER_ARCH[arch], "vocab_size": vocab_size, **overrides}
     return classes[arch](**kwargs)
 

@@ -9,7 +9,7 @@ is here, so an architecture file only states what differs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -40,6 +40,9 @@ class Hparams:
     rope_theta: float
     tied_embeddings: bool
     expert_layers: tuple[int, ...]
+    # The config.json these came from (empty for a GGUF source), for an architecture's optional
+    # tensors (biases, low-rank projections) and fields of its own.
+    config: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 # Where a tensor goes: the base GGUF as the dense type, the base GGUF kept in float32 (norms,
@@ -150,6 +153,7 @@ class MoeArchitecture:
             rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
             tied_embeddings=bool(config.get("tie_word_embeddings", False)),
             expert_layers=tuple(range(n_layer)),
+            config=config,
         )
         self.check(config, hp)
         return hp

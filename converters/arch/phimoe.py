@@ -1,0 +1,63 @@
+"""PhiMoE (Phi-3.5-MoE): the Mixtral checkpoint layout (block_sparse_moe, experts w1/w3/w2) with
+LayerNorm biases, optional attention and lm_head biases, NEOX RoPE (q/k rows kept as they are)
+and sparsemixer routing of two experts, whose jitter epsilon goes into an edgemoe key."""
+from __future__ import annotations
+
+from gguf import GGUFWriter, MODEL_ARCH, MODEL_TENSOR
+
+from converters.arch.base import F32, Hparams, MoeArchitecture, TensorSpec, tensor_name
+from edgemoe.arch.phimoe import ROUTER_JITTER_KEY
+from edgemoe.errors import ConvertError
+
+_NORMS = (("input_layernorm", MODEL_TENSOR.ATTN_NORM),
+          ("post_attention_layernorm", MODEL_TENSOR.FFN_NORM))
+
+
+class Phimoe(MoeArchitecture):
+    gguf_arch = MODEL_ARCH.PHIMOE
+    hf_architectures = ("PhimoeForCausalLM", "PhiMoEForCausalLM")  # transformers', the hub's
+    expert_weights_norm = False
+    moe_prefix = "block_sparse_moe"
+    expert_proj = {"ffn_gate": "w1", "ffn_up": "w3", "ffn_down": "w2"}
+
+    def n_ff_exp(self, config: dict) -> int:
+        return config["intermediate_size"]
+
+    def check(self, config: dict, hp: Hparams) -> None:
+        super().check(config, hp)
+        if hp.n_expert_used != 2:
+            raise ConvertError(f"config.json: num_experts_per_tok={hp.n_expert_used}; PhiMoE's "
+                               "sparsemixer routing picks exactly 2 experts")
+
+    def attention_specs(self, hp: Hparams, layer: int) -> list[TensorSpec]:
+        specs = super().attention_specs(hp, layer)
+        if hp.config.get("attention_bias"):
+            p = f"model.layers.{layer}.self_attn"
+            q, kv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
+            specs += [TensorSpec(f"{p}.{proj}_proj.bias", tensor_name(t, layer, "bias"), (n,), F32)
+                      for proj, t, n in (("q", MODEL_TENSOR.ATTN_Q, q),
+                                         ("k", MODEL_TENSOR.ATTN_K, kv),
+                                         ("v", MODEL_TENSOR.ATTN_V, kv),
+                                         ("o", MODEL_TENSOR.ATTN_OUT, hp.n_embd))]
+        return specs
+
+    def layer_specs(self, hp: Hparams, layer: int) -> list[TensorSpec]:
+        return super().layer_specs(hp, layer) + [
+            TensorSpec(f"model.layers.{layer}.{hf}.bias", tensor_name(t, layer, "bias"),
+                       (hp.n_embd,), F32) for hf, t in _NORMS]
+
+    def tensor_specs(self, hp: Hparams) -> list[TensorSpec]:
+        specs = super().tensor_specs(hp) + [
+            TensorSpec("model.norm.bias", tensor_name(MODEL_TENSOR.OUTPUT_NORM, None, "bias"),
+                       (hp.n_embd,), F32)]
+        if hp.config.get("lm_head_bias"):
+            specs.append(TensorSpec("lm_head.bias", tensor_name(MODEL_TENSOR.OUTPUT, None, "bias"),
+                                    (hp.n_vocab,), F32))
+        return specs
+
+    def add_metadata(self, w: GGUFWriter, hp: Hparams, config: dict) -> None:
+        super().add_metadata(w, hp, config)
+        w.add_float32(ROUTER_JITTER_KEY, float(config.get("router_jitter_noise", 0.01)))
+
+
+ARCH = Phimoe()
