@@ -105,7 +105,10 @@ def _quantized_chunks(ckpt: SafetensorsCheckpoint, spec: TensorSpec,
     first, rows = spec.row_offset, spec.n_rows
     if spec.transform is not None:
         # Transforms reorder rows across the tensor, so they need it whole (attention only).
-        x = ckpt.read_rows(spec.hf_name, first, first + rows).reshape(spec.written_shape)
+        if spec.source_rows is not None:
+            x = ckpt.read_rows(spec.hf_name, first, first + spec.source_rows)
+        else:
+            x = ckpt.read_rows(spec.hf_name, first, first + rows).reshape(spec.written_shape)
         yield quant.quantize(spec.transform(x), t)
         return
     step = max(1, CHUNK_ELEMENTS // spec.written_shape[-1])

@@ -27,7 +27,8 @@ N_DECODE = 64
 # 8 experts, top-2: 50% of expert bytes is 4 slots per layer, 25% is 2 (= top-k).
 EXPERTS = {"mixtral": {"num_local_experts": 8}, "qwen2_moe": {"num_experts": 8},
            "qwen3_moe": {"num_experts": 8}, "olmoe": {"num_experts": 8},
-           "granitemoe": {"num_local_experts": 8}, "phimoe": {"num_local_experts": 8}}
+           "granitemoe": {"num_local_experts": 8}, "phimoe": {"num_local_experts": 8},
+           "deepseek_v2": {"n_routed_experts": 8}, "deepseek_v2_q_lora": {"n_routed_experts": 8}}
 
 
 @pytest.fixture(scope="module")

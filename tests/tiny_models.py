@@ -14,7 +14,8 @@ from pathlib import Path
 
 from tiny_tokenizers import make_bpe_tokenizer, make_spm_tokenizer
 
-ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe")
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "deepseek_v2",
+         "deepseek_v2_q_lora")
 # Architectures whose llama.cpp graph computes another model than transformers' on the same
 # weights (phimoe: RMSNorm for LayerNorm, softmax top-2 for sparsemixer; see
 # test_parity_llamacpp.py): llama.cpp is no oracle for them.
@@ -59,7 +60,17 @@ _PER_ARCH = {
     "phimoe": dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
                    attention_bias=True, lm_head_bias=True, router_jitter_noise=0.1,
                    rope_theta=10000.0),
+    # DeepSeek-V2-Lite's layout (q without low rank) and the full model's (q_lora_rank set): a
+    # dense first layer, two shared experts, a routed scaling factor. Its q/kv low-rank norms use
+    # eps 1e-6 whatever rms_norm_eps says, and llama.cpp uses rms_norm_eps for them: keep both.
+    "deepseek_v2": dict(intermediate_size=128, moe_intermediate_size=32, n_routed_experts=4,
+                        n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1,
+                        num_hidden_layers=3, num_key_value_heads=4, kv_lora_rank=32,
+                        q_lora_rank=None, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                        v_head_dim=32, routed_scaling_factor=1.5, rms_norm_eps=1e-6,
+                        rope_theta=10000.0),
 }
+_PER_ARCH["deepseek_v2_q_lora"] = {**_PER_ARCH["deepseek_v2"], "q_lora_rank": 32}
 
 
 def _config(arch: str, vocab_size: int, overrides: dict):
@@ -67,7 +78,9 @@ def _config(arch: str, vocab_size: int, overrides: dict):
 
     classes = {"mixtral": transformers.MixtralConfig, "qwen2_moe": transformers.Qwen2MoeConfig,
                "qwen3_moe": transformers.Qwen3MoeConfig, "olmoe": transformers.OlmoeConfig,
-               "granitemoe": transformers.GraniteMoeConfig, "phimoe": transformers.PhimoeConfig}
+               "granitemoe": transformers.GraniteMoeConfig, "phimoe": transformers.PhimoeConfig,
+               "deepseek_v2": transformers.DeepseekV2Config,
+               "deepseek_v2_q_lora": transformers.DeepseekV2Config}
     kwargs = {**_COMMON, **_PER_ARCH[arch], "vocab_size": vocab_size, **overrides}
     return classes[arch](**kwargs)
 

@@ -67,6 +67,8 @@ class TensorSpec:
     layer: int | None = None
     expert: int | None = None
     proj: str | None = None          # ffn_gate / ffn_up / ffn_down for experts
+    # Rows of the source the transform reads, when it reshapes them (default: n_rows).
+    source_rows: int | None = None
 
     @property
     def written_shape(self) -> tuple[int, ...]:

@@ -339,8 +339,9 @@ class KVCache:
         self.ctx = ggml.Context(2 * hp.n_layer)
         self.k = [self.ctx.new_tensor(kv_type, (hp.n_embd_kv, n_ctx), f"cache_k_l{il}")
                   for il in range(hp.n_layer)]
+        # n_embd_v 0: the model reads its values out of the key cache (DeepSeek's latent rows).
         self.v = [self.ctx.new_tensor(kv_type, (hp.n_embd_v, n_ctx), f"cache_v_l{il}")
-                  for il in range(hp.n_layer)]
+                  for il in range(hp.n_layer)] if hp.n_embd_v else []
         dk, dv, n_kv = hp.head_dim, hp.head_dim_v or hp.head_dim, min(n_ctx, KV_STEP)
 
         def probe(o: ggml.Ops) -> list[int]:  # the ops that write and read the cache
@@ -350,9 +351,9 @@ class KVCache:
             k = new(kv_type, (dk, n_kv, hp.n_head_kv))
             v = new(kv_type, (dv, n_kv, hp.n_head_kv))
             mask = new(GGMLType.F16, (n_kv, 1))
-            return [o.set_rows(self.k[0], new(GGMLType.F32, (hp.n_embd_kv, 1)), idx),
-                    o.set_rows(self.v[0], new(GGMLType.F32, (hp.n_embd_v, 1)), idx),
-                    o.flash_attn(q, k, v, mask, 1.0)]
+            writes = [o.set_rows(c[0], new(GGMLType.F32, (n, 1)), idx)
+                      for c, n in ((self.k, hp.n_embd_kv), (self.v, hp.n_embd_v)) if c]
+            return writes + [o.flash_attn(q, k, v, mask, 1.0)]
 
         self.buffer = ggml.Buffer(self.ctx, backend.buffer_type_for("KV cache", probe),
                                   "the KV cache")
