@@ -59,9 +59,12 @@ def expected(ckpt, kind_type) -> dict[str, np.ndarray]:
     out = {}
     for s in arch.tensor_specs(hp):
         rows = src[s.hf_name].astype(np.float32).reshape(-1, s.shape[-1])
-        x = rows[s.row_offset:s.row_offset + s.n_rows].reshape(s.written_shape)
-        if s.transform:
-            x = s.transform(x)
+        if s.source_rows is not None:  # a transform that reshapes what it reads
+            x = s.transform(rows[s.row_offset:s.row_offset + s.source_rows])
+        else:
+            x = rows[s.row_offset:s.row_offset + s.n_rows].reshape(s.written_shape)
+            if s.transform:
+                x = s.transform(x)
         t = GGMLType.F32 if s.kind == F32 else kind_type
         out[s.gguf_name] = quant.dequantize(quant.quantize(x, t), t, x.shape)
     return out
@@ -92,9 +95,11 @@ def test_layout_and_metadata(tiny_root, tmp_path, arch):
     ss = ShardSet.open(out)
     ss.verify()
     config = json.loads((ckpt / "config.json").read_text())
-    n_expert = config.get("num_local_experts", config.get("num_experts"))
-    assert (ss.n_layer, ss.n_expert, ss.n_expert_used) == (2, n_expert, 2)
-    assert ss.expert_layers == (0, 1) and len(list(ss.experts())) == 2 * n_expert
+    n_expert = config.get("num_local_experts",
+                          config.get("num_experts", config.get("n_routed_experts")))
+    n_layer, layers = config["num_hidden_layers"], plan.hp.expert_layers
+    assert (ss.n_layer, ss.n_expert, ss.n_expert_used) == (n_layer, n_expert, 2)
+    assert ss.expert_layers == layers and len(list(ss.experts())) == len(layers) * n_expert
     for shard in ss.experts():
         assert shard.data_offset % ALIGNMENT == 0
         offsets = [shard.tensors[p].offset for p in ("ffn_gate", "ffn_up", "ffn_down")]
@@ -116,16 +121,16 @@ def test_layout_and_metadata(tiny_root, tmp_path, arch):
     a = plan.arch
     assert kv["general.architecture"] == a
     assert kv[f"{a}.expert_count"] == n_expert and kv[f"{a}.expert_used_count"] == 2
-    assert kv[f"{a}.block_count"] == 2 and kv[f"{a}.embedding_length"] == 64
-    assert kv["edgemoe.format_version"] == 1 and kv["edgemoe.expert_layers"] == [0, 1]
+    assert kv[f"{a}.block_count"] == n_layer and kv[f"{a}.embedding_length"] == 64
+    assert kv["edgemoe.format_version"] == 1 and kv["edgemoe.expert_layers"] == list(layers)
     assert kv["edgemoe.expert_type"] == "Q8_0" and kv["edgemoe.dense_type"] == "Q8_0"
     assert kv["tokenizer.ggml.model"] == "gpt2" and len(kv["tokenizer.ggml.tokens"]) == \
         config["vocab_size"]
     # routers and norms stay float32 as llama.cpp keeps them
     types = {t.name: GGMLType(t.tensor_type) for t in base.tensors}
-    assert types["blk.0.ffn_gate_inp.weight"] is GGMLType.F32
+    assert types[f"blk.{layers[0]}.ffn_gate_inp.weight"] is GGMLType.F32
     assert types["blk.0.attn_norm.weight"] is GGMLType.F32
-    assert types["blk.0.attn_q.weight"] is GGMLType.Q8_0
+    assert types["blk.0.attn_output.weight"] is GGMLType.Q8_0
 
 
 def test_bf16_and_f16_sources_convert_exactly(tiny_root, tmp_path):
