@@ -17,7 +17,7 @@ from converters.gguf_source import (FUSED_EXPERTS, byte_chunks, copy_metadata, n
 from converters.writer import OutFile, OutTensor, Progress, write_gguf
 from edgemoe.errors import ShardSetError
 from edgemoe.quant import parse_type
-from edgemoe.shardset import EXPERT_TENSORS, ExpertShard, ShardSet
+from edgemoe.shardset import ExpertShard, ShardSet
 
 
 
@@ -35,7 +35,8 @@ def _fused(ss: ShardSet, layer: int, proj: str) -> OutTensor:
         raise ShardSetError(f"{ss.root}: layer {layer} {proj} differs across experts "
                             f"({sorted(kinds)}); a fused tensor needs one type and shape")
     type_name, ne = kinds.pop()
-    return OutTensor(name=tensor_name(FUSED_EXPERTS[proj], layer),
+    name, _, suffix = proj.partition(".")
+    return OutTensor(name=tensor_name(FUSED_EXPERTS[name], layer, suffix or "weight"),
                      shape=(ss.n_expert, *reversed(ne)), type=parse_type(type_name),
                      nbytes=sum(i.nbytes for i in infos),
                      chunks=lambda: _expert_bytes(shards, proj))
@@ -49,7 +50,8 @@ def export_gguf(shards: Path, out_gguf: Path, progress: bool = False) -> Path:
                          chunks=lambda t=t: byte_chunks(ss.base_path, t.data_offset,
                                                         t.data_offset + t.n_bytes))
                for t in reader.tensors]
-    tensors += [_fused(ss, layer, proj) for layer in ss.expert_layers for proj in EXPERT_TENSORS]
+    tensors += [_fused(ss, layer, proj) for layer in ss.expert_layers
+                for proj in ss.expert_tensors]
 
     def metadata(w: GGUFWriter) -> None:
         copy_metadata(reader, w, skip=lambda k: k.startswith("edgemoe."))

@@ -21,7 +21,7 @@ from converters.plan import Plan, fingerprint
 from converters.writer import (OutFile, OutTensor, add_edgemoe_base_keys,
                                edgemoe_expert_metadata)
 from edgemoe.errors import ConvertError
-from edgemoe.shardset import (ALIGNMENT, BASE_FILE, EXPERT_TENSORS, expert_file,
+from edgemoe.shardset import (ALIGNMENT, BASE_FILE, EXPERT_BIASES, EXPERT_TENSORS, expert_file,
                               expert_tensor_name)
 
 _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf$")
@@ -124,23 +124,28 @@ def plan_gguf(path: Path) -> Plan:
     expert_names = set()
     experts: list[OutFile] = []
     expert_types = set()
+    # Expert biases (gpt-oss) travel with their experts.
+    biased = tensor_name(FUSED_EXPERTS["ffn_gate"], hp.expert_layers[0], "bias") in tensors
+    keys = EXPERT_TENSORS + EXPERT_BIASES if biased else EXPERT_TENSORS
     for layer in hp.expert_layers:
         fused = {}
-        for proj in EXPERT_TENSORS:
-            name = tensor_name(FUSED_EXPERTS[proj], layer)
+        for proj in keys:
+            kind, _, suffix = proj.partition(".")
+            name = tensor_name(FUSED_EXPERTS[kind], layer, suffix or "weight")
             if name not in tensors:
                 raise ConvertError(f"{parts[0]}: tensor {name} missing (layer {layer} has "
                                    f"{tensor_name(FUSED_EXPERTS['ffn_gate'], layer)})")
             r, t = tensors[name]
             shape = shapes[name]
-            if len(shape) != 3 or shape[0] != hp.n_expert or t.n_bytes % hp.n_expert:
+            dims = 2 if suffix else 3
+            if len(shape) != dims or shape[0] != hp.n_expert or t.n_bytes % hp.n_expert:
                 raise ConvertError(f"{r.data.filename}: tensor {name} has shape {list(shape)}, "
                                    f"expected {hp.n_expert} experts on its outer axis")
             fused[proj] = (r, t, shape)
             expert_names.add(name)
         for e in range(hp.n_expert):
             outs = []
-            for proj in EXPERT_TENSORS:
+            for proj in keys:
                 r, t, shape = fused[proj]
                 per = t.n_bytes // hp.n_expert
                 start = t.data_offset + e * per
@@ -149,7 +154,8 @@ def plan_gguf(path: Path) -> Plan:
                     type=GGMLQuantizationType(t.tensor_type), nbytes=per,
                     chunks=lambda r=r, s=start, n=per: byte_chunks(Path(r.data.filename), s,
                                                                    s + n)))
-                expert_types.add(GGMLQuantizationType(t.tensor_type).name)
+                if proj in EXPERT_TENSORS:
+                    expert_types.add(GGMLQuantizationType(t.tensor_type).name)
             experts.append(OutFile(rel=expert_file(layer, e), arch="edgemoe.expert",
                                    metadata=edgemoe_expert_metadata(layer, e),
                                    tensors=tuple(outs), alignment=ALIGNMENT, layer=layer,

@@ -17,7 +17,8 @@ import numpy as np
 from gguf import GGML_QUANT_VERSION, GGUFWriter
 
 from converters import registry
-from converters.arch.base import DENSE, EXPERT, F32, Hparams, MoeArchitecture, TensorSpec
+from converters.arch.base import (DENSE, EXPERT, EXPERT_F32, F32, Hparams, MoeArchitecture,
+                                  TensorSpec)
 from converters.safetensors import SafetensorsCheckpoint, read_config
 from converters.tokenizer import add_tokenizer
 from converters.writer import (OutFile, OutTensor, add_edgemoe_base_keys,
@@ -155,7 +156,8 @@ def plan_hf(src: Path, expert_type: str, dense_type: str,
     expert_tensors: dict[tuple[int, int], list[OutTensor]] = {}
     substitute_tensors: dict[tuple[int, int], list[OutTensor]] = {}
     for s in specs:
-        requested = {DENSE: d_type, EXPERT: e_type, F32: GGMLType.F32}[s.kind]
+        requested = {DENSE: d_type, EXPERT: e_type, F32: GGMLType.F32,
+                     EXPERT_F32: GGMLType.F32}[s.kind]
         used, why = quant.choose_type(requested, s.written_shape[-1])
         if why:
             fallbacks.append({"tensor": s.gguf_name, "requested": requested.name,
@@ -163,13 +165,14 @@ def plan_hf(src: Path, expert_type: str, dense_type: str,
         out = OutTensor(name=s.gguf_name, shape=s.written_shape, type=used,
                         nbytes=quant.nbytes(used, s.written_shape),
                         chunks=lambda s=s, used=used: _quantized_chunks(ckpt, s, used))
-        if s.kind == EXPERT:
+        if s.kind in (EXPERT, EXPERT_F32):
             expert_tensors.setdefault((s.layer, s.expert), []).append(out)
-            if s_type is not None:
-                sub, why = quant.choose_type(s_type, s.written_shape[-1])
+            if s_type is not None:  # expert biases stay F32 in substitutes too
+                sub_type = s_type if s.kind == EXPERT else GGMLType.F32
+                sub, why = quant.choose_type(sub_type, s.written_shape[-1])
                 if why:
                     fallbacks.append({"tensor": f"substitute {s.gguf_name}",
-                                      "requested": s_type.name, "used": sub.name, "why": why})
+                                      "requested": sub_type.name, "used": sub.name, "why": why})
                 substitute_tensors.setdefault((s.layer, s.expert), []).append(OutTensor(
                     name=s.gguf_name, shape=s.written_shape, type=sub,
                     nbytes=quant.nbytes(sub, s.written_shape),

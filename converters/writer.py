@@ -28,7 +28,7 @@ from edgemoe.errors import ConvertError
 from edgemoe.quant import GGMLType
 from edgemoe.shardset import (BASE_FILE, EXPERT_TENSORS, EXPERTS_DIR, FORMAT_NAME,
                               FORMAT_VERSION, JOURNAL_FILE, MANIFEST_FILE, SUBSTITUTES_DIR,
-                              check_file, expert_tensor_name, seal_manifest)
+                              check_file, expert_tensor_key, expert_tensor_name, seal_manifest)
 
 TMP_SUFFIX = ".tmp"
 
@@ -319,11 +319,12 @@ def _done_records(out: Path, fingerprint: str) -> dict[str, Written]:
 
 def _expert_entry(f: OutFile, w: Written) -> dict:
     tensors = {}
-    for proj, t in zip(EXPERT_TENSORS, f.tensors):
-        ne = list(reversed(t.shape))
+    for t in f.tensors:
+        proj, ne = expert_tensor_key(t.name), list(reversed(t.shape))
         tensors[proj] = {"type": t.type.name, "ne": ne, "offset": w.tensors[t.name]["offset"],
                          "nbytes": t.nbytes}
-    first, last = tensors[EXPERT_TENSORS[0]], tensors[EXPERT_TENSORS[-1]]
+    first, last = tensors[expert_tensor_key(f.tensors[0].name)], \
+        tensors[expert_tensor_key(f.tensors[-1].name)]
     return {"layer": f.layer, "expert": f.expert, "file": f.rel, "bytes": w.bytes,
             "sha256": w.sha256, "data_offset": first["offset"],
             "data_bytes": last["offset"] + last["nbytes"] - first["offset"],
@@ -373,6 +374,8 @@ def write_shard_set(plan, out: Path, resume: bool = False, force: bool = False,
         "n_expert_used": plan.hp.n_expert_used, "n_embd": plan.hp.n_embd,
         "n_ff_exp": plan.hp.n_ff_exp, "expert_layers": list(plan.hp.expert_layers),
         "expert_type": plan.expert_type, "dense_type": plan.dense_type,
+        "expert_tensors": [expert_tensor_key(t.name) for t in plan.experts[0].tensors]
+        if plan.experts else list(EXPERT_TENSORS),
         "fallbacks": list(plan.fallbacks),
         "base": {"file": base.rel, "bytes": base.bytes, "sha256": base.sha256,
                  "header_crc32": base.header_crc32,

@@ -28,7 +28,7 @@ from gguf.constants import Keys
 from edgemoe import arch as arch_registry
 from edgemoe import ggml
 from edgemoe.arch.common import (BaseWeights, Graph, HParams, KVCache, SplitState,
-                                 graph_nodes_upper_bound, kq_mask, kv_cells_for)
+                                 graph_nodes_upper_bound, kv_cells_for)
 from edgemoe.errors import ContextOverflow, EdgeMoeError, ShardSetError
 from edgemoe.ggml import GGMLType
 from edgemoe.gguf_header import GGUFHeader
@@ -293,7 +293,7 @@ class Engine:
         n_kv = kv_cells_for(self.n_past + n, self.n_ctx)
         pos = np.arange(self.n_past, self.n_past + n, dtype=np.int32)
         values = {"tokens": tokens, "pos": pos, "kv_idx": pos.astype(np.int64),
-                  "kq_mask": kq_mask(pos, n_kv)}
+                  **self._builder.masks(pos, n_kv)}
         t0 = time.perf_counter()
         if self.policy.masked:
             self._eval_forward(n, n_kv, values, n_out, out)

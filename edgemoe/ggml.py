@@ -81,6 +81,9 @@ _SIGNATURES = {
     "ggml_log": (_lib.ggml_base, T, [c_void_p, T]),
     "ggml_repeat_4d": (_lib.ggml_base, T, [c_void_p, T, c_int64, c_int64, c_int64, c_int64]),
     "ggml_concat": (_lib.ggml_base, T, [c_void_p, T, T, c_int]),
+    "ggml_add_id": (_lib.ggml_base, T, [c_void_p, T, T, T]),
+    "ggml_swiglu_oai": (_lib.ggml_base, T, [c_void_p, T, T, c_float, c_float]),
+    "ggml_flash_attn_ext_add_sinks": (_lib.ggml_base, None, [T, T]),
     "ggml_rope_ext": (_lib.ggml_base, T, [c_void_p, T, T, T, c_int, c_int, c_int, c_float,
                                          c_float, c_float, c_float, c_float, c_float]),
     "ggml_soft_max": (_lib.ggml_base, T, [c_void_p, T]),
@@ -769,6 +772,11 @@ class Ops:
     def exp(self, a): return lib.ggml_exp(self.ctx, a)
     def log(self, a): return lib.ggml_log(self.ctx, a)
     def concat(self, a, b, dim): return lib.ggml_concat(self.ctx, a, b, dim)
+    def add_id(self, a, b, ids): return lib.ggml_add_id(self.ctx, a, b, ids)
+
+    def swiglu_oai(self, gate, up, alpha, limit):
+        """min(gate, limit) * sigmoid(alpha * min(gate, limit)) * (clamp(up, +-limit) + 1)."""
+        return lib.ggml_swiglu_oai(self.ctx, gate, up, alpha, limit)
 
     def repeat_4d(self, a, ne0, ne1, ne2, ne3=1):
         return lib.ggml_repeat_4d(self.ctx, a, ne0, ne1, ne2, ne3)
@@ -800,8 +808,13 @@ class Ops:
         return lib.ggml_rope_ext(self.ctx, a, pos, None, n_dims, mode, n_ctx_orig, freq_base,
                                  freq_scale, 0.0, 1.0, 32.0, 1.0)
 
-    def flash_attn(self, q, k, v, mask, scale):
-        return lib.ggml_flash_attn_ext(self.ctx, q, k, v, mask, scale, 0.0, 0.0)
+    def flash_attn(self, q, k, v, mask, scale, sinks=None):
+        """Attention of q over k/v; `sinks` (n_head,) adds one logit per head to each softmax
+        that attends to nothing (gpt-oss's attention sinks)."""
+        out = lib.ggml_flash_attn_ext(self.ctx, q, k, v, mask, scale, 0.0, 0.0)
+        if sinks:
+            lib.ggml_flash_attn_ext_add_sinks(out, sinks)
+        return out
 
     def name(self, t, name: str):
         lib.ggml_set_name(t, name.encode())

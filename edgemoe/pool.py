@@ -113,6 +113,11 @@ def _regular(fd: int, path) -> None:
         raise ShardSetError(f"{path}: not a regular file any more (mode {mode:o})")
 
 
+
+def _nbytes(ggml_type: int, ne) -> int:
+    """Bytes of a tensor of ggml shape `ne` (innermost first)."""
+    return ggml.row_size(ggml_type, ne[0]) * int(np.prod(ne[1:], dtype=np.int64))
+
 class ExpertPool:
     """Slots for the experts of every MoE layer of a shard set.
 
@@ -137,7 +142,8 @@ class ExpertPool:
         self.layers = tuple(shards.expert_layers)
         self._n_slots = {l: self._slot_count(l, n_slots) for l in self.layers}
         self.types: dict[int, dict[str, int]] = {}
-        self.ne: dict[str, tuple[int, int]] = {}
+        self.ne: dict[str, tuple[int, ...]] = {}
+        self.keys = shards.expert_tensors  # ffn_gate, ffn_up, ffn_down (+ their biases)
         self._check_shapes()
         # The substitute tier: per layer, slots of the experts' low-bit copies (docs/FORMAT.md).
         self.substitutes = bool(n_substitutes)
@@ -145,7 +151,7 @@ class ExpertPool:
             self._check_substitutes(n_substitutes)
 
         kinds = (False, True) if self.substitutes else (False,)
-        self.ctx = ggml.Context(len(kinds) * len(EXPERT_TENSORS) * len(self.layers))
+        self.ctx = ggml.Context(len(kinds) * len(self.keys) * len(self.layers))
         self._tensors: dict[tuple[int, bool], dict[str, int]] = {}
         self.slot_bytes: dict[int, dict[str, int]] = {}  # bytes of one slot of each tensor
         self.substitute_slot_bytes: dict[int, dict[str, int]] = {}
@@ -155,12 +161,13 @@ class ExpertPool:
                 types = self.substitute_types[layer] if sub else self.types[layer]
                 sizes = (self.substitute_slot_bytes if sub else self.slot_bytes)[layer] = {}
                 self._tensors[(layer, sub)] = {}
-                for proj in EXPERT_TENSORS:
-                    ne0, ne1 = self.ne[proj]
-                    name = f"blk.{layer}.{proj}_{'subs' if sub else 'exps'}.weight"
+                for proj in self.keys:
+                    ne = self.ne[proj]
+                    kind, _, suffix = proj.partition(".")
+                    name = f"blk.{layer}.{kind}_{'subs' if sub else 'exps'}.{suffix or 'weight'}"
                     self._tensors[(layer, sub)][proj] = self.ctx.new_tensor(
-                        types[proj], (ne0, ne1, n), name)
-                    sizes[proj] = ggml.row_size(types[proj], ne0) * ne1
+                        types[proj], (*ne, n), name)
+                    sizes[proj] = _nbytes(types[proj], ne)
         k = shards.n_expert_used
 
         def probe(o: ggml.Ops) -> list[int]:  # the experts' matmul, once per type and shape
@@ -168,7 +175,7 @@ class ExpertPool:
             for tensors in self._tensors.values():
                 for proj, t in tensors.items():
                     key = (proj, self._type_of(t))   # a projection's shape is every layer's
-                    if key in seen:
+                    if key in seen or "." in proj:   # biases are added, not multiplied
                         continue
                     seen.add(key)
                     x = o.context.new_tensor(GGMLType.F32, (self.ne[proj][0], 1, 1))
@@ -179,7 +186,9 @@ class ExpertPool:
         buft = backend.buffer_type_for("expert slots", probe)
         counts = [*self._n_slots.values(), *(n_substitutes or {}).values()]
         self.repacked = False
-        if repack and buft == backend.host_buffer_type and min(counts) > 1:
+        # (expert biases are plain F32 rows: no repacked layout for those slots)
+        if (repack and buft == backend.host_buffer_type and min(counts) > 1
+                and self.keys == EXPERT_TENSORS):
             repack_buft = backend.extra_buffer_types().get("CPU_REPACK")
             if repack_buft and self._repack_supported(backend, repack_buft):
                 buft, self.repacked = repack_buft, True
@@ -234,7 +243,7 @@ class ExpertPool:
 
     def _make_views(self) -> None:
         """One view per slot of every slot tensor: what a repacking buffer is written through."""
-        n_views = sum(len(EXPERT_TENSORS) * (self.n_substitutes[l] if sub else self._n_slots[l])
+        n_views = sum(len(self.keys) * (self.n_substitutes[l] if sub else self._n_slots[l])
                       for (l, sub) in self._tensors)
         self._views_ctx = ggml.Context(n_views)
         o = ggml.Ops(self._views_ctx)
@@ -279,7 +288,7 @@ class ExpertPool:
             types = {}
             for e in range(self.n_expert):
                 sub = self.shards.expert(layer, e).substitute
-                for proj in EXPERT_TENSORS:
+                for proj in self.keys:
                     info = sub.tensors[proj]
                     t = int(GGMLType[info.type]) if info.type in GGMLType.__members__ else None
                     if t is None or types.setdefault(proj, t) != t or tuple(info.ne) != self.ne[proj]:
@@ -292,7 +301,7 @@ class ExpertPool:
         for layer in self.layers:
             first = self.shards.expert(layer, 0)
             self.types[layer] = {}
-            for proj in EXPERT_TENSORS:
+            for proj in self.keys:
                 name = first.tensors[proj].type
                 try:
                     self.types[layer][proj] = int(GGMLType[name])
@@ -301,14 +310,14 @@ class ExpertPool:
                 self.ne.setdefault(proj, tuple(first.tensors[proj].ne))
             for e in range(self.n_expert):
                 shard = self.shards.expert(layer, e)
-                for proj in EXPERT_TENSORS:
+                for proj in self.keys:
                     info = shard.tensors[proj]
                     t = self.types[layer][proj]
                     if info.type != GGMLType(t).name or tuple(info.ne) != self.ne[proj]:
                         raise ShardSetError(
                             f"{shard.path}: {proj} is {info.type} {list(info.ne)}, the layer's "
                             f"experts are {GGMLType(t).name} {list(self.ne[proj])}")
-                    need = ggml.row_size(t, info.ne[0]) * info.ne[1]
+                    need = _nbytes(t, info.ne)
                     if info.nbytes != need:
                         raise ShardSetError(f"{shard.path}: {proj} holds {info.nbytes} bytes, "
                                             f"{info.type} {list(info.ne)} needs {need}")
@@ -317,7 +326,8 @@ class ExpertPool:
 
     def tensors(self, layer: int, substitute: bool = False) -> dict[str, int]:
         """{'ffn_gate': t, 'ffn_up': t, 'ffn_down': t}: (ne0, ne1, n_slots) slot tensors (of the
-        substitute tier with substitute=True)."""
+        substitute tier with substitute=True), and for experts with biases {'ffn_gate.bias': t,
+        ...}: (ne0, n_slots)."""
         return self._tensors[(layer, substitute)]
 
     def n_slots(self, layer: int) -> int:
@@ -350,7 +360,7 @@ class ExpertPool:
         data = self._read(shard)
         base = data.ctypes.data
         with self.compute_lock:
-            for proj in EXPERT_TENSORS:
+            for proj in self.keys:
                 info = shard.tensors[proj]
                 size = sizes[proj]
                 src = base + info.offset - shard.data_offset

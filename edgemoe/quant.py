@@ -28,7 +28,7 @@ GGMLType = GGMLQuantizationType
 # classic and K families. Others (IQ*, TQ*) need an imatrix or are experimental.
 SUPPORTED = tuple(GGMLType[n] for n in (
     "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
+    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "MXFP4"))
 
 # When a row length is not a multiple of a K-quant's 256-element super-block, use the 32-block
 # type of at least the same bits per weight (the substitution llama.cpp's quantizer makes);

@@ -41,6 +41,10 @@ SUBSTITUTES_DIR = "substitutes"
 EXPERT_ARCH = "edgemoe.expert"
 # The three per-expert projections, in file order; their llama.cpp names are blk.{L}.{name}.{E}.weight.
 EXPERT_TENSORS = ("ffn_gate", "ffn_up", "ffn_down")
+# Models whose experts have biases (gpt-oss) store them after the projections, F32, named
+# blk.{L}.{proj}.{E}.bias; the manifest's expert_tensors then lists all six.
+EXPERT_BIASES = ("ffn_gate.bias", "ffn_up.bias", "ffn_down.bias")
+EXPERT_LAYOUTS = (EXPERT_TENSORS, EXPERT_TENSORS + EXPERT_BIASES)
 # The manifest's digest of itself: sha256 of its canonical JSON without this key.
 CHECKSUM_KEY = "manifest_sha256"
 # Limits of what a manifest may declare (llama.cpp's LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS) and of
@@ -68,13 +72,23 @@ def substitute_file(layer: int, expert: int) -> str:
     return f"{SUBSTITUTES_DIR}/blk.{layer}.{expert}.gguf"
 
 
-def expert_tensor_name(layer: int, expert: int, proj: str) -> str:
-    """llama.cpp's per-expert tensor name, e.g. blk.0.ffn_gate.3.weight."""
-    return f"blk.{layer}.{proj}.{expert}.weight"
+def expert_tensor_name(layer: int, expert: int, key: str) -> str:
+    """llama.cpp's per-expert tensor name of "ffn_gate" or "ffn_gate.bias", e.g.
+    blk.0.ffn_gate.3.weight, blk.0.ffn_gate.3.bias."""
+    proj, _, suffix = key.partition(".")
+    return f"blk.{layer}.{proj}.{expert}.{suffix or 'weight'}"
 
 
-def expert_ne(proj: str, n_embd: int, n_ff_exp: int) -> tuple[int, int]:
-    """ggml dimensions of one expert projection."""
+def expert_tensor_key(name: str) -> str:
+    """The manifest key of a per-expert tensor name (blk.0.ffn_gate.3.bias -> ffn_gate.bias)."""
+    _, _, proj, _, suffix = name.split(".")
+    return proj if suffix == "weight" else f"{proj}.{suffix}"
+
+
+def expert_ne(proj: str, n_embd: int, n_ff_exp: int) -> tuple[int, ...]:
+    """ggml dimensions of one expert projection (or of its bias: "ffn_down.bias" ...)."""
+    if proj.endswith(".bias"):
+        return (n_embd,) if proj.startswith("ffn_down") else (n_ff_exp,)
     return (n_ff_exp, n_embd) if proj == "ffn_down" else (n_embd, n_ff_exp)
 
 
@@ -179,7 +193,7 @@ class ExpertShard:
     sha256: str           # of the whole file
     data_offset: int      # start of ffn_gate's data, a multiple of ALIGNMENT
     data_bytes: int       # from data_offset to the end of ffn_down's data
-    tensors: Mapping[str, TensorInfo]  # keyed by "ffn_gate", "ffn_up", "ffn_down"
+    tensors: Mapping[str, TensorInfo]  # keyed by "ffn_gate", "ffn_up", "ffn_down" (+ biases)
     crc32: int | None = None  # of the data run; None in sets converted before checksums
     # The same expert at the shard set's substitute_type (a shard of the same layout), if any.
     substitute: "ExpertShard | None" = None
@@ -212,7 +226,7 @@ class ExpertShard:
         got = [(t.name, type_name(t.type), t.ne, t.offset, t.nbytes) for t in h.tensors]
         want = [(expert_tensor_name(self.layer, self.expert, p), self.tensors[p].type,
                  tuple(self.tensors[p].ne), self.tensors[p].offset, self.tensors[p].nbytes)
-                for p in EXPERT_TENSORS]
+                for p in self.tensors]
         if got != want:
             raise ShardSetError(f"{self.path}: its tensors {got} differ from the manifest's "
                                 f"{want}")
@@ -293,6 +307,11 @@ class ShardSet:
         if sub is not None:
             _weight_type(sub if isinstance(sub, str) else repr(sub), f"{where} substitute_type")
         self.substitute_type: str | None = sub
+        layout = tuple(manifest.get("expert_tensors", EXPERT_TENSORS))
+        if layout not in EXPERT_LAYOUTS:
+            raise ShardSetError(f"{where}: expert_tensors {_short(list(layout))}; expected one "
+                                f"of {[list(l) for l in EXPERT_LAYOUTS]}")
+        self.expert_tensors: tuple[str, ...] = layout  # each expert's tensors, in file order
         # Sets converted before checksums existed carry none of them.
         self.checksummed = CHECKSUM_KEY in manifest
         base = _field(manifest, "base", dict, where)
@@ -358,7 +377,7 @@ class ShardSet:
         size = _int(entry, "bytes", where, 0, 1 << 62)
         tensors = {}
         raw = _field(entry, "tensors", dict, where)
-        for proj in EXPERT_TENSORS:
+        for proj in self.expert_tensors:
             t = _field(raw, proj, dict, where)
             at = f"{where} {proj}"
             info = TensorInfo(type=_weight_type(_field(t, "type", str, at), at),
@@ -382,20 +401,20 @@ class ShardSet:
             tensors[proj] = info
         data_offset = _int(entry, "data_offset", where, 0, size)
         data_bytes = _int(entry, "data_bytes", where, 0, size)
-        if data_offset % ALIGNMENT or data_offset != tensors[EXPERT_TENSORS[0]].offset:
+        first, last = self.expert_tensors[0], self.expert_tensors[-1]
+        if data_offset % ALIGNMENT or data_offset != tensors[first].offset:
             raise ShardSetError(f"{where}: data_offset {data_offset} is not the {ALIGNMENT}-aligned "
-                                f"start of {EXPERT_TENSORS[0]}")
-        last = tensors[EXPERT_TENSORS[-1]]
-        if data_offset + data_bytes != last.offset + last.nbytes:
+                                f"start of {first}")
+        if data_offset + data_bytes != tensors[last].offset + tensors[last].nbytes:
             raise ShardSetError(f"{where}: data_bytes {data_bytes} does not end at the end of "
-                                f"{EXPERT_TENSORS[-1]}")
+                                f"{last}")
         if data_offset + data_bytes > size:
             raise ShardSetError(f"{where}: data run [{data_offset}, {data_offset + data_bytes}) "
                                 f"lies outside the {size}-byte file")
         # Tensors follow each other inside the run, in order, without overlapping: each copy
         # into a slot stays inside the bytes read.
         end = data_offset
-        for proj in EXPERT_TENSORS:
+        for proj in self.expert_tensors:
             info = tensors[proj]
             if info.offset < end:
                 raise ShardSetError(f"{where}: tensor {proj} at {info.offset} overlaps what "

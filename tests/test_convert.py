@@ -13,10 +13,10 @@ from safetensors.numpy import load_file
 
 import converters
 from converters import registry
-from converters.arch.base import F32
+from converters.arch.base import EXPERT_F32, F32
 from edgemoe import quant
 from edgemoe.quant import GGMLType
-from edgemoe.shardset import ALIGNMENT, ShardSet
+from edgemoe.shardset import ALIGNMENT, ShardSet, expert_tensor_name
 from tiny_models import ARCHS, cached_checkpoint
 
 
@@ -44,7 +44,7 @@ def read_back(shards) -> dict[str, np.ndarray]:
         raw = shard.path.read_bytes()
         for proj, info in shard.tensors.items():
             data = np.frombuffer(raw, np.uint8, info.nbytes, info.offset)
-            out[f"blk.{shard.layer}.{proj}.{shard.expert}.weight"] = quant.dequantize(
+            out[expert_tensor_name(shard.layer, shard.expert, proj)] = quant.dequantize(
                 data, info.type, tuple(reversed(info.ne)))
     return out
 
@@ -65,7 +65,7 @@ def expected(ckpt, kind_type) -> dict[str, np.ndarray]:
             x = rows[s.row_offset:s.row_offset + s.n_rows].reshape(s.written_shape)
             if s.transform:
                 x = s.transform(x)
-        t = GGMLType.F32 if s.kind == F32 else kind_type
+        t = GGMLType.F32 if s.kind in (F32, EXPERT_F32) else kind_type
         out[s.gguf_name] = quant.dequantize(quant.quantize(x, t), t, x.shape)
     return out
 
@@ -102,10 +102,11 @@ def test_layout_and_metadata(tiny_root, tmp_path, arch):
     assert ss.expert_layers == layers and len(list(ss.experts())) == len(layers) * n_expert
     for shard in ss.experts():
         assert shard.data_offset % ALIGNMENT == 0
-        offsets = [shard.tensors[p].offset for p in ("ffn_gate", "ffn_up", "ffn_down")]
+        keys = ss.expert_tensors  # the three projections (+ their biases)
+        offsets = [shard.tensors[p].offset for p in keys]
         assert offsets == sorted(offsets) and all(o % ALIGNMENT == 0 for o in offsets)
         # one contiguous run: each tensor starts where the previous one's padding ends
-        for a, b in zip(("ffn_gate", "ffn_up"), ("ffn_up", "ffn_down")):
+        for a, b in zip(keys[:-1], keys[1:]):
             end = shard.tensors[a].offset + shard.tensors[a].nbytes
             assert shard.tensors[b].offset == -(-end // ALIGNMENT) * ALIGNMENT
         r = GGUFReader(shard.path)
@@ -113,8 +114,8 @@ def test_layout_and_metadata(tiny_root, tmp_path, arch):
         assert r.fields["general.alignment"].contents() == ALIGNMENT
         assert (r.fields["edgemoe.layer"].contents(), r.fields["edgemoe.expert"].contents()) == \
             (shard.layer, shard.expert)
-        assert [t.name for t in r.tensors] == [f"blk.{shard.layer}.{p}.{shard.expert}.weight"
-                                               for p in ("ffn_gate", "ffn_up", "ffn_down")]
+        assert [t.name for t in r.tensors] == [expert_tensor_name(shard.layer, shard.expert, p)
+                                               for p in keys]
         assert [int(t.data_offset) for t in r.tensors] == offsets
     base = GGUFReader(ss.base_path)
     kv = {k: f.contents() for k, f in base.fields.items()}

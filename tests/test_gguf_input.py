@@ -44,6 +44,7 @@ def assert_same_shard_sets(a, b):
     ("qwen3_moe", "Q4_K", "Q6_K", 256),   # ffn_down falls back to Q5_0: mixed types per expert
     ("phimoe", "Q8_0", "Q8_0", 64),       # norm and output biases, an edgemoe key of its own
     ("deepseek_v2_q_lora", "Q8_0", "Q8_0", 64),  # MLA's 3-D attn_k_b / attn_v_b, a dense layer
+    ("gpt_oss", "MXFP4", "Q8_0", 64),     # expert biases sliced with their experts, MXFP4
 ])
 def test_gguf_round_trip_is_byte_exact(tiny_root, tmp_path, arch, expert_type, dense_type,
                                        hidden):

@@ -55,10 +55,10 @@ def _greedy_edgemoe(shards) -> tuple[list[int], np.ndarray]:
     return out, np.stack(logits)
 
 
-def _same_as_llamacpp(tmp_path, arch):
+def _same_as_llamacpp(tmp_path, arch, expert_type="Q8_0"):
     ckpt = make_tiny_checkpoint(arch, tmp_path / "hf", seed=2)
     shards = tmp_path / "shards"
-    converters.convert(ckpt, shards, expert_type="Q8_0", dense_type="Q8_0", progress=False)
+    converters.convert(ckpt, shards, expert_type=expert_type, dense_type="Q8_0", progress=False)
     gguf_path = converters.export(shards, tmp_path / "model.gguf")
 
     ref_tokens, ref_logits = _greedy_llamacpp(gguf_path)
@@ -72,6 +72,11 @@ def _same_as_llamacpp(tmp_path, arch):
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a not in LLAMACPP_GRAPH_DIFFERS])
 def test_same_greedy_continuation_and_logits(tmp_path, arch):
     _same_as_llamacpp(tmp_path, arch)
+
+
+def test_mxfp4_experts(tmp_path):
+    """gpt-oss's published expert type: MXFP4 expert slots under mul_mat_id, biases beside."""
+    _same_as_llamacpp(tmp_path, "gpt_oss", expert_type="MXFP4")
 
 
 def test_phimoe_differs_from_llamacpp_only_by_its_graph(tmp_path, monkeypatch):

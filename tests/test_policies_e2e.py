@@ -28,7 +28,8 @@ N_DECODE = 64
 EXPERTS = {"mixtral": {"num_local_experts": 8}, "qwen2_moe": {"num_experts": 8},
            "qwen3_moe": {"num_experts": 8}, "olmoe": {"num_experts": 8},
            "granitemoe": {"num_local_experts": 8}, "phimoe": {"num_local_experts": 8},
-           "deepseek_v2": {"n_routed_experts": 8}, "deepseek_v2_q_lora": {"n_routed_experts": 8}}
+           "deepseek_v2": {"n_routed_experts": 8}, "deepseek_v2_q_lora": {"n_routed_experts": 8},
+           "gpt_oss": {"num_local_experts": 8}}
 
 
 @pytest.fixture(scope="module")

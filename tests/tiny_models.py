@@ -15,7 +15,7 @@ from pathlib import Path
 from tiny_tokenizers import make_bpe_tokenizer, make_spm_tokenizer
 
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "deepseek_v2",
-         "deepseek_v2_q_lora")
+         "deepseek_v2_q_lora", "gpt_oss")
 # Architectures whose llama.cpp graph computes another model than transformers' on the same
 # weights (phimoe: RMSNorm for LayerNorm, softmax top-2 for sparsemixer; see
 # test_parity_llamacpp.py): llama.cpp is no oracle for them.
@@ -71,6 +71,11 @@ _PER_ARCH = {
                         rope_theta=10000.0),
 }
 _PER_ARCH["deepseek_v2_q_lora"] = {**_PER_ARCH["deepseek_v2"], "q_lora_rank": 32}
+# gpt-oss with plain RoPE (the published models use YaRN) and a window of 8 tokens, so that the
+# sliding layers of a 32-token sequence do forget.
+_PER_ARCH["gpt_oss"] = dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                            head_dim=16, sliding_window=8,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
 
 def _config(arch: str, vocab_size: int, overrides: dict):
@@ -80,7 +85,8 @@ def _config(arch: str, vocab_size: int, overrides: dict):
                "qwen3_moe": transformers.Qwen3MoeConfig, "olmoe": transformers.OlmoeConfig,
                "granitemoe": transformers.GraniteMoeConfig, "phimoe": transformers.PhimoeConfig,
                "deepseek_v2": transformers.DeepseekV2Config,
-               "deepseek_v2_q_lora": transformers.DeepseekV2Config}
+               "deepseek_v2_q_lora": transformers.DeepseekV2Config,
+               "gpt_oss": transformers.GptOssConfig}
     kwargs = {**_COMMON, **_PER_ARCH[arch], "vocab_size": vocab_size, **overrides}
     return classes[arch](**kwargs)
 

@@ -46,8 +46,9 @@ class Hparams:
 
 
 # Where a tensor goes: the base GGUF as the dense type, the base GGUF kept in float32 (norms,
-# biases, routers, as llama.cpp keeps them), or an expert shard.
-DENSE, F32, EXPERT = "dense", "f32", "expert"
+# biases, routers, as llama.cpp keeps them), an expert shard as the expert type, or an expert
+# shard kept in float32 (expert biases).
+DENSE, F32, EXPERT, EXPERT_F32 = "dense", "f32", "expert", "expert_f32"
 
 
 @dataclass(frozen=True)

@@ -390,7 +390,8 @@ class Graph:
     """A built graph for one shape, with its input tensors (filled before each compute) and
     output tensors (read after), both by name:
     inputs:  tokens I32 (n_tokens,); pos I32 (n_tokens,); kv_idx I64 (n_tokens,) cells written;
-             kq_mask F16 (n_kv, n_tokens) 0 where a token may attend, -inf elsewhere;
+             kq_mask F16 (n_kv, n_tokens) 0 where a token may attend, -inf elsewhere (and
+             kq_mask_swa, the same within a sliding window, for models that have one);
              forward graphs, per MoE layer L: route_mask-L F32 (n_expert,) 0 / -inf and
              slot_map-L I32 (1, n_expert) expert -> slot;
              exact routing, expert graphs: ids I32 (k, n_tokens) slots, weights F32 (1, k, n_tokens).
@@ -500,10 +501,23 @@ class Decoder:
             ggml.lib.ggml_build_forward_expand(gf, t)
         return Graph(ctx, gf, n_tokens, n_kv, n_out, inputs, outputs)
 
-    def _attn_inputs(self, o: ggml.Ops, n_tokens: int, n_kv: int) -> dict[str, int]:
+    def _attn_inputs(self, o: ggml.Ops, n_tokens: int, n_kv: int,
+                     layers: range) -> dict[str, int]:
+        """Positions, cells to write and the attention masks of `layers` (an input the graph
+        does not use would not be allocated)."""
+        masks = sorted({self.mask_of(il) for il in layers})
         return {"pos": o.input(GGMLType.I32, (n_tokens,), "inp_pos"),
                 "kv_idx": o.input(GGMLType.I64, (n_tokens,), "inp_kv_idx"),
-                "kq_mask": o.input(GGMLType.F16, (n_kv, n_tokens), "inp_kq_mask")}
+                **{name: o.input(GGMLType.F16, (n_kv, n_tokens), f"inp_{name}")
+                   for name in masks}}
+
+    def mask_of(self, il: int) -> str:
+        """The mask input layer il attends with (models with a sliding window vary it)."""
+        return "kq_mask"
+
+    def masks(self, pos: np.ndarray, n_kv: int) -> dict[str, np.ndarray]:
+        """Every mask input's value for a batch at positions `pos` over n_kv cells."""
+        return {"kq_mask": kq_mask(pos, n_kv)}
 
     def build(self, n_tokens: int, n_kv: int, observed: bool = False,
               n_out: int | None = None, substituted: bool = False) -> Graph:
@@ -517,7 +531,7 @@ class Decoder:
         n_out = n_tokens if n_out is None else n_out
         ctx, o, gf = self._begin(graph_nodes_upper_bound(hp))
         inputs = {"tokens": o.input(GGMLType.I32, (n_tokens,), "inp_tokens"),
-                  **self._attn_inputs(o, n_tokens, n_kv)}
+                  **self._attn_inputs(o, n_tokens, n_kv, range(hp.n_layer))}
         outputs: dict[str, int] = {}
         x = self.embed(o, inputs["tokens"])  # (n_embd, n_tokens)
         for il in range(hp.n_layer):
@@ -562,7 +576,7 @@ class Decoder:
         """Layer il up to its router (a dense layer: through its FFN); x and h go to SplitState."""
         hp, w, M, st = self.hp, self.w, MODEL_TENSOR, self.state
         ctx, o, gf = self._begin(192)
-        inputs = self._attn_inputs(o, n_tokens, n_kv)
+        inputs = self._attn_inputs(o, n_tokens, n_kv, range(il, il + 1))
         outputs: dict[str, int] = {}
         if il == 0:
             inputs["tokens"] = o.input(GGMLType.I32, (n_tokens,), "inp_tokens")
@@ -678,9 +692,11 @@ class Decoder:
         return self.project(o, MODEL_TENSOR.ATTN_OUT, il, att)
 
     def attend(self, o: ggml.Ops, gf: int, q: int, k: int, v: int, il: int,
-               inputs: dict[str, int], n_tokens: int, n_kv: int, scale: float) -> int:
+               inputs: dict[str, int], n_tokens: int, n_kv: int, scale: float,
+               sinks: int | None = None) -> int:
         """Scaled dot-product attention of q over the cached keys and values, this batch's k
-        and v written into their cells first: (n_head * head_dim_v, n_tokens)."""
+        and v written into their cells first: (n_head * head_dim_v, n_tokens); `sinks`: a
+        per-head sink logit tensor."""
         hp = self.hp
         D, Dv, HKV = hp.head_dim, hp.head_dim_v or hp.head_dim, hp.n_head_kv
         # Write this batch's K and V into their cells, then attend over the first n_kv cells
@@ -695,7 +711,7 @@ class Decoder:
         v_view = o.view_3d(v_all, Dv, n_kv, HKV, ggml.row_size(kv_t, hp.n_embd_v),
                            ggml.row_size(kv_t, Dv), 0)
         q = o.permute(q, 0, 2, 1, 3)                           # (head_dim, n_tokens, n_head)
-        att = o.flash_attn(q, k_view, v_view, inputs["kq_mask"], scale)
+        att = o.flash_attn(q, k_view, v_view, inputs[self.mask_of(il)], scale, sinks)
         return o.reshape_2d(att, Dv * hp.n_head, n_tokens)     # (n_head * head_dim_v, n_tokens)
 
     def ffn(self, o: ggml.Ops, x: int, gate: int, up: int, down: int) -> int:
@@ -804,10 +820,14 @@ class Decoder:
 
 
 
-def kq_mask(pos: np.ndarray, n_kv: int) -> np.ndarray:
-    """Causal mask (n_tokens, n_kv) as float16: token t attends to cells 0..pos[t]."""
-    cells = np.arange(n_kv)
-    return np.where(cells[None, :] <= pos[:, None], 0.0, -np.inf).astype(np.float16)
+def kq_mask(pos: np.ndarray, n_kv: int, window: int | None = None) -> np.ndarray:
+    """Causal mask (n_tokens, n_kv) as float16: token t attends to cells 0..pos[t], only the
+    last `window` of them (itself included) with a sliding window."""
+    cells = np.arange(n_kv)[None, :]
+    keep = cells <= pos[:, None]
+    if window is not None:
+        keep &= cells > pos[:, None] - window
+    return np.where(keep, 0.0, -np.inf).astype(np.float16)
 
 
 def kv_cells_for(n_used: int, n_ctx: int) -> int:

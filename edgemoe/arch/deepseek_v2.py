@@ -117,7 +117,7 @@ class DeepseekV2(Decoder):
         row = ggml.row_size(kv_t, D)
         k_view = o.view_3d(k_all, D, n_kv, 1, row, row * n_kv, 0)      # (L + R, n_kv, 1)
         v_view = o.view_3d(k_all, L, n_kv, 1, row, row * n_kv, 0)      # the latent part
-        att = o.flash_attn(o.permute(q, 0, 2, 1, 3), k_view, v_view, inputs["kq_mask"],
+        att = o.flash_attn(o.permute(q, 0, 2, 1, 3), k_view, v_view, inputs[self.mask_of(il)],
                            1.0 / math.sqrt(Dq))                         # (L, H, T)
         # Out of latent space per head: (L, T, H) x attn_v_b -> (Dv, T, H) -> (Dv * H, T).
         out = o.mul_mat(w.get(M.ATTN_V_B, il), o.permute(att, 0, 2, 1, 3))
