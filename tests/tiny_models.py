@@ -70,7 +70,12 @@ _PER_ARCH = {
                         v_head_dim=32, routed_scaling_factor=1.5, rms_norm_eps=1e-6,
                         rope_theta=10000.0),
 }
-_PER_ARCH["deepseek_v2_q_lora"] = {**_PER_ARCH["deepseek_v2"], "q_lora_rank": 32}
+# The full model's layout also has its YaRN RoPE (mscale = mscale_all_dim, as published).
+_PER_ARCH["deepseek_v2_q_lora"] = {
+    **_PER_ARCH["deepseek_v2"], "q_lora_rank": 32,
+    "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                        "original_max_position_embeddings": 64, "beta_fast": 32,
+                        "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}}
 # gpt-oss with plain RoPE (the published models use YaRN) and a window of 8 tokens, so that the
 # sliding layers of a 32-token sequence do forget.
 _PER_ARCH["gpt_oss"] = dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 from gguf import (ExpertGatingFuncType, GGUFWriter, Keys, MODEL_ARCH, MODEL_ARCH_NAMES,
-                  MODEL_TENSOR)
+                  MODEL_TENSOR, RopeScalingType)
 
 from edgemoe.arch.common import tensor_name
 from edgemoe.errors import ConvertError
@@ -95,6 +95,27 @@ def interleave_rope_halves(n_head: int) -> Callable[[np.ndarray], np.ndarray]:
     return permute
 
 
+def rope_scaling(config: dict) -> dict:
+    """config.json's RoPE scaling (rope_parameters, or the older rope_scaling), with its kind
+    under rope_type ("default" when there is none)."""
+    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    return {**scaling, "rope_type": scaling.get("rope_type", scaling.get("type")) or "default"}
+
+
+def add_rope_scaling(w: GGUFWriter, config: dict) -> None:
+    """YaRN's keys as llama.cpp's converter writes them (its loader takes the betas as 32 and 1,
+    the published models' values, without reading them; edgemoe reads them)."""
+    scaling = rope_scaling(config)
+    if scaling["rope_type"] == "yarn":
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+        if scaling.get("beta_fast") is not None:
+            w.add_rope_scaling_yarn_beta_fast(float(scaling["beta_fast"]))
+        if scaling.get("beta_slow") is not None:
+            w.add_rope_scaling_yarn_beta_slow(float(scaling["beta_slow"]))
+
+
 def cfg_get(config: dict, *keys: str, default=None, required: bool = True):
     """The first of `keys` present in config.json (HF renamed several fields over time)."""
     for key in keys:
@@ -137,10 +158,10 @@ class MoeArchitecture:
         n_embd = cfg_get(config, "hidden_size")
         n_head = cfg_get(config, "num_attention_heads")
         rope = config.get("rope_parameters") or {}
-        scaling = config.get("rope_scaling") or rope
-        if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
-            raise ConvertError(f"config.json: rope scaling {scaling.get('rope_type')!r} is not "
-                               "supported by this converter (only default RoPE)")
+        kind = rope_scaling(config).get("rope_type")
+        if kind not in ("default", "yarn"):
+            raise ConvertError(f"config.json: rope scaling {kind!r} is not supported by this "
+                               "converter (default RoPE or YaRN)")
         n_layer = cfg_get(config, "num_hidden_layers")
         hp = Hparams(
             n_layer=n_layer, n_embd=n_embd, n_head=n_head,
@@ -253,6 +274,7 @@ class MoeArchitecture:
             w.add_key_length(hp.head_dim)
             w.add_value_length(hp.head_dim)
         w.add_rope_dimension_count(hp.head_dim)
+        add_rope_scaling(w, config)
 
     def hparams_from_gguf(self, kv: dict, tensors: dict[str, tuple[int, ...]]) -> Hparams:
         """Hparams of a stock GGUF of this arch, from its metadata (gguf.Keys) and tensor shapes

@@ -14,8 +14,8 @@ from dataclasses import replace
 import numpy as np
 from gguf import ExpertGatingFuncType, GGUFWriter, MODEL_ARCH, MODEL_TENSOR
 
-from converters.arch.base import (DENSE, F32, Hparams, MoeArchitecture, TensorSpec, cfg_get,
-                                  tensor_name)
+from converters.arch.base import (DENSE, F32, Hparams, MoeArchitecture, TensorSpec,
+                                  add_rope_scaling, cfg_get, rope_scaling, tensor_name)
 from edgemoe.errors import ConvertError
 
 
@@ -44,6 +44,10 @@ class DeepseekV2(MoeArchitecture):
         if config.get("attention_bias"):
             raise ConvertError("config.json: attention_bias=true; llama.cpp's deepseek2 graph "
                                "has no attention biases")
+        scaling = rope_scaling(config)
+        if scaling["rope_type"] == "yarn" and scaling.get("mscale") != scaling.get("mscale_all_dim"):
+            raise ConvertError("config.json: YaRN with mscale != mscale_all_dim; llama.cpp's "
+                               "deepseek2 graph assumes them equal")
         if (config.get("moe_layer_freq") or 1) != 1:
             raise ConvertError("config.json: moe_layer_freq != 1 is not supported")
 
@@ -122,6 +126,11 @@ class DeepseekV2(MoeArchitecture):
         w.add_expert_weights_scale(float(config.get("routed_scaling_factor", 1.0)))
         w.add_expert_gating_func(ExpertGatingFuncType.SOFTMAX)
         w.add_rope_dimension_count(R)
+        add_rope_scaling(w, config)
+        scaling = rope_scaling(config)
+        if scaling["rope_type"] == "yarn" and scaling.get("mscale_all_dim"):
+            # llama.cpp's convention for this key (its loader divides by 0.1 again)
+            w.add_rope_scaling_yarn_log_mul(0.1 * float(scaling["mscale_all_dim"]))
 
 
 ARCH = DeepseekV2()

@@ -70,6 +70,13 @@ class HParams:
     residual_scale: float = 1.0
     logit_scale: float = 1.0
     head_dim_v: int = 0       # a value head's width when it differs from a key head's
+    # YaRN (ggml_rope_ext's extrapolation mix, magnitude factor and correction betas) and the
+    # context the RoPE was trained on; without YaRN the mix is 0 and the factor 1.
+    rope_ext_factor: float = 0.0
+    rope_attn_factor: float = 1.0
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    n_ctx_orig: int = 0
 
     @property
     def n_embd_q(self) -> int:
@@ -86,8 +93,9 @@ class HParams:
         return (self.head_dim_v or self.head_dim) * self.n_head_kv
 
     @classmethod
-    def read_extra(cls, get) -> dict:
-        """A model's own fields, from `get(gguf.Keys.X, default)` (none here)."""
+    def read_extra(cls, get, common: dict) -> dict:
+        """A model's own fields, from `get(gguf.Keys.X, default)`, and any common field it reads
+        differently, given the common ones in `common` (none here)."""
         return {}
 
     @classmethod
@@ -124,12 +132,15 @@ class HParams:
                                 "must be positive")
         head_dim = int(get(Keys.Attention.KEY_LENGTH, n_embd // n_head))
         scaling = get(Keys.Rope.SCALING_TYPE, "none")
-        if scaling not in ("none", "linear"):
+        if scaling not in ("none", "linear", "yarn"):
             raise ShardSetError(f"{path}: rope scaling '{scaling}' is not supported "
-                                "(supported: none, linear)")
-        factor = float(get(Keys.Rope.SCALING_FACTOR, 1.0)) if scaling == "linear" else 1.0
+                                "(supported: none, linear, yarn)")
+        factor = float(get(Keys.Rope.SCALING_FACTOR, 1.0)) if scaling != "none" else 1.0
         if not (math.isfinite(factor) and factor > 0):
             raise ShardSetError(f"{path}: rope scaling factor {factor} must be finite and positive")
+        # YaRN as llama.cpp sets it up: ggml scales the rotation by 1 + 0.1 ln(factor) itself.
+        yarn = scaling == "yarn" and factor > 1.0
+        n_ctx_train = int(get(Keys.LLM.CONTEXT_LENGTH, 4096))
         n_layer = get(Keys.LLM.BLOCK_COUNT, kind=int)
         layers = reader.fields.get("edgemoe.expert_layers")
         if layers is None:
@@ -149,7 +160,7 @@ class HParams:
         if len(embd.shape) != 2:
             raise ShardSetError(f"{path}: tensor token_embd.weight has shape "
                                 f"{[int(x) for x in embd.shape]}, expected [n_embd, n_vocab]")
-        hp = cls(
+        common = dict(
             arch=arch,
             n_vocab=int(embd.shape[1]),
             n_embd=n_embd,
@@ -158,7 +169,7 @@ class HParams:
             n_head_kv=int(get(Keys.Attention.HEAD_COUNT_KV, n_head)),
             head_dim=head_dim,
             n_rot=int(get(Keys.Rope.DIMENSION_COUNT, head_dim)),
-            n_ctx_train=int(get(Keys.LLM.CONTEXT_LENGTH, 4096)),
+            n_ctx_train=n_ctx_train,
             rms_eps=get(Keys.Attention.LAYERNORM_RMS_EPS, kind=float),
             rope_freq_base=float(get(Keys.Rope.FREQ_BASE, 10000.0)),
             rope_freq_scale=1.0 / factor,
@@ -175,8 +186,14 @@ class HParams:
             residual_scale=float(get(Keys.LLM.RESIDUAL_SCALE, 1.0)) or 1.0,
             logit_scale=float(get(Keys.LLM.LOGIT_SCALE, 1.0)) or 1.0,
             head_dim_v=int(get(Keys.Attention.VALUE_LENGTH, head_dim)),
-            **cls.read_extra(get),
+            rope_ext_factor=1.0 if yarn else 0.0,
+            rope_attn_factor=float(get(Keys.Rope.SCALING_ATTN_FACTOR, 1.0)),
+            rope_beta_fast=float(get(Keys.Rope.SCALING_YARN_BETA_FAST, 32.0)),
+            rope_beta_slow=float(get(Keys.Rope.SCALING_YARN_BETA_SLOW, 1.0)),
+            n_ctx_orig=int(get(Keys.Rope.SCALING_ORIG_CTX_LEN, n_ctx_train)),
         )
+        common.update(cls.read_extra(get, common))
+        hp = cls(**common)
         hp.check(path)
         return hp
 
@@ -680,8 +697,9 @@ class Decoder:
 
     def rope(self, o: ggml.Ops, t: int, inputs: dict[str, int]) -> int:
         hp = self.hp
-        return o.rope(t, inputs["pos"], hp.n_rot, self.rope_mode, hp.n_ctx_train,
-                      hp.rope_freq_base, hp.rope_freq_scale)
+        return o.rope(t, inputs["pos"], hp.n_rot, self.rope_mode, hp.n_ctx_orig,
+                      hp.rope_freq_base, hp.rope_freq_scale, hp.rope_ext_factor,
+                      hp.rope_attn_factor, hp.rope_beta_fast, hp.rope_beta_slow)
 
     def attention(self, o: ggml.Ops, gf: int, x: int, il: int, inputs: dict[str, int],
                   n_tokens: int, n_kv: int) -> int:

@@ -34,6 +34,7 @@ class DeepseekV2HParams(HParams):
     head_dim_v_mla: int = 0      # v_head_dim: a value head after attn_v_b
     n_layer_dense_lead: int = 0
     n_expert_shared: int = 0
+    kq_mscale: float = 1.0       # YaRN's magnitude correction, squared into the score scale
 
     @property
     def n_embd_v(self) -> int:
@@ -44,12 +45,20 @@ class DeepseekV2HParams(HParams):
         return self.n_ff_exp * self.n_expert_shared
 
     @classmethod
-    def read_extra(cls, get) -> dict:
+    def read_extra(cls, get, common: dict) -> dict:
         gating = int(get(Keys.LLM.EXPERT_GATING_FUNC, GATING_SOFTMAX))
         if gating != GATING_SOFTMAX:
             raise ShardSetError(f"{Keys.LLM.EXPERT_GATING_FUNC}={gating}: only softmax gating "
                                 "(DeepSeek-V2) is supported")
-        return {"n_lora_q": int(get(Keys.Attention.Q_LORA_RANK, 0)),
+        # YaRN as llama.cpp's deepseek2 sets it up: the converter stores 0.1 * mscale_all_dim;
+        # the rotation keeps magnitude 1 and the scores take mscale^2 instead.
+        log_ln = math.log(1.0 / common["rope_freq_scale"])
+        mscale_all_dim = float(get(Keys.Rope.SCALING_YARN_LOG_MUL, 0.0)) / 0.1
+        attn = common["rope_attn_factor"]
+        if common["rope_ext_factor"] and mscale_all_dim:
+            attn /= 1.0 + 0.1 * log_ln
+        mscale = attn * (1.0 + 0.1 * log_ln) * (1.0 + 0.1 * mscale_all_dim * log_ln)
+        return {"rope_attn_factor": attn, "kq_mscale": mscale,"n_lora_q": int(get(Keys.Attention.Q_LORA_RANK, 0)),
                 "n_lora_kv": int(get(Keys.Attention.KV_LORA_RANK)),
                 "head_dim_mla": int(get(Keys.Attention.KEY_LENGTH_MLA)),
                 "head_dim_v_mla": int(get(Keys.Attention.VALUE_LENGTH_MLA)),
@@ -118,7 +127,7 @@ class DeepseekV2(Decoder):
         k_view = o.view_3d(k_all, D, n_kv, 1, row, row * n_kv, 0)      # (L + R, n_kv, 1)
         v_view = o.view_3d(k_all, L, n_kv, 1, row, row * n_kv, 0)      # the latent part
         att = o.flash_attn(o.permute(q, 0, 2, 1, 3), k_view, v_view, inputs[self.mask_of(il)],
-                           1.0 / math.sqrt(Dq))                         # (L, H, T)
+                           hp.kq_mscale ** 2 / math.sqrt(Dq))           # (L, H, T)
         # Out of latent space per head: (L, T, H) x attn_v_b -> (Dv, T, H) -> (Dv * H, T).
         out = o.mul_mat(w.get(M.ATTN_V_B, il), o.permute(att, 0, 2, 1, 3))
         out = o.cont(o.permute(out, 0, 2, 1, 3))

@@ -23,7 +23,7 @@ class GptOssHParams(HParams):
     n_swa: int = 0                 # sliding window of the even layers, in tokens
 
     @classmethod
-    def read_extra(cls, get) -> dict:
+    def read_extra(cls, get, common: dict) -> dict:
         return {"n_swa": int(get(Keys.Attention.SLIDING_WINDOW))}
 
 

@@ -31,7 +31,7 @@ class PhimoeHParams(HParams):
     router_jitter_eps: float = DEFAULT_JITTER
 
     @classmethod
-    def read_extra(cls, get) -> dict:
+    def read_extra(cls, get, common: dict) -> dict:
         return {"router_jitter_eps": float(get(ROUTER_JITTER_KEY, DEFAULT_JITTER))}
 
 
