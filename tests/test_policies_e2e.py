@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 
-from tiny_models import make_tiny_checkpoint
+from tiny_models import ARCHS, expert_count_key, make_tiny_checkpoint
 
 pytest.importorskip("transformers")
 
@@ -25,11 +25,7 @@ from edgemoe.shardset import ShardSet  # noqa: E402
 PROMPT = [5, 9, 33, 2, 100, 7, 8, 61, 12, 90, 4, 77]
 N_DECODE = 64
 # 8 experts, top-2: 50% of expert bytes is 4 slots per layer, 25% is 2 (= top-k).
-EXPERTS = {"mixtral": {"num_local_experts": 8}, "qwen2_moe": {"num_experts": 8},
-           "qwen3_moe": {"num_experts": 8}, "olmoe": {"num_experts": 8},
-           "granitemoe": {"num_local_experts": 8}, "phimoe": {"num_local_experts": 8},
-           "deepseek_v2": {"n_routed_experts": 8}, "deepseek_v2_q_lora": {"n_routed_experts": 8},
-           "gpt_oss": {"num_local_experts": 8}}
+EXPERTS = {arch: {expert_count_key(arch): 8} for arch in ARCHS}
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +73,19 @@ def test_ondemand_is_lossless(shard_sets, arch):
             assert got == want, f"{arch} ondemand {budget} prefetch={n_prefetch}"
             assert c.misses > 0 and c.loads > c.misses - 1     # it really loaded on demand
             assert (c.prefetch_issued > 0) == (n_prefetch > 0)
+
+
+@pytest.mark.parametrize("arch", sorted(EXPERTS))
+@pytest.mark.parametrize("policy", ["swap", "static"])
+def test_masked_policies_run_every_architecture(shard_sets, arch, policy):
+    """Routing restricted to resident experts works whatever sits beside them (dense layers,
+    shared experts, expert biases): every step selects resident experts only."""
+    engine, plan = _open(shard_sets[arch], memory_budget="50%", policy=policy)
+    records = []
+    with engine:
+        out = _greedy(engine, n=16, records=records)
+        assert set(plan.slots) == set(engine.hparams.expert_layers)
+    assert len(out) == 16 and all(r["absent_selected"] == 0 for r in records)
 
 
 def test_swap_routes_only_to_resident_experts_and_adapts(shard_sets):

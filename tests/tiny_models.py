@@ -14,8 +14,6 @@ from pathlib import Path
 
 from tiny_tokenizers import make_bpe_tokenizer, make_spm_tokenizer
 
-ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "deepseek_v2",
-         "deepseek_v2_q_lora", "gpt_oss")
 # Architectures whose llama.cpp graph computes another model than transformers' on the same
 # weights (phimoe: RMSNorm for LayerNorm, softmax top-2 for sparsemixer; see
 # test_parity_llamacpp.py): llama.cpp is no oracle for them.
@@ -72,7 +70,7 @@ _PER_ARCH = {
 }
 # The full model's layout also has its YaRN RoPE (mscale = mscale_all_dim, as published).
 _PER_ARCH["deepseek_v2_q_lora"] = {
-    **_PER_ARCH["deepseek_v2"], "q_lora_rank": 32,
+    **_PER_ARCH["deepseek_v2"], "model_type": "deepseek_v2", "q_lora_rank": 32,
     "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                         "original_max_position_embeddings": 64, "beta_fast": 32,
                         "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}}
@@ -83,17 +81,27 @@ _PER_ARCH["gpt_oss"] = dict(intermediate_size=64, num_local_experts=4, num_exper
                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
 
+# Every tiny model the tests run: one entry above per architecture (or layout of one).
+ARCHS = tuple(_PER_ARCH)
+
+
+def model_type(arch: str) -> str:
+    """transformers' model type of a tiny arch (a layout variant names its model's)."""
+    return _PER_ARCH[arch].get("model_type", arch)
+
+
+def expert_count_key(arch: str) -> str:
+    """The config field that sets the number of routed experts of a tiny arch."""
+    return next(k for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                if k in _PER_ARCH[arch])
+
+
 def _config(arch: str, vocab_size: int, overrides: dict):
     import transformers
 
-    classes = {"mixtral": transformers.MixtralConfig, "qwen2_moe": transformers.Qwen2MoeConfig,
-               "qwen3_moe": transformers.Qwen3MoeConfig, "olmoe": transformers.OlmoeConfig,
-               "granitemoe": transformers.GraniteMoeConfig, "phimoe": transformers.PhimoeConfig,
-               "deepseek_v2": transformers.DeepseekV2Config,
-               "deepseek_v2_q_lora": transformers.DeepseekV2Config,
-               "gpt_oss": transformers.GptOssConfig}
     kwargs = {**_COMMON, **_PER_ARCH[arch], "vocab_size": vocab_size, **overrides}
-    return classes[arch](**kwargs)
+    kwargs.pop("model_type", None)
+    return transformers.AutoConfig.for_model(model_type(arch), **kwargs)
 
 
 def _tokenizer(kind: str | None, out: Path) -> int | None:
