@@ -179,6 +179,10 @@ def plan_hf(src: Path, expert_type: str, dense_type: str,
                     chunks=lambda s=s, sub=sub: _quantized_chunks(ckpt, s, sub)))
         else:
             base_tensors.append(out)
+    for name, values in arch.generated_tensors(hp):
+        data = np.ascontiguousarray(values, dtype=np.float32)
+        base_tensors.append(OutTensor(name=name, shape=data.shape, type=GGMLType.F32,
+                                      nbytes=data.nbytes, chunks=lambda d=data: iter([d])))
 
     def base_metadata(w: GGUFWriter) -> None:
         w.add_name(config.get("_name_or_path") or src.resolve().name)

@@ -804,10 +804,13 @@ class Ops:
         return lib.ggml_view_3d(self.ctx, a, ne0, ne1, ne2, nb1, nb2, offset)
 
     def rope(self, a, pos, n_dims, mode, n_ctx_orig, freq_base, freq_scale=1.0, ext_factor=0.0,
-             attn_factor=1.0, beta_fast=32.0, beta_slow=1.0):
-        """RoPE; YaRN with ext_factor > 0 (its betas bound the dimensions it interpolates)."""
-        return lib.ggml_rope_ext(self.ctx, a, pos, None, n_dims, mode, n_ctx_orig, freq_base,
-                                 freq_scale, ext_factor, attn_factor, beta_fast, beta_slow)
+             attn_factor=1.0, beta_fast=32.0, beta_slow=1.0, freq_factors=None):
+        """RoPE; YaRN with ext_factor > 0 (its betas bound the dimensions it interpolates);
+        freq_factors (n_dims / 2,) divide each pair's frequency (LongRoPE); attn_factor scales
+        cos and sin."""
+        return lib.ggml_rope_ext(self.ctx, a, pos, freq_factors, n_dims, mode, n_ctx_orig,
+                                 freq_base, freq_scale, ext_factor, attn_factor, beta_fast,
+                                 beta_slow)
 
     def flash_attn(self, q, k, v, mask, scale, sinks=None):
         """Attention of q over k/v; `sinks` (n_head,) adds one logit per head to each softmax

@@ -67,6 +67,8 @@ def expected(ckpt, kind_type) -> dict[str, np.ndarray]:
                 x = s.transform(x)
         t = GGMLType.F32 if s.kind in (F32, EXPERT_F32) else kind_type
         out[s.gguf_name] = quant.dequantize(quant.quantize(x, t), t, x.shape)
+    for name, values in arch.generated_tensors(hp):  # from config.json, kept in float32
+        out[name] = np.asarray(values, dtype=np.float32)
     return out
 
 

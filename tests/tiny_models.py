@@ -55,9 +55,14 @@ _PER_ARCH = {
                        attention_multiplier=0.2, logits_scaling=1.5, rope_theta=10000.0),
     # Every optional bias present; a jitter epsilon large enough that sparsemixer keeps some
     # experts beside the chosen one in its softmax and drops others.
+    # LongRoPE as Phi-3.5-MoE has it (short factors within the original context).
     "phimoe": dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
                    attention_bias=True, lm_head_bias=True, router_jitter_noise=0.1,
-                   rope_theta=10000.0),
+                   rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                    "original_max_position_embeddings": 64,
+                                    "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
+                                    "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
+                                    "short_mscale": 1.2, "long_mscale": 1.2}),
     # DeepSeek-V2-Lite's layout (q without low rank) and the full model's (q_lora_rank set): a
     # dense first layer, two shared experts, a routed scaling factor. Its q/kv low-rank norms use
     # eps 1e-6 whatever rms_norm_eps says, and llama.cpp uses rms_norm_eps for them: keep both.

@@ -139,6 +139,7 @@ class MoeArchitecture:
     moe_prefix = "mlp"
     expert_proj = {"ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}
     router = "gate"
+    rope_scalings = ("default", "yarn")  # the RoPE kinds this converter and its graph handle
 
     @property
     def name(self) -> str:
@@ -159,9 +160,9 @@ class MoeArchitecture:
         n_head = cfg_get(config, "num_attention_heads")
         rope = config.get("rope_parameters") or {}
         kind = rope_scaling(config).get("rope_type")
-        if kind not in ("default", "yarn"):
-            raise ConvertError(f"config.json: rope scaling {kind!r} is not supported by this "
-                               "converter (default RoPE or YaRN)")
+        if kind not in self.rope_scalings:
+            raise ConvertError(f"config.json: rope scaling {kind!r} is not supported for "
+                               f"{self.name} (supported: {', '.join(self.rope_scalings)})")
         n_layer = cfg_get(config, "num_hidden_layers")
         hp = Hparams(
             n_layer=n_layer, n_embd=n_embd, n_head=n_head,
@@ -239,6 +240,11 @@ class MoeArchitecture:
                        tensor_name(MODEL_TENSOR.FFN_NORM, layer), (hp.n_embd,), F32),
             *self.moe_specs(hp, layer),
         ]
+
+    def generated_tensors(self, hp: Hparams) -> list[tuple[str, np.ndarray]]:
+        """Base tensors made from config.json rather than read from the checkpoint (name,
+        float32 values); none here."""
+        return []
 
     def tensor_specs(self, hp: Hparams) -> list[TensorSpec]:
         embd = "model.embed_tokens.weight"

@@ -3,9 +3,11 @@ LayerNorm biases, optional attention and lm_head biases, NEOX RoPE (q/k rows kep
 and sparsemixer routing of two experts, whose jitter epsilon goes into an edgemoe key."""
 from __future__ import annotations
 
-from gguf import GGUFWriter, MODEL_ARCH, MODEL_TENSOR
+import numpy as np
+from gguf import GGUFWriter, MODEL_ARCH, MODEL_TENSOR, RopeScalingType
 
-from converters.arch.base import F32, Hparams, MoeArchitecture, TensorSpec, tensor_name
+from converters.arch.base import (F32, Hparams, MoeArchitecture, TensorSpec, rope_scaling,
+                                  tensor_name)
 from edgemoe.arch.phimoe import ROUTER_JITTER_KEY
 from edgemoe.errors import ConvertError
 
@@ -15,6 +17,7 @@ _NORMS = (("input_layernorm", MODEL_TENSOR.ATTN_NORM),
 
 class Phimoe(MoeArchitecture):
     gguf_arch = MODEL_ARCH.PHIMOE
+    rope_scalings = ("default", "longrope")
     hf_architectures = ("PhimoeForCausalLM", "PhiMoEForCausalLM")  # transformers', the hub's
     expert_weights_norm = False
     moe_prefix = "block_sparse_moe"
@@ -28,6 +31,10 @@ class Phimoe(MoeArchitecture):
         if hp.n_expert_used != 2:
             raise ConvertError(f"config.json: num_experts_per_tok={hp.n_expert_used}; PhiMoE's "
                                "sparsemixer routing picks exactly 2 experts")
+        rope = rope_scaling(config)
+        if rope["rope_type"] == "longrope" and rope.get("short_mscale") != rope.get("long_mscale"):
+            raise ConvertError("config.json: LongRoPE with short_mscale != long_mscale; one "
+                               "rope.scaling.attn_factor cannot hold both")
 
     def attention_specs(self, hp: Hparams, layer: int) -> list[TensorSpec]:
         specs = super().attention_specs(hp, layer)
@@ -55,9 +62,24 @@ class Phimoe(MoeArchitecture):
                                     (hp.n_vocab,), F32))
         return specs
 
+    def generated_tensors(self, hp: Hparams) -> list[tuple[str, np.ndarray]]:
+        """LongRoPE's per-pair frequency factors, short and long."""
+        rope = rope_scaling(hp.config)
+        if rope["rope_type"] != "longrope":
+            return []
+        return [(tensor_name(MODEL_TENSOR.ROPE_FACTORS_LONG), np.array(rope["long_factor"])),
+                (tensor_name(MODEL_TENSOR.ROPE_FACTORS_SHORT), np.array(rope["short_factor"]))]
+
     def add_metadata(self, w: GGUFWriter, hp: Hparams, config: dict) -> None:
         super().add_metadata(w, hp, config)
         w.add_float32(ROUTER_JITTER_KEY, float(config.get("router_jitter_noise", 0.01)))
+        rope = rope_scaling(config)
+        if rope["rope_type"] == "longrope":
+            # transformers scales cos and sin by short_mscale (= long_mscale); llama.cpp's
+            # converter would write sqrt(1 + ln(scale) / ln(original context)) instead.
+            w.add_rope_scaling_type(RopeScalingType.LONGROPE)
+            w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+            w.add_rope_scaling_attn_factors(float(rope.get("short_mscale") or 1.0))
 
 
 ARCH = Phimoe()

@@ -132,9 +132,9 @@ class HParams:
                                 "must be positive")
         head_dim = int(get(Keys.Attention.KEY_LENGTH, n_embd // n_head))
         scaling = get(Keys.Rope.SCALING_TYPE, "none")
-        if scaling not in ("none", "linear", "yarn"):
+        if scaling not in ("none", "linear", "yarn", "longrope"):
             raise ShardSetError(f"{path}: rope scaling '{scaling}' is not supported "
-                                "(supported: none, linear, yarn)")
+                                "(supported: none, linear, yarn, longrope)")
         factor = float(get(Keys.Rope.SCALING_FACTOR, 1.0)) if scaling != "none" else 1.0
         if not (math.isfinite(factor) and factor > 0):
             raise ShardSetError(f"{path}: rope scaling factor {factor} must be finite and positive")
@@ -699,7 +699,12 @@ class Decoder:
         hp = self.hp
         return o.rope(t, inputs["pos"], hp.n_rot, self.rope_mode, hp.n_ctx_orig,
                       hp.rope_freq_base, hp.rope_freq_scale, hp.rope_ext_factor,
-                      hp.rope_attn_factor, hp.rope_beta_fast, hp.rope_beta_slow)
+                      hp.rope_attn_factor, hp.rope_beta_fast, hp.rope_beta_slow,
+                      self.rope_factors())
+
+    def rope_factors(self) -> int | None:
+        """Per-pair frequency divisors for RoPE (LongRoPE's), or None."""
+        return None
 
     def attention(self, o: ggml.Ops, gf: int, x: int, il: int, inputs: dict[str, int],
                   n_tokens: int, n_kv: int) -> int:

@@ -49,7 +49,16 @@ class Phimoe(Decoder):
         for il in range(hp.n_layer):
             for kind in _NORMS:
                 out[tensor_name(kind, il, "bias")] = ((E,), True)
+        for kind in (M.ROPE_FACTORS_SHORT, M.ROPE_FACTORS_LONG):  # LongRoPE, when it has it
+            out[tensor_name(kind)] = ((hp.n_rot // 2,), False)
         return out
+
+    def rope_factors(self):
+        """LongRoPE's short factors, or its long ones for a context beyond the original one (as
+        llama.cpp chooses; cos and sin are scaled by rope.scaling.attn_factor either way)."""
+        M = MODEL_TENSOR
+        long = self.kv.n_ctx > self.hp.n_ctx_orig
+        return self.w.get(M.ROPE_FACTORS_LONG if long else M.ROPE_FACTORS_SHORT)
 
     def norm(self, o, x, kind, il=None):
         """LayerNorm: (x - mean) / std, scaled and shifted."""
