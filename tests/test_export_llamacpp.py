@@ -25,15 +25,18 @@ def tiny_root(tmp_path_factory):
     return tmp_path_factory.getbasetemp() / "tiny"
 
 
-def transformers_run(model, prompt: list[int], n_new: int) -> tuple[np.ndarray, list[int]]:
-    """(logits of the prompt, greedy continuation), recomputing the whole sequence each step."""
-    tokens = list(prompt)
+def transformers_run(model, prompt: list[int], n_new: int):
+    """(logits of the prompt, greedy continuation, each step's top-1 minus top-2 logit),
+    recomputing the whole sequence each step."""
+    tokens, margins = list(prompt), []
     with torch.no_grad():
         logits = model(torch.tensor([tokens])).logits[0].numpy()
         for _ in range(n_new):
-            nxt = int(model(torch.tensor([tokens])).logits[0, -1].argmax())
-            tokens.append(nxt)
-    return logits, tokens[len(prompt):]
+            row = model(torch.tensor([tokens])).logits[0, -1]
+            top = torch.topk(row, 2).values
+            margins.append(float(top[0] - top[1]))
+            tokens.append(int(row.argmax()))
+    return logits, tokens[len(prompt):], margins
 
 
 def llamacpp_run(gguf_path, prompt: list[int], n_new: int) -> tuple[np.ndarray, list[int]]:
@@ -57,14 +60,18 @@ def test_exported_gguf_matches_transformers(tiny_root, tmp_path, arch):
     converters.convert(ckpt, shards, expert_type="F32", dense_type="F32", progress=False)
     gguf_path = converters.export(shards, tmp_path / "model.gguf")
 
-    ref_logits, ref_tokens = transformers_run(load_reference(ckpt), PROMPT, N_NEW)
+    ref_logits, ref_tokens, margins = transformers_run(load_reference(ckpt), PROMPT, N_NEW)
     got_logits, got_tokens = llamacpp_run(gguf_path, PROMPT, N_NEW)
 
     assert got_logits.shape == ref_logits.shape
     span = float(ref_logits.max() - ref_logits.min())
     diff = float(np.abs(got_logits - ref_logits).max())
     assert diff < 1e-3 * span, f"{arch}: max |logit diff| {diff:.2e} vs range {span:.2f}"
-    assert got_tokens == ref_tokens
+    # Equal up to the first step transformers itself decides by less than twice the logit error
+    # just measured (a tie at float precision, which one rounding order breaks one way and
+    # another the other way).
+    n = next((i for i, m in enumerate(margins) if m < 2 * diff), N_NEW)
+    assert got_tokens[:n] == ref_tokens[:n], f"{arch}: differs before step {n}"
 
 
 def test_exported_quantized_gguf_loads_and_tracks_reference(tiny_root, tmp_path):
@@ -74,7 +81,7 @@ def test_exported_quantized_gguf_loads_and_tracks_reference(tiny_root, tmp_path)
     shards = tmp_path / "shards"
     converters.convert(ckpt, shards, expert_type="Q8_0", dense_type="Q8_0", progress=False)
     gguf_path = converters.export(shards, tmp_path / "model.gguf")
-    ref_logits, _ = transformers_run(load_reference(ckpt), PROMPT, 0)
+    ref_logits, _, _ = transformers_run(load_reference(ckpt), PROMPT, 0)
     got_logits, _ = llamacpp_run(gguf_path, PROMPT, 0)
     span = float(ref_logits.max() - ref_logits.min())
     assert float(np.abs(got_logits - ref_logits).max()) < 0.05 * span
