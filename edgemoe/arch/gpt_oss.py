@@ -4,6 +4,10 @@ have it), NEOX RoPE, a router with a bias whose top-k logits are softmaxed among
 experts with biases and a clamped SwiGLU: min(g, 7) * sigmoid(1.702 min(g, 7)) * (clamp(u, +-7) + 1)
 (the constants llama.cpp fixes for this architecture). Expert biases travel in the expert shards
 and sit in bias slots beside the weights; MXFP4 experts run as stored.
+
+The published models' YaRN RoPE runs as llama.cpp runs it (ggml rounds the correction range to
+whole dimensions; transformers' gpt-oss config asks for it unrounded, truncate=false), so on
+those weights edgemoe matches llama.cpp and differs slightly from transformers.
 """
 from __future__ import annotations
 
