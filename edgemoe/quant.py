@@ -25,7 +25,8 @@ from edgemoe.errors import EdgeMoeError
 GGMLType = GGMLQuantizationType
 
 # Types we quantize to: every one ggml can produce without an importance matrix among the
-# classic and K families. Others (IQ*, TQ*) need an imatrix or are experimental.
+# classic and K families, and MXFP4 (gpt-oss's published expert type). Others (IQ*, TQ*) need an
+# imatrix or are experimental.
 SUPPORTED = tuple(GGMLType[n] for n in (
     "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "MXFP4"))
