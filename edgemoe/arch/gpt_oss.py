@@ -76,8 +76,8 @@ class GptOss(Decoder):
         weights = o.soft_max(o.reshape_2d(top, k, n_tokens))
         return selected, o.reshape_3d(weights, 1, k, n_tokens)
 
-    def expert_ffn(self, o, x3, il, ids):
-        slots = self.slots.tensors(il)
+    def expert_ffn(self, o, x3, il, ids, substitute=False):
+        slots = self.slots.tensors(il, substitute)
         gate = o.add_id(o.mul_mat_id(slots["ffn_gate"], x3, ids), slots["ffn_gate.bias"], ids)
         up = o.add_id(o.mul_mat_id(slots["ffn_up"], x3, ids), slots["ffn_up.bias"], ids)
         out = o.mul_mat_id(slots["ffn_down"], o.swiglu_oai(gate, up, SWIGLU_ALPHA, SWIGLU_LIMIT),
