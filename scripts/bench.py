@@ -372,21 +372,36 @@ def section_large(ctx) -> dict:
     out = {}
     from bench_budget import runner_specs
 
+    # A run cut short resumes: profiles already measured are kept.
+    stored = ctx.results_dir / "large.json" if ctx.results_dir else None
+    if stored is not None and stored.exists():
+        out = json.loads(stored.read_text())["figures"]
     for preset, limit, profiles in LARGE:
+        if ctx.large_presets and preset not in ctx.large_presets:
+            continue
         model = large_model(preset, ctx.large_dir, ctx.generate)
         if model is None:
             out[preset] = {"error": f"{ctx.large_dir / preset} not generated (--generate)"}
             continue
         shards, gguf = model
         _norms_child(shards)
-        doc = out[preset] = {"limit": limit, "weights": _weights(shards), "quality": {},
-                             "speed": {"profiles": {}, "n": ctx.mode.large_n}}
+        doc = out.get(preset) if "error" not in out.get(preset, {"error": 1}) else None
+        doc = doc or {"limit": limit, "weights": _weights(shards), "quality": {},
+                      "speed": {"profiles": {}, "n": ctx.mode.large_n}}
+        out[preset] = doc
+        n_of = doc["speed"].setdefault("n_by_profile", {})
         runners = [r for r in runner_specs(limit, None) if r != "full"]
         # One profile at a time, each stored as soon as it is measured (hours in all).
         for profile in profiles:
-            log(f"large: {preset} under {limit} on {profile}: {', '.join(runners)}")
-            speed = bench_budget(shards, gguf, limit, [profile], ctx.mode.large_n, text,
+            have = doc["speed"]["profiles"].get(profile)
+            if have and "error" not in have:
+                n_of.setdefault(profile, doc["speed"].get("n"))
+                continue
+            n = ctx.large_n or ctx.mode.large_n
+            log(f"large: {preset} under {limit} on {profile}, {n} tokens: {', '.join(runners)}")
+            speed = bench_budget(shards, gguf, limit, [profile], n, text,
                                  runners=runners, timeout=5400)
+            n_of[profile] = n
             if "error" in speed:
                 doc["speed"]["profiles"][profile] = {"error": speed["error"]}
             else:
@@ -527,6 +542,8 @@ class Context:
         self.work = Path(args.work)
         self.large_dir = Path(args.large_dir)
         self.generate = not args.no_generate
+        self.large_n = args.large_n
+        self.large_presets = args.large_presets
         self.work.mkdir(parents=True, exist_ok=True)
 
 
@@ -546,6 +563,10 @@ def main(argv=None) -> int:
                     help="where the large shapes live (default: WORK/large; ~40 GB)")
     ap.add_argument("--no-generate", action="store_true",
                     help="do not write missing large shapes; skip them")
+    ap.add_argument("--large-n", type=int, default=None, metavar="N",
+                    help="decode steps per run on the large shapes (default: 16)")
+    ap.add_argument("--large-presets", nargs="+", default=None, metavar="PRESET",
+                    help="only these large shapes")
     ap.add_argument("--render-only", action="store_true", help="only rewrite the page")
     args = ap.parse_args(argv)
     args.large_dir = args.large_dir or str(Path(args.work) / "large")
