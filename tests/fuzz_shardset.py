@@ -349,12 +349,17 @@ class Mutator:
                 parent[k] = new
             except TypeError:
                 return "nothing to edit"
-            what = f"= {str(new)[:30]}"
+            what = ("= a 5001-digit integer" if isinstance(new, int) and new > 10**4000
+                    else f"= {str(new)[:30]}")
         seal = rng.random() < 0.7
+        # a 5000-digit integer: written with Python's digit limit lifted for this write only (the
+        # runtime reads with the limit in place, as a user's process would)
+        limit = sys.get_int_max_str_digits()
+        sys.set_int_max_str_digits(0)
         try:
             self._write_manifest(case, m, seal)
-        except (ValueError, OverflowError):
-            (case / "manifest.json").write_text(json.dumps(m, allow_nan=True))
+        finally:
+            sys.set_int_max_str_digits(limit)
         return f"{'/'.join(map(str, keyp))} {what}" + (" (sealed)" if seal else "")
 
     def manifest_offsets(self, case: Path, rng) -> str:
