@@ -317,6 +317,12 @@ def _done_records(out: Path, fingerprint: str) -> dict[str, Written]:
     return done
 
 
+def base_entry(w: Written) -> dict:
+    """The manifest's record of a written base.gguf (its checksums included)."""
+    return {"file": w.rel, "bytes": w.bytes, "sha256": w.sha256, "header_crc32": w.header_crc32,
+            "tensor_crc32": {name: t["crc32"] for name, t in w.tensors.items()}}
+
+
 def _expert_entry(f: OutFile, w: Written) -> dict:
     tensors = {}
     for t in f.tensors:
@@ -377,9 +383,7 @@ def write_shard_set(plan, out: Path, resume: bool = False, force: bool = False,
         "expert_tensors": [expert_tensor_key(t.name) for t in plan.experts[0].tensors]
         if plan.experts else list(EXPERT_TENSORS),
         "fallbacks": list(plan.fallbacks),
-        "base": {"file": base.rel, "bytes": base.bytes, "sha256": base.sha256,
-                 "header_crc32": base.header_crc32,
-                 "tensor_crc32": {name: t["crc32"] for name, t in base.tensors.items()}},
+        "base": base_entry(base),
         "experts": [_expert_entry(f, written[f.rel]) for f in plan.experts],
     }
     if plan.substitutes:

@@ -396,8 +396,8 @@ def _experts_key(spec: QuantSpec) -> str:
 def _rewrite_base(plan: Plan, out: Path, spec: QuantSpec) -> bool:
     """When `out` holds this spec's experts already, write only base.gguf (a new routing design)
     and update the manifest. False when the experts differ (a full write is needed)."""
-    from converters.writer import write_gguf, write_json_atomic
-    from edgemoe.shardset import MANIFEST_FILE
+    from converters.writer import base_entry, write_gguf, write_json_atomic
+    from edgemoe.shardset import MANIFEST_FILE, seal_manifest
 
     path = out / MANIFEST_FILE
     if not path.is_file():
@@ -407,9 +407,9 @@ def _rewrite_base(plan: Plan, out: Path, spec: QuantSpec) -> bool:
         return False
     path.unlink()       # the set is incomplete until the new manifest is written
     rec = write_gguf(out / plan.base.rel, plan.base)
-    manifest["base"] = {"file": rec.rel, "bytes": rec.bytes, "sha256": rec.sha256}
+    manifest["base"] = base_entry(rec)
     manifest["fingerprint"] = plan.fingerprint
-    write_json_atomic(path, manifest)
+    write_json_atomic(path, seal_manifest(manifest))
     return True
 
 
