@@ -48,8 +48,9 @@ class Model:
     this budget, else 1); stats: keep a telemetry record per engine step (`write_stats`);
     substitutes: with static or swap under a budget, keep the shard set's low-bit expert
     substitutes resident (when it has them: `edgemoe convert --substitute-type`).
-    device_budget: "4GiB" bounds the device's own memory (not the CPU's). A budget below the
-    minimum raises BudgetError before loading.
+    device_budget: "4GiB" bounds the device's own memory (not the CPU's); repack: expert
+    slots in host memory in ggml's repacked CPU layouts where it has one for their type. A
+    budget below the minimum raises BudgetError before loading.
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class Model:
         stats: bool = False,
         substitutes: bool = True,
         device_budget: str | None = None,
+        repack: bool = False,
     ) -> None:
         from edgemoe.runtime import ResidencyConfig, StepLog, open_engine, refuse_early
 
@@ -83,7 +85,8 @@ class Model:
         try:
             self.engine, self.slot_plan = open_engine(
                 self.shards_path, self.residency, n_ctx=n_ctx, n_threads=n_threads,
-                device=device, n_batch=n_batch, telemetry=StepLog() if stats else None)
+                device=device, n_batch=n_batch, telemetry=StepLog() if stats else None,
+                repack=repack)
         except BaseException:
             self.vocab.close()
             raise

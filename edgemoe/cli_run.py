@@ -38,6 +38,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="ggml backend device, e.g. CPU, Vulkan0, CUDA0 or RPC0 (`edgemoe "
                    "devices` lists them; default: the best available)")
     add_rpc_arg(p)
+    p.add_argument("--repack", action="store_true",
+                   help="expert slots in host memory in ggml's repacked CPU layouts (CPU_REPACK: "
+                   "Q4_0, IQ4_NL, Q4_K, ... for AVX2/NEON; faster decode, each expert repacked "
+                   "as it loads); other types stay as stored")
     add_residency_args(p)
 
 
@@ -123,7 +127,8 @@ def open_model(args: argparse.Namespace):
                  device=args.device, n_batch=args.batch_size, memory_budget=cfg.memory_budget,
                  policy=cfg.policy, adaptive_gating=cfg.adaptive_gating,
                  n_prefetch=cfg.n_prefetch, stats=args.stats_json is not None,
-                 substitutes=cfg.substitutes, device_budget=cfg.device_budget)
+                 substitutes=cfg.substitutes, device_budget=cfg.device_budget,
+                 repack=args.repack)
 
 
 def report_residency(model, args: argparse.Namespace) -> None:

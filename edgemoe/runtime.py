@@ -314,11 +314,12 @@ def fit_device_budget(shards_path, budget: Budget, plan: SlotPlan, needs: Memory
 
 def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048,
                 n_threads: int | None = None, device: str | None = None, n_batch: int = 512,
-                kv_type: str = "f16", telemetry=None, n_outputs: int | None = 1):
+                kv_type: str = "f16", telemetry=None, n_outputs: int | None = 1,
+                repack: bool = False):
     """An Engine under `cfg`; its policy (engine.policy) has loaded its experts. Returns the
     engine and the SlotPlan (None without a budget: every expert resident). Compute buffers are
     reserved for `n_outputs` rows of logits per batch (1: generation, which samples the last
-    token)."""
+    token). `repack`: expert slots in host memory in the CPU's repacked layouts (Engine)."""
     from edgemoe.engine import Engine
 
     name = cfg.policy_name
@@ -326,7 +327,8 @@ def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048
               n_outputs=n_outputs)
     if cfg.memory_budget is None and cfg.device_budget is None and name == "full":
         engine = Engine(shards_path, policy=lambda pool: FullPolicy(
-            pool, pool.n_expert, pool.shards.n_expert_used, pool.layers, telemetry), **kw)
+            pool, pool.n_expert, pool.shards.n_expert_used, pool.layers, telemetry),
+            repack=repack, **kw)
         return _warmed(engine), None
     if kv_type not in _KV_BYTES:
         raise EdgeMoeError(f"kv_type {kv_type!r}: expected one of {sorted(_KV_BYTES)}")
@@ -387,7 +389,7 @@ def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048
                            usage=cal.usage if cal else None, **options)
 
     engine = _warmed(Engine(shards_path, n_slots=dict(plan.slots), policy=policy,
-                            n_substitutes=plan.substitutes, **kw))
+                            n_substitutes=plan.substitutes, repack=repack, **kw))
     engine.slot_plan = plan
     engine.memory_needs = needs
     return engine, plan

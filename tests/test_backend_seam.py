@@ -45,6 +45,28 @@ def test_repacked_slots_compute_what_plain_slots_do(q4_shards):
     assert err <= 5e-4 and (want.argmax(-1) == got.argmax(-1)).mean() >= 0.9
 
 
+def test_ondemand_with_repack_keeps_the_stored_layout_and_is_lossless(q4_shards):
+    """Slots rewritten while decoding (ondemand at 50%) are not repacked (see ExpertPool), and
+    decode what every expert resident, repacked, does."""
+    def greedy(engine, n=16):
+        row = engine.eval(PROMPT, all_logits=False)[-1]
+        out = []
+        for _ in range(n):
+            out.append(int(row.argmax()))
+            row = engine.eval([out[-1]])[-1]
+        return out
+
+    full, _ = open_engine(q4_shards, ResidencyConfig(), n_ctx=64, n_threads=1, repack=True)
+    with full:
+        want = greedy(full)
+    engine, _ = open_engine(q4_shards, ResidencyConfig(memory_budget="50%", policy="ondemand"),
+                            n_ctx=64, n_threads=1, repack=True)
+    with engine:
+        assert not engine.pool.repacked
+        assert greedy(engine) == want
+        assert engine.policy.telemetry.counters.misses > 0
+
+
 def test_device_budget_on_the_cpu_is_refused(q4_shards):
     with pytest.raises(BudgetError, match="CPU, whose memory --memory-budget bounds"):
         open_engine(q4_shards, ResidencyConfig(device_budget="1GiB"), n_ctx=64, n_threads=1,
