@@ -98,6 +98,7 @@ class Job:
         self.method, self.kwargs, self.loop = method, kwargs, loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
+        self._cancel_lock = threading.Lock()
         self.n_pieces = 0
         self.label = "chat" if method == "create_chat_completion" else "completion"
         self.queued = time.monotonic()
@@ -110,11 +111,19 @@ class Job:
         self.shutdown = False                  # cancelled because the server is stopping
 
     def cancel(self) -> None:
-        if not self.cancelled.is_set() and not self.finished:
-            self.cancel_time = time.monotonic()
-            if self.counter is not None and self.started is not None:
-                self.tokens_at_cancel = self.counter()
-            self.cancelled.set()
+        # The count and the flag change together: the engine thread's check (is_cancelled)
+        # waits for both, so no token can start between them and tokens_after_cancel is exact.
+        with self._cancel_lock:
+            if not self.cancelled.is_set() and not self.finished:
+                self.cancel_time = time.monotonic()
+                if self.counter is not None and self.started is not None:
+                    self.tokens_at_cancel = self.counter()
+                self.cancelled.set()
+
+    def is_cancelled(self) -> bool:
+        """The engine thread's check before each token."""
+        with self._cancel_lock:
+            return self.cancelled.is_set()
 
     def post(self, kind: str, payload: Any = None) -> None:
         try:
@@ -225,7 +234,7 @@ class EngineThread(threading.Thread):
     def _serve(self, job: Job) -> None:
         model = self.model
         job.counter = self.tokens_evaluated
-        model.interrupt_when(job.cancelled.is_set)
+        model.interrupt_when(job.is_cancelled)
         try:
             self._generate(job)
         finally:

@@ -249,7 +249,12 @@ def test_api_key_is_required_but_not_for_health(guarded):
     assert reply.usage.completion_tokens > 0
     s = guarded.get("/status", headers={"Authorization": "Bearer sekret"})
     assert (s["memory_budget"], s["policy"]) == ("50%", "swap")
-    assert s["resident_experts"] == s["total_experts"] // 2
+    # Half the slots; a swap in flight has retired its victim before the new expert's read
+    # completes (at most one read per expert layer at a time), so up to that many are loading.
+    n_layer = json.loads((ROOT / "models/edgemoe-tiny-shakespy/config.json").read_text())[
+        "num_hidden_layers"]
+    half, loading = s["total_experts"] // 2, n_layer
+    assert half - loading <= s["resident_experts"] <= half, s
     assert 0 < s["hit_rate"] <= 1
     assert s["bytes_read"] > 0 and s["bytes_read_per_token"] > 0  # the experts read into slots
 
