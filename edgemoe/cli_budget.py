@@ -1,4 +1,4 @@
-"""`edgemoe calibrate` and `edgemoe plan` (issue 4).
+"""`edgemoe calibrate` and `edgemoe plan`.
 
 calibrate SHARDS [--text FILE]: runs the model on calibration text (teacher-forced, every
 expert resident) and stores beside the shard set

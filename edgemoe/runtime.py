@@ -1,4 +1,4 @@
-"""Open an engine under a memory budget with a residency policy (issue 4): the one knob
+"""Open an engine under a memory budget with a residency policy: the one knob
 `--memory-budget 2GiB|50%` plus `--policy full|swap|ondemand|static` turned into an Engine whose
 expert pool has the right number of slots per layer and whose slots a policy drives.
 
@@ -419,7 +419,7 @@ class StepLog(Telemetry):
 
 
 def add_residency_args(p) -> None:
-    """The issue 4 flags shared by run, chat and anything else that opens a model."""
+    """The residency flags shared by run, chat and anything else that opens a model."""
     from edgemoe.cli import ranged
 
     p.add_argument("--memory-budget", default=None, metavar="SIZE|PCT",

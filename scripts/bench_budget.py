@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Decode speed of every residency policy under a memory budget on an emulated edge board
-(issue 4, acceptance 2, 4 and 5), with llama-cpp-python on the exported GGUF alongside.
+"""Decode speed of every residency policy under a memory budget on an emulated edge board,
+with llama-cpp-python on the exported GGUF alongside.
 
     sudo /work/venv/bin/python scripts/bench_budget.py SHARDS --gguf MODEL.gguf \\
         --profiles rpi5-sd rpi5-nvme --budget 50% -n 64

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Peak memory of `edgemoe convert` on a >= 2 GB bf16 checkpoint (issue 2, acceptance 4).
+"""Peak memory of `edgemoe convert` on a >= 2 GB bf16 checkpoint.
 
     python scripts/bench_convert_memory.py                       # build or reuse, convert, report
     python scripts/bench_convert_memory.py --checkpoint DIR --expert-type Q8_0

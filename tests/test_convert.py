@@ -1,4 +1,4 @@
-"""Acceptance 1: convert tiny random checkpoints of every architecture, read every tensor back.
+"""Convert tiny random checkpoints of every architecture, read every tensor back.
 
 F32 output must be bit-exact with the source, Q8_0 output equal to ggml's own quantize ->
 dequantize round trip of the same tensor. Source values come from safetensors' own reader

@@ -1,4 +1,4 @@
-"""Acceptance 7: every bad input fails at once with one clear line naming the file, tensor or key
+"""Every bad input fails at once with one clear line naming the file, tensor or key
 and what was expected, and leaves no shard set behind."""
 import errno
 import json

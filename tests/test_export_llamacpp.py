@@ -1,4 +1,4 @@
-"""Acceptance 2: the exported single GGUF runs in unmodified llama.cpp (llama-cpp-python's Llama)
+"""The exported single GGUF runs in unmodified llama.cpp (llama-cpp-python's Llama)
 and computes what transformers computes in float32.
 
 This is the check that each architecture's metadata (hparams, routing switches, q/k layout) is

@@ -1,4 +1,4 @@
-"""Acceptance 3: a stock GGUF as input. export -> convert the GGUF back -> the expert shards are
+"""A stock GGUF as input. export -> convert the GGUF back -> the expert shards are
 byte-identical to the ones converted from safetensors (no requantization), for single and split
 GGUF files and for mixed K-quant types."""
 import numpy as np

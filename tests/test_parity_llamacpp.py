@@ -1,4 +1,4 @@
-"""Acceptance 2 of the runtime: a shard set and the same weights exported as one GGUF, run by
+"""The runtime against llama.cpp: a shard set and the same weights exported as one GGUF, run by
 llama-cpp-python, give the same greedy 64-token continuation and logits within 1e-2 of the
 logit range (same quant types, same KV cache type).
 

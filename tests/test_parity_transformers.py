@@ -1,4 +1,4 @@
-"""Acceptance 1 of the runtime: the engine against transformers on tiny random models.
+"""The engine against transformers on tiny random models.
 
 Per architecture: F32 shards reproduce transformers' logits over a teacher-forced 32-token
 sequence within 1e-3 of the logit range; batched prefill equals token-by-token decode; Q8_0

@@ -1,6 +1,5 @@
-"""Residency policies on the real engine (issue 4): ondemand is lossless (acceptance 1), swap
-only ever runs resident experts and adapts when the input changes (acceptance 3), budgets below
-the minimum are refused before any expert is read, and unreadable shards are handled (swap warns
+"""Residency policies on the real engine: ondemand is lossless, swap only ever runs resident
+experts and adapts when the input changes, budgets below the minimum are refused before any expert is read, and unreadable shards are handled (swap warns
 once and carries on, ondemand stops naming the shard, nothing hangs)."""
 from __future__ import annotations
 
@@ -57,7 +56,7 @@ def _greedy(engine, prompt=PROMPT, n=N_DECODE, records=None):
 
 @pytest.mark.parametrize("arch", sorted(EXPERTS))
 def test_ondemand_is_lossless(shard_sets, arch):
-    """Acceptance 1: ondemand at 50% and 25% of expert bytes, with and without prefetch, gives
+    """ondemand at 50% and 25% of expert bytes, with and without prefetch, gives
     exactly the greedy continuation of full."""
     engine, _ = _open(shard_sets[arch])
     with engine:
@@ -89,7 +88,7 @@ def test_masked_policies_run_every_architecture(shard_sets, arch, policy):
 
 
 def test_swap_routes_only_to_resident_experts_and_adapts(shard_sets):
-    """Acceptance 3: with swap every selected expert of every step was resident (the graph's
+    """With swap every selected expert of every step was resident (the graph's
     own selection audited against the step's slot table), and the resident set moves when the
     input changes topic."""
     engine, plan = _open(shard_sets["qwen3_moe"], memory_budget="50%", policy="swap",
@@ -268,7 +267,7 @@ class Counter(dict):
 
 
 def test_swap_follows_a_topic_change_on_the_bundled_model(tmp_path):
-    """Acceptance 3 on a trained model whose experts split into a Shakespeare half and a Python
+    """Swap on a trained model whose experts split into a Shakespeare half and a Python
     half: after the text switches, swap brings the other half in (the resident set changes) and
     serves more of what the router wants than static pruning to a fixed half."""
     from pathlib import Path

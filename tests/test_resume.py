@@ -1,4 +1,4 @@
-"""Acceptance 5: crash safety. A conversion killed with SIGKILL leaves nothing that passes
+"""Crash safety. A conversion killed with SIGKILL leaves nothing that passes
 verification; `--resume` finishes it and the result equals an uninterrupted conversion."""
 import json
 import os

@@ -1,8 +1,8 @@
 """Tokenizers end to end: HF checkpoint -> add_tokenizer -> vocab-only GGUF -> libllama (Vocab),
 checked against the HF tokenizer (transformers AutoTokenizer on the same files) as the oracle.
 
-Issue 2 acceptance 6 (tokenization through the GGUF equals HF's for BPE and SentencePiece) and the
-runtime side of issue 3 (tokenizer and chat template from the GGUF, no HF code at run time).
+Tokenization through the GGUF equals HF's for BPE and SentencePiece, and the runtime takes its
+tokenizer and chat template from the GGUF (no HF code at run time).
 """
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def fuzz_strings(n: int, seed: int) -> list[str]:
     return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 48))) for _ in range(n)]
 
 
-# --- acceptance 6: tokenization equals HF's ---------------------------------------------------
+# --- tokenization equals HF's ------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", [*BPE_PRES, "spm"])
 def test_tokenize_matches_hf(cases, kind):

@@ -1,6 +1,6 @@
 """Memory budget arithmetic: parse the one knob, and turn it into expert slots per layer.
 
-Two kinds of budget exist (issue 4):
+Two kinds of budget exist:
 - absolute ("2GiB", "1.5GB", "512MiB"): bounds the whole process, so base weights, KV cache and
   compute buffers are paid first and the rest becomes expert slots;
 - relative ("50%"): that fraction of the experts' bytes may be resident; the rest of the process
