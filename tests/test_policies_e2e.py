@@ -1,6 +1,7 @@
-"""Residency policies on the real engine: ondemand is lossless, swap only ever runs resident
-experts and adapts when the input changes, budgets below the minimum are refused before any expert is read, and unreadable shards are handled (swap warns
-once and carries on, ondemand stops naming the shard, nothing hangs)."""
+"""Residency policies on the real engine: ondemand is lossless, swap only ever runs resident experts
+and adapts when the input changes, budgets below the minimum are refused before any expert is read,
+and unreadable shards are handled (swap warns once and carries on, ondemand stops naming the shard,
+nothing hangs)."""
 from __future__ import annotations
 
 import shutil
