@@ -19,9 +19,9 @@ from converters import registry
 from converters.arch.base import tensor_name
 from converters.plan import Plan, fingerprint
 from converters.writer import (OutFile, OutTensor, add_edgemoe_base_keys,
-                               edgemoe_expert_metadata)
+                               expert_out_file)
 from edgemoe.errors import ConvertError
-from edgemoe.shardset import (ALIGNMENT, BASE_FILE, EXPERT_BIASES, EXPERT_TENSORS, expert_file,
+from edgemoe.shardset import (BASE_FILE, EXPERT_BIASES, EXPERT_TENSORS, expert_file,
                               expert_tensor_name)
 
 _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf$")
@@ -156,10 +156,7 @@ def plan_gguf(path: Path) -> Plan:
                                                                    s + n)))
                 if proj in EXPERT_TENSORS:
                     expert_types.add(GGMLQuantizationType(t.tensor_type).name)
-            experts.append(OutFile(rel=expert_file(layer, e), arch="edgemoe.expert",
-                                   metadata=edgemoe_expert_metadata(layer, e),
-                                   tensors=tuple(outs), alignment=ALIGNMENT, layer=layer,
-                                   expert=e))
+            experts.append(expert_out_file(expert_file(layer, e), layer, e, outs))
 
     base_tensors = []
     dense_types: dict[str, int] = {}

@@ -22,11 +22,11 @@ from converters.arch.base import (DENSE, EXPERT, EXPERT_F32, F32, Hparams, MoeAr
 from converters.safetensors import SafetensorsCheckpoint, read_config
 from converters.tokenizer import add_tokenizer
 from converters.writer import (OutFile, OutTensor, add_edgemoe_base_keys,
-                               edgemoe_expert_metadata)
+                               expert_out_file)
 from edgemoe import quant
 from edgemoe.errors import ConvertError
 from edgemoe.quant import GGMLType
-from edgemoe.shardset import ALIGNMENT, BASE_FILE, FORMAT_VERSION, expert_file, substitute_file
+from edgemoe.shardset import BASE_FILE, FORMAT_VERSION, expert_file, substitute_file
 
 # Non-weight buffers some older checkpoints save (RoPE frequencies are recomputed by llama.cpp).
 BUFFERS = (".rotary_emb.inv_freq",)
@@ -191,16 +191,10 @@ def plan_hf(src: Path, expert_type: str, dense_type: str,
         add_tokenizer(w, src)
         add_edgemoe_base_keys(w, e_type.name, d_type.name, hp.expert_layers)
 
-    experts = tuple(
-        OutFile(rel=expert_file(l, e), arch="edgemoe.expert",
-                metadata=edgemoe_expert_metadata(l, e), tensors=tuple(ts), alignment=ALIGNMENT,
-                layer=l, expert=e)
-        for (l, e), ts in sorted(expert_tensors.items()))
-    substitutes = tuple(
-        OutFile(rel=substitute_file(l, e), arch="edgemoe.expert",
-                metadata=edgemoe_expert_metadata(l, e), tensors=tuple(ts), alignment=ALIGNMENT,
-                layer=l, expert=e)
-        for (l, e), ts in sorted(substitute_tensors.items()))
+    experts = tuple(expert_out_file(expert_file(l, e), l, e, ts)
+                    for (l, e), ts in sorted(expert_tensors.items()))
+    substitutes = tuple(expert_out_file(substitute_file(l, e), l, e, ts)
+                        for (l, e), ts in sorted(substitute_tensors.items()))
     base = OutFile(rel=BASE_FILE, arch=arch.name, metadata=base_metadata,
                    tensors=tuple(base_tensors))
     source_files = sorted({t.file for t in ckpt.tensors.values()}) + [src / "config.json"]

@@ -26,7 +26,7 @@ from gguf import GGUF_DEFAULT_ALIGNMENT, GGUFWriter
 
 from edgemoe.errors import ConvertError
 from edgemoe.quant import GGMLType
-from edgemoe.shardset import (BASE_FILE, EXPERT_TENSORS, EXPERTS_DIR, FORMAT_NAME,
+from edgemoe.shardset import (ALIGNMENT, BASE_FILE, EXPERT_TENSORS, EXPERTS_DIR, FORMAT_NAME,
                               FORMAT_VERSION, JOURNAL_FILE, MANIFEST_FILE, SUBSTITUTES_DIR,
                               check_file, expert_tensor_key, expert_tensor_name, seal_manifest)
 
@@ -214,12 +214,15 @@ def write_json_atomic(path: Path, obj) -> None:
         raise _disk_error(path, exc) from exc
 
 
-def edgemoe_expert_metadata(layer: int, expert: int) -> Callable[[GGUFWriter], None]:
+def expert_out_file(rel: str, layer: int, expert: int, tensors) -> OutFile:
+    """One expert shard (or its substitute): the `edgemoe.expert` header naming layer and expert,
+    its tensors in one page-aligned run."""
     def add(w: GGUFWriter) -> None:
         w.add_uint32("edgemoe.format_version", FORMAT_VERSION)
         w.add_uint32("edgemoe.layer", layer)
         w.add_uint32("edgemoe.expert", expert)
-    return add
+    return OutFile(rel=rel, arch="edgemoe.expert", metadata=add, tensors=tuple(tensors),
+                   alignment=ALIGNMENT, layer=layer, expert=expert)
 
 
 def add_edgemoe_base_keys(w: GGUFWriter, expert_type: str, dense_type: str,

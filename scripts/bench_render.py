@@ -516,6 +516,13 @@ def _plt():
         return None
 
 
+def _save(plt, fig, path) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _plot_routing(models, path) -> bool:
     plt = _plt()
     if plt is None or not models:
@@ -533,10 +540,7 @@ def _plot_routing(models, path) -> bool:
     ax.set_ylabel("per-layer LRU hit rate (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def _plot_quality(f, path) -> bool:
@@ -559,10 +563,7 @@ def _plot_quality(f, path) -> bool:
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def _plot_speed(f, path) -> bool:
@@ -590,10 +591,7 @@ def _plot_speed(f, path) -> bool:
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def _plot_large(figs, path) -> bool:
@@ -622,10 +620,7 @@ def _plot_large(figs, path) -> bool:
         ax.set_title(title, fontsize=9)
         ax.set_ylabel("decode tok/s")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def _plot_headline(results, path) -> bool:
@@ -662,10 +657,7 @@ def _plot_headline(results, path) -> bool:
                     fontsize=9)
     else:
         b.set_title("(large shapes not run yet)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def render(results: dict, out_dir: Path) -> str:

@@ -51,10 +51,10 @@ from converters.arch.base import DENSE, EXPERT, F32  # noqa: E402
 from converters.plan import Plan  # noqa: E402
 from converters.tokenizer import add_tokenizer  # noqa: E402
 from converters.writer import (OutFile, OutTensor, add_edgemoe_base_keys,  # noqa: E402
-                               edgemoe_expert_metadata, write_shard_set)
+                               expert_out_file, write_shard_set)
 from edgemoe import quant  # noqa: E402
 from edgemoe.quant import GGMLType  # noqa: E402
-from edgemoe.shardset import ALIGNMENT, BASE_FILE, expert_file  # noqa: E402
+from edgemoe.shardset import BASE_FILE, expert_file  # noqa: E402
 
 TOKENIZER_DIR = _REPO / "models" / "edgemoe-tiny-shakespy"   # a trained byte-level BPE
 
@@ -373,11 +373,8 @@ def plan_synthetic(spec: QuantSpec, tokenizer_dir: Path) -> Plan:
         add_edgemoe_base_keys(w, e_type.name, d_type.name, hp.expert_layers)
         w.add_string("edgemoe.synthetic", json.dumps(asdict(spec)))
 
-    experts = tuple(
-        OutFile(rel=expert_file(l, e), arch="edgemoe.expert",
-                metadata=edgemoe_expert_metadata(l, e), tensors=tuple(ts), alignment=ALIGNMENT,
-                layer=l, expert=e)
-        for (l, e), ts in sorted(expert_tensors.items()))
+    experts = tuple(expert_out_file(expert_file(l, e), l, e, ts)
+                    for (l, e), ts in sorted(expert_tensors.items()))
     base = OutFile(rel=BASE_FILE, arch=arch.name, metadata=base_metadata,
                    tensors=tuple(base_tensors))
     return Plan(source={"kind": "synthetic", "path": None, "hf_architecture": None,
