@@ -127,9 +127,9 @@ class Engine:
             else:
                 self.policy = policy(self.pool)
             exact = not self.policy.masked
-            if self.pool.substitutes and (exact or not self.policy.sub_tables):
+            if self.pool.substitutes and not self.policy.sub_tables:
                 raise EdgeMoeError(f"policy {self.policy.name!r} does not use the substitute "
-                                   "tier the pool was given (a masked policy with "
+                                   "tier the pool was given (a policy made with "
                                    "substitutes does)")
             self.kv = self._own(KVCache(hp, n_ctx, KV_TYPES[kv_type], self.backend,
                                         clear=not measure_only))
@@ -150,7 +150,9 @@ class Engine:
             self.n_outputs = n_out
             if exact:
                 keys = [("attention", il, n, n_kv) for il in range(hp.n_layer)]
-                keys += [("experts", il, n, True, hp.n_expert_used) for il in hp.expert_layers]
+                k_sub = hp.n_expert_used if self.pool.substitutes else 0
+                keys += [("experts", il, n, True, hp.n_expert_used, k_sub)
+                         for il in hp.expert_layers]
                 keys.append(("output", n, n_out))
             else:
                 keys = [("forward", n, n_kv, True, n_out, self.pool.substitutes)]
@@ -346,10 +348,16 @@ class Engine:
                            if "next_logits" in g.outputs else None)
             ids, weights = policy.gate(il, ids, weights, n == 1)
             ids, weights = np.asarray(ids, dtype=np.int32), np.asarray(weights, np.float32)
+            # Experts run from their low-bit substitutes this step (ondemand's per-miss
+            # decisions): {expert: substitute slot}; they join the first group's graph.
+            subs = policy.substituted(il) if self.pool.substitutes else {}
+            on_sub = np.isin(ids, list(subs)) if subs else np.zeros(ids.shape, bool)
             groups = policy.groups(il, ids)
+            if not groups and subs:
+                groups = [np.zeros(0, dtype=np.int32)]   # every expert runs from a substitute
             for i, group in enumerate(groups):
                 t0 = time.perf_counter()
-                slots = policy.ensure(il, group)
+                slots = policy.ensure(il, group) if group.size else {}
                 for obs in self.observers:
                     obs.ensured(il, t0, time.perf_counter())
                 if i == 0 and next_logits is not None:
@@ -360,25 +368,41 @@ class Engine:
                         obs.predicted(following, next_logits)
                     policy.prefetch(following, next_logits)
                 if len(groups) == 1:
-                    in_group = ids >= 0
+                    in_group = (ids >= 0) & ~on_sub
                 else:
                     in_group = np.isin(ids, group)
-                table = np.zeros(hp.n_expert, dtype=np.int32)
-                table[list(slots)] = list(slots.values())
-                slot_ids = table[np.maximum(ids, 0)]
-                # Choices outside this group (or dropped: id -1) weigh 0 on an arbitrary slot;
-                # one token's are left out of the graph instead (adaptive gating computes less).
-                w = np.where(in_group, weights, 0.0).astype(np.float32)
-                used = k
-                if n == 1 and 0 < in_group.sum() < k:
-                    slot_ids, w = slot_ids[in_group][None, :], w[in_group][None, :]
-                    used = slot_ids.shape[1]
-                self._run(self._graph(("experts", il, n, i == 0, used)),
-                          {"ids": slot_ids, "weights": w.reshape(n, used, 1)}, "experts", il)
+                inputs, used, used_sub = self._expert_inputs(
+                    ids, weights, in_group, slots, on_sub if i == 0 else None, subs, n)
+                self._run(self._graph(("experts", il, n, i == 0, used, used_sub)), inputs,
+                          "experts", il)
         if n_out:
             g = self._graph(("output", n, n_out))
             self._run(g, {}, "output")
             ggml.tensor_get(g.outputs["logits"], out)
+
+    def _expert_inputs(self, ids, weights, in_group, slots, on_sub, subs, n):
+        """An experts graph's inputs: (inputs, full experts per token, substitute experts per
+        token). Choices outside a tier's set weigh 0 on an arbitrary slot; one token's are left
+        out of the graph instead (fewer experts compute)."""
+        k = self.hparams.n_expert_used
+        table = np.zeros(self.hparams.n_expert, dtype=np.int32)
+        table[list(slots)] = list(slots.values())
+        safe = np.maximum(ids, 0)
+        parts = [("", table[safe], in_group)]
+        if on_sub is not None and on_sub.any():
+            sub_table = np.zeros(self.hparams.n_expert, dtype=np.int32)
+            sub_table[list(subs)] = list(subs.values())
+            parts.append(("sub_", sub_table[safe], on_sub))
+        inputs, used = {}, [0, 0]
+        for j, (prefix, slot_ids, mask) in enumerate(parts):
+            w = np.where(mask, weights, 0.0).astype(np.float32)
+            m = k
+            if n == 1 and mask.sum() < k:
+                slot_ids, w = slot_ids[mask][None, :], w[mask][None, :]
+                m = slot_ids.shape[1]
+            inputs[prefix + "ids"], inputs[prefix + "weights"] = slot_ids, w.reshape(n, m, 1)
+            used[j] = m
+        return inputs, used[0], used[1]
 
     def reset(self) -> None:
         """Forget the context (the cache cells are masked, so nothing needs clearing)."""

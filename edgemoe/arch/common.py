@@ -617,17 +617,29 @@ class Decoder:
         return self._finish(ctx, o, gf, n_tokens, n_kv, 0, inputs, outputs)
 
     def build_experts(self, il: int, n_tokens: int, shared: bool = True,
-                      k: int | None = None) -> Graph:
+                      k: int | None = None, k_sub: int = 0) -> Graph:
         """The experts of MoE layer il on the slots the host chose, added to the residual in
         state. A selection run in several groups adds the shared expert with the first only.
-        k: experts per token (default the model's; fewer when adaptive gating dropped some)."""
-        st, k = self.state, k or self.hp.n_expert_used
-        ctx, o, gf = self._begin(96)
-        inputs = {"ids": o.input(GGMLType.I32, (k, n_tokens), "inp_ids"),
-                  "weights": o.input(GGMLType.F32, (1, k, n_tokens), "inp_weights")}
+        k: experts per token from full slots (default the model's; fewer when adaptive gating
+        dropped some or substitutes run, 0: none); k_sub: experts per token from the
+        substitute tier (inputs sub_ids, sub_weights)."""
+        st = self.state
+        k = self.hp.n_expert_used if k is None else k
+        ctx, o, gf = self._begin(96 if not k_sub else 160)
+        inputs: dict[str, int] = {}
+        ffn = None
+        for prefix, m, substitute in (("", k, False), ("sub_", k_sub, True)):
+            if not m:
+                continue
+            ids = inputs[prefix + "ids"] = o.input(GGMLType.I32, (m, n_tokens), f"inp_{prefix}ids")
+            w = inputs[prefix + "weights"] = o.input(GGMLType.F32, (1, m, n_tokens),
+                                                     f"inp_{prefix}weights")
+            h = self._state_view(o, st.h, n_tokens)
+            part = self.experts(o, h, il, ids, w, n_tokens, shared and ffn is None, m, substitute)
+            ffn = part if ffn is None else o.add(ffn, part)
+        if ffn is None:
+            raise ValueError(f"layer {il}: an experts graph needs at least one expert")
         x = self._state_view(o, st.x, n_tokens)
-        h = self._state_view(o, st.h, n_tokens)
-        ffn = self.experts(o, h, il, inputs["ids"], inputs["weights"], n_tokens, shared, k)
         outputs = {"store_x": self._store(o, self.residual(o, ffn, x), st.x, n_tokens)}
         return self._finish(ctx, o, gf, n_tokens, 0, 0, inputs, outputs)
 

@@ -36,7 +36,7 @@ from edgemoe.errors import ShardSetError
 from edgemoe.residency.cache import SlotTable, prefetch_candidates
 from edgemoe.residency.importance import ImportanceTracker, plan_swaps
 from edgemoe.residency.loader import BACKGROUND, DEMAND, PREFETCH, Loader
-from edgemoe.residency.routing import adaptive_gate, topk
+from edgemoe.residency.routing import DROP, SUBSTITUTE, adaptive_gate, miss_decisions, topk
 from edgemoe.residency.telemetry import Telemetry
 
 
@@ -57,7 +57,8 @@ class Policy:
     observes = True   # masked: the engine passes the router's outputs to observe()
 
     def __init__(self, pool: ExpertPool, slots: Mapping[int, int], n_expert: int,
-                 n_expert_used: int, telemetry: Telemetry | None = None, loader=None):
+                 n_expert_used: int, telemetry: Telemetry | None = None, loader=None,
+                 substitutes: Mapping[int, int] | None = None):
         for layer, n in slots.items():
             if not n_expert_used <= n <= n_expert:
                 raise ValueError(f"layer {layer}: {n} slots; a policy needs between top-k "
@@ -73,6 +74,10 @@ class Policy:
         self._loader = loader or Loader(f"edgemoe-{self.name}")
         # The one table of who holds which slot, per layer (see cache.SlotTable).
         self.tables = {l: SlotTable(self.slots[l], n_expert) for l in self.layers}
+        # The substitute tier ({layer: n}; the pool's low-bit copies, docs/FORMAT.md): n
+        # substitutes per layer loaded by warm() and never moved.
+        self.sub_tables = ({l: SlotTable(int(substitutes[l]), n_expert) for l in self.layers}
+                           if substitutes else {})
 
     # -- reads: every one goes through the loader thread --------------------------------------
     def _read(self, layer: int, expert: int, slot: int, substitute: bool = False) -> None:
@@ -85,6 +90,35 @@ class Policy:
             nbytes = self.pool.expert_bytes(layer)
         self.telemetry.add(loads=1, bytes_read=nbytes, read_seconds=time.perf_counter() - t0)
         self.telemetry.resident_bytes = self.pool.bytes_held()
+
+    def _warm_reads(self, layer: int, full: Sequence[int], substitutes: Sequence[int]) -> list:
+        """Queue the reads of `full` into free full slots and of `substitutes` into the
+        substitute tier; returns what _finish_warm() waits on."""
+        jobs = []
+        for table, experts, sub in ((self.tables[layer], full, False),
+                                    (self.sub_tables.get(layer), substitutes, True)):
+            for e in experts[: table.n_slots if table is not None else 0]:
+                slot = table.free.pop()
+                jobs.append((table, layer, e, slot, self._loader.submit(
+                    partial(self._read, layer, e, slot, sub), DEMAND)))
+        return jobs
+
+    @staticmethod
+    def _finish_warm(jobs: list) -> None:
+        for table, layer, e, slot, fut in jobs:
+            try:
+                fut.result()
+            except OSError as exc:
+                raise ShardSetError(f"layer {layer} expert {e}: cannot be read ({exc})") from exc
+            table.commit(e, slot)
+
+    def substitute_of(self, layer: int) -> np.ndarray | None:
+        """(n_expert,) int32: the substitute slot of every expert whose low-bit copy is
+        resident, -1 for the others; None without a substitute tier. Substitutes never move
+        after warm(), so one read per step is enough."""
+        if not self.sub_tables:
+            return None
+        return self.sub_tables[layer].array()
 
     # -- engine interface (defaults; each policy overrides what it uses) -----------------------
     def warm(self) -> None:
@@ -145,51 +179,28 @@ class MaskedPolicy(Policy):
 
     def __init__(self, pool, slots, n_expert, n_expert_used, telemetry=None, loader=None,
                  substitutes: Mapping[int, int] | None = None):
-        super().__init__(pool, slots, n_expert, n_expert_used, telemetry, loader)
+        super().__init__(pool, slots, n_expert, n_expert_used, telemetry, loader, substitutes)
         # The table each layer's routing used this step (what slot_of() last returned): during a
         # step experts can only become routable, so telemetry judges a step by its own table.
         self._view: dict[int, np.ndarray] = {}
-        self.sub_tables = ({l: SlotTable(int(substitutes[l]), n_expert) for l in self.layers}
-                           if substitutes else {})
 
     def initial_experts(self, layer: int) -> Sequence[int]:
         raise NotImplementedError
 
     def warm(self) -> None:
-        futures = []
+        jobs = []
         for layer in self.layers:
             order = [int(e) for e in self.initial_experts(layer)]
-            for e in order[: self.slots[layer]]:
-                slot = self.tables[layer].free.pop()
-                futures.append((self.tables[layer], layer, e, slot, self._loader.submit(
-                    partial(self._read, layer, e, slot), DEMAND)))
-            if self.sub_tables:
-                full = set(order[: self.slots[layer]])
-                rest = [e for e in order if e not in full] + [e for e in order if e in full]
-                table = self.sub_tables[layer]
-                for e in rest[: table.n_slots]:
-                    slot = table.free.pop()
-                    futures.append((table, layer, e, slot, self._loader.submit(
-                        partial(self._read, layer, e, slot, True), DEMAND)))
-        for table, layer, e, slot, fut in futures:
-            try:
-                fut.result()
-            except OSError as exc:
-                raise ShardSetError(f"layer {layer} expert {e}: cannot be read ({exc})") from exc
-            table.commit(e, slot)
+            full = set(order[: self.slots[layer]])
+            # Substitutes for the experts after the initial full set first.
+            rest = [e for e in order if e not in full] + [e for e in order if e in full]
+            jobs += self._warm_reads(layer, order[: self.slots[layer]], rest)
+        self._finish_warm(jobs)
 
     def slot_of(self, layer: int) -> np.ndarray:
         with self._lock:
             view = self._view[layer] = self.tables[layer].array()
         return view   # the caller reads it, never writes it
-
-    def substitute_of(self, layer: int) -> np.ndarray | None:
-        """(n_expert,) int32: the substitute slot of every expert whose low-bit copy is
-        resident, -1 for the others; None without a substitute tier. Substitutes never move
-        after warm(), so one read per step is enough."""
-        if not self.sub_tables:
-            return None
-        return self.sub_tables[layer].array()
 
     def count_routing(self, layer: int, wanted: np.ndarray, selected: np.ndarray | None) -> None:
         """Telemetry for one layer-step: wanted (n_tokens, k) unmasked top-k ids; selected
@@ -338,38 +349,99 @@ class SwapPolicy(MaskedPolicy):
 class OnDemandPolicy(Policy):
     """AdapMoE-style exact routing: a per-layer LRU cache, misses loaded before the layer's experts
     run, the first `n_prefetch` predicted non-resident experts of the next layer loaded in the
-    background, and optional adaptive gating (decode only) with per-layer sensitivities."""
+    background, and optional adaptive gating (decode only) with per-layer sensitivities.
+
+    Per-miss decisions (`wait_threshold`, decode only; needs `sensitivity`): each chosen expert
+    that is not resident waits (loaded, then run: exact), runs its resident substitute while its
+    full weights load in the background for the tokens after (HOBBIT), or is dropped with its
+    weight given to the others (routing.miss_decisions). `quality` names the `--quality`
+    setting the threshold came from, for telemetry: exact (None: no decisions), balanced (wait
+    above the threshold), fast (inf: never wait while anything else can run). With
+    `substitutes` ({layer: n}) n low-bit copies per layer are loaded by warm(), the experts of
+    `substitute_order` first (default: by id)."""
     name = "ondemand"
     masked = False
 
     def __init__(self, pool, slots, n_expert, n_expert_used, n_prefetch: int = 1,
                  sensitivity: Mapping[int, float] | None = None, threshold: float | None = None,
-                 telemetry=None, loader=None):
-        super().__init__(pool, slots, n_expert, n_expert_used, telemetry, loader)
-        if threshold is not None and (sensitivity is None or set(sensitivity) < set(self.layers)):
-            raise ValueError("adaptive gating needs a sensitivity for every expert layer "
-                             "(run `edgemoe calibrate`)")
+                 telemetry=None, loader=None, substitutes: Mapping[int, int] | None = None,
+                 wait_threshold: float | None = None, quality: str | None = None,
+                 substitute_order: Mapping[int, Sequence[int]] | None = None):
+        super().__init__(pool, slots, n_expert, n_expert_used, telemetry, loader, substitutes)
+        needs_sens = threshold is not None or wait_threshold is not None
+        if needs_sens and (sensitivity is None or set(sensitivity) < set(self.layers)):
+            raise ValueError("adaptive gating and per-miss decisions need a sensitivity for "
+                             "every expert layer (run `edgemoe calibrate`)")
+        if wait_threshold is not None and wait_threshold < 0:
+            raise ValueError(f"wait threshold {wait_threshold}: must be >= 0")
         self.n_prefetch = n_prefetch
         self.sensitivity = dict(sensitivity or {})
         self.threshold = threshold
+        self.wait_threshold = wait_threshold
+        self.quality = quality   # the --quality setting these thresholds came from, if any
+        self._substitute_order = substitute_order
         self._pending = {l: {} for l in self.layers}       # expert -> Future of a prefetch read
         self._prefetched = {l: set() for l in self.layers}  # loaded by prefetch, not yet used
+        # Full loads started for experts that ran from their substitute: never cancelled.
+        self._filling = {l: set() for l in self.layers}
+        # This step's substitute runs per layer: {expert: substitute slot} (gate -> engine).
+        self._substituted: dict[int, dict[int, int]] = {l: {} for l in self.layers}
         # The experts ensure() handed out for the layer's current step: a prefetch that starts
         # reading while the layer runs must not take their slots. Cleared by the layer's next
         # prefetch (the engine issues it from an earlier layer, once this one has run).
         self._in_use = {l: frozenset() for l in self.layers}
 
+    def warm(self) -> None:
+        """The substitute tier (the full slots fill on demand)."""
+        if not self.sub_tables:
+            return
+        jobs = []
+        for layer in self.layers:
+            order = (list(self._substitute_order[layer]) if self._substitute_order
+                     else range(self.n_expert))
+            jobs += self._warm_reads(layer, [], [int(e) for e in order])
+        self._finish_warm(jobs)
+
     def gate(self, layer, ids, weights, decode):
         ids = np.asarray(ids)
         if self.threshold is not None and decode:
             ids, weights = adaptive_gate(ids, weights, self.sensitivity[layer], self.threshold)
+        subs: dict[int, int] = {}
+        if self.wait_threshold is not None and decode:
+            with self._lock:
+                resident = self.tables[layer].array() >= 0
+                sub_slot = (self.sub_tables[layer].array() if self.sub_tables
+                            else np.full(self.n_expert, -1, dtype=np.int32))
+            ids, weights, action = miss_decisions(ids, weights, resident, sub_slot >= 0,
+                                                  self.sensitivity[layer], self.wait_threshold)
+            on_sub = action == SUBSTITUTE
+            subs = {int(e): int(sub_slot[e]) for e in np.unique(ids[on_sub])}
+            # Substitute runs are not loaded now; their full weights are, in the background.
+            protect = frozenset(np.unique(ids[(ids >= 0) & ~on_sub]).tolist())
+            with self._lock:
+                for e in subs:
+                    # A prefetch of it already queued becomes its fill (ensure() keeps it).
+                    self._filling[layer].add(e)
+                    if e not in self._pending[layer]:
+                        self._pending[layer][e] = self._loader.submit(
+                            partial(self._load, layer, e, protect, False), PREFETCH)
+            self.telemetry.add(substituted=int(on_sub.sum()),
+                               dropped=int((action == DROP).sum()))
+        self._substituted[layer] = subs
         self.telemetry.add(layer_steps=ids.shape[0], experts_run=int((ids >= 0).sum()))
         return ids, weights
+
+    def substituted(self, layer: int) -> dict[int, int]:
+        """The experts the last gate() of `layer` runs from their substitutes: {expert:
+        substitute slot}. ensure() is never asked for them."""
+        return self._substituted[layer]
 
     def groups(self, layer: int, ids: np.ndarray) -> list[np.ndarray]:
         """Split a selection into groups of at most slots(layer) distinct experts, resident ones
         first so they run before anything could evict them."""
-        need = np.unique(np.asarray(ids)[np.asarray(ids) >= 0])
+        ids = np.asarray(ids)
+        need = np.unique(ids[ids >= 0])
+        need = need[~np.isin(need, list(self._substituted.get(layer, ())))]
         with self._lock:
             order = sorted(need.tolist(), key=lambda e: e not in self.tables[layer])
         n = self.slots[layer]
@@ -378,9 +450,14 @@ class OnDemandPolicy(Policy):
     def _load(self, layer: int, expert: int, protect: frozenset, demand: bool) -> None:
         cache = self.tables[layer]
         with self._lock:
+            if expert in cache:   # a read queued twice (a fill after a prefetch): nothing to do
+                self._pending[layer].pop(expert, None)
+                self._filling[layer].discard(expert)
+                return
             got = cache.reserve(expert, protect | self._in_use[layer])
             if got is None:   # only a prefetch can find every slot protected: skip it
                 self._pending[layer].pop(expert, None)
+                self._filling[layer].discard(expert)
                 return
             slot, victim = got
             self._prefetched[layer].discard(victim)
@@ -390,6 +467,7 @@ class OnDemandPolicy(Policy):
             with self._lock:
                 cache.release(slot)
                 self._pending[layer].pop(expert, None)
+                self._filling[layer].discard(expert)
             if not demand:
                 return   # a failed prefetch becomes a demand load, which reports the error
             if isinstance(exc, ShardSetError):
@@ -398,9 +476,12 @@ class OnDemandPolicy(Policy):
         with self._lock:
             cache.commit(expert, slot)
             if not demand:
-                self._prefetched[layer].add(expert)
                 self._pending[layer].pop(expert, None)
-                self.telemetry.add(prefetch_issued=1)
+                if expert in self._filling[layer]:   # a substitute's full weights
+                    self._filling[layer].discard(expert)
+                else:
+                    self._prefetched[layer].add(expert)
+                    self.telemetry.add(prefetch_issued=1)
 
     def prefetch(self, layer: int, logits: np.ndarray) -> None:
         if self.n_prefetch <= 0 or layer not in self.tables:
@@ -432,6 +513,8 @@ class OnDemandPolicy(Policy):
             pending = list(self._pending[layer].items())
         for e, fut in pending:
             if e not in need:
+                if e in self._filling[layer]:
+                    continue   # a substitute's full weights: the next tokens want them
                 # Not needed: a prefetch that has not started would only cost bandwidth; one
                 # already reading is not waited for. Its slot was taken from the cache before
                 # the lookup below or, if later, never from `need` (_in_use), so the layer runs

@@ -67,3 +67,46 @@ def adaptive_gate(ids: np.ndarray, weights: np.ndarray, sensitivity: float,
     kept = np.where(keep, weights, 0.0)
     weights = kept * (total / kept.sum(axis=1, keepdims=True))
     return np.where(keep, ids, -1).astype(np.int32), weights.astype(np.float32)
+
+
+WAIT, SUBSTITUTE, DROP = 0, 1, 2   # what a miss does (per_miss decisions)
+
+
+def miss_decisions(ids: np.ndarray, weights: np.ndarray, resident: np.ndarray,
+                   substitute: np.ndarray, sensitivity: float, wait_threshold: float
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What each expert of a top-k selection (ids (n_tokens, k), -1 already dropped; weights
+    (n_tokens, k)) does when it is not resident (resident, substitute: (n_expert,) bool, whose
+    full weights / whose low-bit copy are resident now). A miss's sensitivity is AdapMoE's
+    s_l * w^2 with w renormalised over the k chosen:
+      >= wait_threshold  wait: load it, then run it (exact);
+      else, with its substitute resident  substitute: run the low-bit copy now (HOBBIT);
+      else  drop: mask it, its weight goes to the experts that run (adaptive gating's
+            renormalisation), unless it is the token's last expert, which waits.
+    wait_threshold 0 waits for every miss (exact), inf never waits while anything else can run.
+    Returns (ids with drops as -1, weights renormalised to the same total, action (n_tokens, k)
+    int8: -1 for hits and dropped-before ids, else WAIT / SUBSTITUTE / DROP)."""
+    ids = np.asarray(ids, dtype=np.int32)
+    weights = np.asarray(weights, dtype=np.float32)
+    chosen = ids >= 0
+    safe = np.maximum(ids, 0)
+    miss = chosen & ~np.asarray(resident, bool)[safe]
+    total = weights.sum(axis=1, keepdims=True)                          # (n_tokens, 1)
+    score = sensitivity * (weights / total) ** 2
+    action = np.full(ids.shape, -1, dtype=np.int8)
+    action[miss] = DROP
+    action[miss & np.asarray(substitute, bool)[safe]] = SUBSTITUTE
+    action[miss & (score >= wait_threshold)] = WAIT
+    # A token keeps at least one expert: if every chosen one would drop, its best waits.
+    kept = chosen & (action != DROP)
+    lost = ~kept.any(axis=1) & chosen.any(axis=1)
+    if lost.any():
+        first = np.argmax(chosen, axis=1)          # ids are best first: the first chosen rank
+        rows = np.nonzero(lost)[0]
+        action[rows, first[rows]] = WAIT
+    drop = action == DROP
+    if not drop.any():
+        return ids, weights, action
+    kept_w = np.where(drop, 0.0, weights)
+    weights = kept_w * (total / kept_w.sum(axis=1, keepdims=True))
+    return np.where(drop, -1, ids).astype(np.int32), weights.astype(np.float32), action

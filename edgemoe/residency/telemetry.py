@@ -2,9 +2,11 @@
 
 Counts are over (token, layer) pairs. `experts_run` is how many experts computed something. Each
 expert the router wants (unmasked top-k, after adaptive gating) is exactly one of: a hit (it was
-resident), a miss (it was loaded on demand: ondemand), a substitute (its low-bit copy was resident
-and ran: masked policies with a substitute tier) or a redirect (masked gating sent the token to a
-resident expert instead: swap/static). Hit rate is hits over all four, for every policy. Thread-safe: the loader
+resident), a miss (it was loaded on demand, the step waiting for it: ondemand's "wait"), a
+substitute (its low-bit copy was resident and ran: masked policies with a substitute tier, and
+ondemand's "substitute" decision), a drop (not resident and masked, its weight given to the others:
+ondemand's "drop" decision) or a redirect (masked gating sent the token to a resident expert
+instead: swap/static). Hit rate is hits over all four, for every policy. Thread-safe: the loader
 thread adds reads and swaps while the engine thread adds selections.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Counters:
     misses: int = 0               # wanted, not resident, loaded before running (ondemand)
     redirects: int = 0            # wanted, not resident, routed elsewhere (swap/static)
     substituted: int = 0          # wanted, not resident, run from its resident low-bit copy
+    dropped: int = 0              # wanted, not resident, masked (ondemand's per-miss decision)
     absent_selected: int = 0      # masked gating chose a non-routable expert: a bug, must stay 0
     prefetch_issued: int = 0
     prefetch_used: int = 0        # prefetched experts that the next routing selected
@@ -79,13 +82,15 @@ def record(c: Counters, resident_bytes: int) -> dict:
 
 
 def _record(c: dict, resident_bytes: int) -> dict:
-    wanted = c["hits"] + c["misses"] + c["redirects"] + c["substituted"]
+    wanted = c["hits"] + c["misses"] + c["redirects"] + c["substituted"] + c["dropped"]
     c.update(
         experts_per_token=_ratio(c["experts_run"], c["layer_steps"]),
         hit_rate=_ratio(c["hits"], wanted),
         prefetch_accuracy=_ratio(c["prefetch_used"], c["prefetch_issued"]),
         redirect_rate=_ratio(c["redirects"], wanted),
         substitutes_per_token=_ratio(c["substituted"], c["tokens"]),
+        drops_per_token=_ratio(c["dropped"], c["tokens"]),
+        waits_per_token=_ratio(c["misses"], c["tokens"]),
         bytes_read_per_token=_ratio(c["bytes_read"], c["tokens"]),
         stall_seconds_per_token=_ratio(c["stall_seconds"], c["tokens"]),
         resident_bytes=resident_bytes,
@@ -106,8 +111,12 @@ def summary_line(c: Counters, resident_bytes: int) -> str:
         parts.append(f"NON-RESIDENT SELECTED {c.absent_selected}")
     if c.redirects:
         parts.append(f"redirected {r['redirect_rate'] * 100:.1f}%")
+    if c.misses:
+        parts.append(f"waits {r['waits_per_token']:.2f}/tok")
     if c.substituted:
         parts.append(f"substitutes {r['substitutes_per_token']:.2f}/tok")
+    if c.dropped:
+        parts.append(f"drops {r['drops_per_token']:.2f}/tok")
     parts.append(f"swaps {c.swaps}")
     per_tok = r["bytes_read_per_token"]
     parts.append(f"read {format_bytes(c.bytes_read)}"
