@@ -49,8 +49,9 @@ class Model:
     substitutes: with static or swap under a budget, keep the shard set's low-bit expert
     substitutes resident (when it has them: `edgemoe convert --substitute-type`).
     device_budget: "4GiB" bounds the device's own memory (not the CPU's); repack: expert
-    slots in host memory in ggml's repacked CPU layouts where it has one for their type. A
-    budget below the minimum raises BudgetError before loading.
+    slots in host memory in ggml's repacked CPU layouts where it has one for their type;
+    quality: ondemand's per-miss decisions, "exact", "balanced" or "fast" (`--quality`;
+    implies ondemand). A budget below the minimum raises BudgetError before loading.
     """
 
     def __init__(
@@ -68,6 +69,7 @@ class Model:
         substitutes: bool = True,
         device_budget: str | None = None,
         repack: bool = False,
+        quality: str | None = None,
     ) -> None:
         from edgemoe.runtime import ResidencyConfig, StepLog, open_engine, refuse_early
 
@@ -75,7 +77,8 @@ class Model:
         self.name = self.shards_path.resolve().name
         self.residency = ResidencyConfig(memory_budget=memory_budget, policy=policy,
                                          adaptive_gating=adaptive_gating, n_prefetch=n_prefetch,
-                                         substitutes=substitutes, device_budget=device_budget)
+                                         substitutes=substitutes, device_budget=device_budget,
+                                         quality=quality)
         # The vocabulary first: a budget's measure of the process (open_engine) includes it.
         shards = ShardSet.open(self.shards_path)
         # base.gguf's header bounded and checked before libllama parses it

@@ -157,6 +157,13 @@ def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = 
                                    "prefetch_accuracy": p.prefetch_accuracy,
                                    "n_prefetch": p.n_prefetch}
                         for p in preds}}
+    ondemand = doc["policies"].get("ondemand")
+    if ondemand is not None and cal.sensitivity is not None:
+        # --quality balanced's wait threshold, from the same calibration routing.
+        from edgemoe.residency.sensitivity import balanced_wait_threshold
+
+        ondemand["wait_thresholds"] = {"balanced": balanced_wait_threshold(
+            cal.sensitivity, trace.probs, shards.n_expert_used)}
     sustained = (f" ({profile.sustained_bytes_per_s / 1e6:.0f} MB/s sustained after a "
                  f"{profile.burst_bytes / 1e6:.1f} MB burst)"
                  if profile.sustained_bytes_per_s else "")

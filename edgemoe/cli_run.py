@@ -128,6 +128,7 @@ def open_model(args: argparse.Namespace):
                  policy=cfg.policy, adaptive_gating=cfg.adaptive_gating,
                  n_prefetch=cfg.n_prefetch, stats=args.stats_json is not None,
                  substitutes=cfg.substitutes, device_budget=cfg.device_budget,
+                 quality=cfg.quality,
                  repack=args.repack)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from edgemoe.residency.budget import (Budget, MemoryNeeds, SlotPlan, expert_allo
                                       format_bytes, make_plan, parse_budget, process_baseline_bytes,
                                       substitute_split, uniform_slots)
 from edgemoe.residency.policies import FullPolicy, OnDemandPolicy, StaticPolicy, make_policy
+from edgemoe.residency.sensitivity import QUALITIES, balanced_wait_threshold
 from edgemoe.residency.telemetry import Telemetry, record
 from edgemoe.shardset import ShardSet
 
@@ -54,14 +56,26 @@ class ResidencyConfig:
     # The chosen device's own memory (its base weights, KV cache, compute buffers and expert
     # slots), as a size; None: unbounded. The CPU's memory is memory_budget's.
     device_budget: str | None = None
+    # ondemand's per-miss decisions: exact (every miss waits), balanced (waits for the misses
+    # above the plan's or calibration's threshold), fast (never waits while a substitute or
+    # another expert can run). None: exact; anything set implies ondemand.
+    quality: str | None = None
 
     @property
     def policy_name(self) -> str:
         """A budget with no policy chooses swap; a policy with no budget runs at 100%."""
         budgeted = self.memory_budget is not None or self.device_budget is not None
-        name = self.policy or ("swap" if budgeted else "full")
+        default = "ondemand" if self.quality is not None else "swap" if budgeted else "full"
+        name = self.policy or default
         if name not in POLICIES:
             raise EdgeMoeError(f"policy {name!r}: expected one of {', '.join(POLICIES)}")
+        if self.quality is not None:
+            if self.quality not in QUALITIES:
+                raise EdgeMoeError(f"quality {self.quality!r}: expected one of "
+                                   f"{', '.join(QUALITIES)}")
+            if name != "ondemand":
+                raise EdgeMoeError(f"--quality chooses what the ondemand policy does on a "
+                                   f"miss; it does not apply to --policy {name}")
         if self.adaptive_gating is not None and name != "ondemand":
             raise EdgeMoeError("--adaptive-gating applies to the ondemand policy only")
         return name
@@ -69,6 +83,15 @@ class ResidencyConfig:
     @property
     def budget(self) -> Budget:
         return parse_budget(self.memory_budget if self.memory_budget is not None else "100%")
+
+    def uses_substitutes(self, shards: ShardSet) -> bool:
+        """Whether a budget keeps the shard set's substitutes resident: static and swap (unless
+        --no-substitutes), ondemand at quality balanced or fast."""
+        if not self.substitutes or shards.substitute_type is None:
+            return False
+        name = self.policy_name
+        return name in ("static", "swap") or (name == "ondemand"
+                                               and self.quality in ("balanced", "fast"))
 
 
 def needs_from_files(shards: ShardSet, n_ctx: int, kv_type: str, compute_bytes: int | None = None,
@@ -166,7 +189,7 @@ def choose_slots(shards: ShardSet, cfg: ResidencyConfig, needs: MemoryNeeds,
     budget, name = cfg.budget, cfg.policy_name
     allowance = expert_allowance(budget, needs)   # refuses below the minimum
     split = None
-    if name in ("static", "swap") and cfg.substitutes and shards.substitute_type is not None:
+    if cfg.uses_substitutes(shards):
         sub_bytes = substitute_bytes(shards)
         split = substitute_split(allowance, needs, sub_bytes)
     if split is not None:
@@ -212,6 +235,30 @@ def choose_slots(shards: ShardSet, cfg: ResidencyConfig, needs: MemoryNeeds,
     return plan
 
 
+def wait_threshold(shards: ShardSet, cfg: ResidencyConfig, key: PlanKey,
+                   cal: calib.Calibration | None) -> float | None:
+    """ondemand's wait threshold for cfg.quality: None (exact: no decisions), inf (fast), or
+    balanced's: the plan file's for this key, else from the calibration trace
+    (sensitivity.balanced_wait_threshold)."""
+    if cfg.quality in (None, "exact"):
+        return None
+    if cal is None or cal.sensitivity is None:
+        raise ShardSetError(f"{shards.root}: --quality {cfg.quality} weighs misses by per-layer "
+                            "sensitivities; run `edgemoe calibrate` first")
+    if cfg.quality == "fast":
+        return math.inf
+    planned = (read_plan_file(shards.root, key, "ondemand") or {}).get("wait_thresholds", {})
+    if "balanced" in planned:
+        return float(planned["balanced"])
+    from edgemoe.residency.traces import RoutingTrace
+
+    if not (shards.root / TRACE_FILE).exists():
+        raise ShardSetError(f"{shards.root / TRACE_FILE}: no routing trace to choose --quality "
+                            "balanced's threshold from; run `edgemoe calibrate` first")
+    trace = RoutingTrace.load(shards.root / TRACE_FILE)
+    return balanced_wait_threshold(cal.sensitivity, trace.probs, shards.n_expert_used)
+
+
 def substitute_bytes(shards: ShardSet) -> dict[int, int]:
     """Bytes of one substitute slot per expert layer."""
     return {l: shards.expert(l, 0).substitute.data_bytes for l in shards.expert_layers}
@@ -245,7 +292,8 @@ def empty_policy(name: str, k: int, substitutes: bool = False):
     def make(pool):
         slots = {l: k for l in pool.layers}
         if name == "ondemand":
-            return OnDemandPolicy(pool, slots, pool.n_expert, k, n_prefetch=0)
+            return OnDemandPolicy(pool, slots, pool.n_expert, k, n_prefetch=0,
+                                  substitutes={l: 1 for l in pool.layers} if substitutes else None)
         return StaticPolicy(pool, slots, pool.n_expert, k,
                             scores={l: np.zeros(pool.n_expert) for l in pool.layers},
                             substitutes={l: 1 for l in pool.layers} if substitutes else None)
@@ -346,8 +394,7 @@ def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048
         # touched, so it costs the process only graph metadata and the backend (less than
         # _PROBE_BYTES). The minimum a refusal states is then exact, not a lower bound.
         k = shards.n_expert_used
-        subs = (name in ("static", "swap") and cfg.substitutes
-                and shards.substitute_type is not None)   # two expert passes per layer
+        subs = cfg.uses_substitutes(shards)   # two expert passes per layer
         with Engine(shards_path, n_slots=k, policy=empty_policy(name, k, subs),
                     n_substitutes={l: 1 for l in shards.expert_layers} if subs else None,
                     measure_only=True, **kw) as probe:
@@ -379,6 +426,15 @@ def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048
                 raise ShardSetError(f"{shards.root}: --adaptive-gating needs per-layer "
                                     "sensitivities; run `edgemoe calibrate` first")
             options.update(sensitivity=cal.sensitivity, threshold=cfg.adaptive_gating)
+        if cfg.quality is not None:
+            options["quality"] = cfg.quality
+            options["wait_threshold"] = wait_threshold(shards, cfg, key, cal)
+            if cfg.quality != "exact":
+                options["sensitivity"] = cal.sensitivity
+        if plan.substitutes and cal is not None:
+            ranking = cal.usage if cal.usage is not None else cal.norms
+            options["substitute_order"] = {l: np.argsort(-np.asarray(ranking[l]), kind="stable")
+                                           for l in plan.slots}
 
     if plan.substitutes:
         options["substitutes"] = plan.substitutes
@@ -440,6 +496,13 @@ def add_residency_args(p) -> None:
                    help="ondemand: next-layer experts prefetched per layer, 0 = off (default: "
                    "what `edgemoe plan` chose for this budget, the fastest on this storage; "
                    "1 without a plan)")
+    p.add_argument("--quality", choices=QUALITIES, default=None,
+                   help="ondemand under a budget: what a missing expert costs. exact (every miss "
+                   "waits for its read), balanced (waits for the misses that matter, by s_l * "
+                   "w^2 against a threshold from `edgemoe plan` or `calibrate`; the others run "
+                   "their low-bit substitute while the expert loads, or are dropped), fast "
+                   "(never waits while a substitute or another chosen expert can run). Implies "
+                   "--policy ondemand")
     p.add_argument("--no-substitutes", dest="substitutes", action="store_false",
                    help="static/swap: do not keep the shard set's low-bit expert substitutes "
                    "resident (`edgemoe convert --substitute-type`); by default a budget is "
@@ -452,13 +515,16 @@ def residency_config(args) -> ResidencyConfig:
     return ResidencyConfig(memory_budget=args.memory_budget, policy=args.policy,
                            adaptive_gating=args.adaptive_gating, n_prefetch=args.n_prefetch,
                            substitutes=args.substitutes,
+                           quality=getattr(args, "quality", None),
                            device_budget=getattr(args, "device_budget", None))
 
 
 def residency_summary(engine) -> str:
     """The one line printed after every run."""
     policy = engine.policy
-    return f"{policy.telemetry.summary()} [{policy.name}]"
+    quality = getattr(policy, "quality", None)
+    return f"{policy.telemetry.summary()} [{policy.name}" + (
+        f", quality {quality}]" if quality else "]")
 
 
 def write_stats_json(engine, path: str | Path) -> None:
@@ -466,7 +532,9 @@ def write_stats_json(engine, path: str | Path) -> None:
     policy = engine.policy
     t = policy.telemetry
     doc = {"policy": policy.name,
+           "quality": getattr(policy, "quality", None),
            "slots": {str(l): n for l, n in sorted(policy.slots.items())},
+           "substitutes": {str(l): t.n_slots for l, t in sorted(policy.sub_tables.items())},
            "memory": engine.memory(),
            "run": record(t.counters, t.resident_bytes),
            "steps": getattr(t, "steps", None)}

@@ -1,7 +1,10 @@
 """The substitute tier: low-bit copies of the experts (`convert --substitute-type`) kept resident
 beside full-precision slots, so a masked policy runs an absent expert's substitute instead of
-redirecting the token to another expert."""
+redirecting the token to another expert, and ondemand's per-miss decisions (`--quality`) run it
+instead of waiting for the expert's read."""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from edgemoe.residency.policies import OnDemandPolicy, StaticPolicy  # noqa: E40
 from edgemoe.runtime import ResidencyConfig, open_engine  # noqa: E402
 
 TOKENS = [5, 9, 33, 2, 100, 7, 8, 61, 12, 90, 4, 77]
+DECODE = TOKENS + [3, 18, 41, 66]
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +92,97 @@ def test_a_substitute_tier_needs_a_policy_that_uses_it(shard_sets):
     with pytest.raises(EdgeMoeError, match="substitute tier"):
         Engine(shard_sets / "Q4_0", n_ctx=16, n_threads=1, n_substitutes={0: 1, 1: 1},
                policy=lambda pool: OnDemandPolicy(pool, {l: 4 for l in pool.layers}, 4, 2))
+
+
+# -- ondemand's per-miss decisions (routing.miss_decisions) on the substitute tier --------------
+
+def _decode(path, wait_threshold=None, substitutes=True, n_prefetch=1):
+    """Prompt of 4 tokens, then one token per step; (logits of every token, counters of the
+    decode steps, policy)."""
+    def policy(pool):
+        return OnDemandPolicy(pool, {l: 2 for l in pool.layers}, 4, 2, n_prefetch=n_prefetch,
+                              sensitivity={l: 1.0 for l in pool.layers},
+                              wait_threshold=wait_threshold,
+                              substitutes={l: 4 for l in pool.layers} if substitutes else None)
+    with Engine(path, n_ctx=32, n_threads=1, kv_type="f32", n_slots=2, policy=policy,
+                n_substitutes={0: 4, 1: 4} if substitutes else None) as engine:
+        rows = [engine.eval(DECODE[:4])]
+        engine.policy.wait_idle()
+        before = engine.policy.telemetry.counters
+        for t in DECODE[4:]:
+            rows.append(engine.eval([t]))
+            engine.policy.wait_idle()   # background fills land between tokens (deterministic)
+        return np.concatenate(rows), engine.policy.telemetry.counters - before, engine.policy
+
+
+def test_threshold_zero_is_exact_bit_for_bit(shard_sets):
+    # No prefetch: whether a prefetch lands before the layer asks is a race the counts show.
+    exact, ce, _ = _decode(shard_sets / "Q4_0", None, n_prefetch=0)
+    zero, cz, _ = _decode(shard_sets / "Q4_0", 0.0, n_prefetch=0)
+    assert np.array_equal(exact, zero)
+    assert cz.misses == ce.misses > 0 and cz.substituted == cz.dropped == 0
+
+
+def test_fast_never_waits_and_substitutes_run_in_place(shard_sets):
+    with Engine(shard_sets / "Q8_0", n_ctx=32, n_threads=1, kv_type="f32") as full:
+        want = full.eval(DECODE)
+    got, c, pol = _decode(shard_sets / "Q8_0", math.inf)
+    # Q8_0 substitutes are the experts: running them instead of waiting changes nothing.
+    assert float(np.abs(got - want).max() / np.abs(want).max()) < 1e-5
+    assert c.misses == 0 and c.stall_seconds == 0.0 and c.dropped == 0
+    assert c.substituted > 0
+    # Every wanted expert was a hit or a substitute; all of them ran.
+    assert c.hits + c.substituted == c.layer_steps * 2 == c.experts_run
+    # Each substitute run queued its full weights: they arrived for later tokens.
+    assert c.loads >= c.substituted // 2 and pol._filling == {l: set() for l in pol.layers}
+
+
+def test_drops_mask_only_missing_experts_and_are_counted(shard_sets):
+    exact, _, _ = _decode(shard_sets / "Q4_0", None, substitutes=False)
+    got, c, _ = _decode(shard_sets / "Q4_0", math.inf, substitutes=False, n_prefetch=0)
+    assert c.dropped > 0 and c.substituted == 0
+    # Each (token, layer) keeps at least one expert; what ran is what was not dropped.
+    assert c.experts_run == c.layer_steps * 2 - c.dropped
+    assert c.hits + c.misses + c.dropped == c.layer_steps * 2
+    # A wait happens only for a token whose every expert missed (its best then waits).
+    assert c.misses <= c.layer_steps
+    assert not np.array_equal(got, exact)
+    assert np.isfinite(got).all()
+
+
+def test_quality_knob_sets_the_decisions_and_the_tier(shard_sets, tmp_path):
+    import shutil
+
+    from edgemoe.cli_budget import calibrate
+    from edgemoe.runtime import TRACE_FILE, residency_summary
+
+    path = tmp_path / "Q4_0"
+    shutil.copytree(shard_sets / "Q4_0", path)
+    with pytest.raises(EdgeMoeError, match="calibrate"):
+        open_engine(path, ResidencyConfig(memory_budget="75%", quality="balanced"), n_ctx=32,
+                    n_threads=1)
+    cal, trace = calibrate(path, TOKENS * 2, samples=4, window=4, n_threads=1)
+    cal.save(path)
+    trace.save(path / TRACE_FILE)
+    with pytest.raises(EdgeMoeError, match="does not apply to --policy swap"):
+        ResidencyConfig(memory_budget="75%", policy="swap", quality="fast").policy_name
+    for quality, want in (("exact", None), ("balanced", "finite"), ("fast", math.inf)):
+        cfg = ResidencyConfig(memory_budget="75%", quality=quality)
+        engine, plan = open_engine(path, cfg, n_ctx=32, n_threads=1)
+        with engine:
+            pol = engine.policy
+            assert pol.name == "ondemand" and pol.quality == quality
+            if want is None:   # exact: no decisions, no substitute tier
+                assert pol.wait_threshold is None and not plan.substitutes
+            else:
+                assert plan.substitutes and pol.sub_tables
+                assert plan.slot_bytes <= int(0.75 * engine.memory_needs.expert_bytes_total)
+                if want == "finite":
+                    assert 0 < pol.wait_threshold < math.inf
+                else:
+                    assert pol.wait_threshold == want
+            for t in DECODE:
+                engine.eval([t])
+            c = pol.telemetry.counters
+            assert c.hits + c.misses + c.substituted + c.dropped == c.layer_steps * 2
+            assert residency_summary(engine).endswith(f"[ondemand, quality {quality}]")

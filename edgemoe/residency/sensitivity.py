@@ -63,3 +63,25 @@ def threshold_for_drop_rate(sensitivity: Mapping[int, float], w2: Mapping[int, n
         return 0.0
     # Strictly-less-than rule: T just above the rate-quantile's score.
     return float(np.nextafter(np.quantile(scores, rate, method="inverted_cdf"), np.inf))
+
+
+# `--quality`: what ondemand does with a miss (routing.miss_decisions' wait threshold).
+QUALITIES = ("exact", "balanced", "fast")
+
+
+def balanced_wait_threshold(sensitivity: Mapping[int, float], probs: Mapping[int, np.ndarray],
+                            k: int, share: float = 0.5) -> float:
+    """`--quality balanced`'s wait threshold from calibration routing (probs[l] (n_tokens,
+    n_expert) unmasked router probabilities): the `share` quantile of s_l * w_r^2 over the
+    ranks after the first (w renormalised over the top-k). A first-ranked expert, whose
+    renormalised weight is at least 1/k, scores above nearly all of them and waits; of the
+    others, the weaker `share` run their substitute or drop."""
+    if k < 2:
+        return 0.0
+    scores = []
+    for l, p in probs.items():
+        p = np.asarray(p, dtype=np.float64)
+        top = -np.sort(-p, axis=1)[:, :k]
+        w = top / top.sum(axis=1, keepdims=True)
+        scores.append(sensitivity[l] * w[:, 1:].ravel() ** 2)
+    return float(np.quantile(np.concatenate(scores), share))
