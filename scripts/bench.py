@@ -287,6 +287,9 @@ def section_quality(ctx) -> dict:
     runners = {p: {"policy": p} for p in policies()}
     if threshold is not None:
         runners["ondemand+gating"] = {"policy": "ondemand", "adaptive_gating": threshold}
+        # ondemand's per-miss decisions (`--quality`): wait / substitute / drop by s_l * w^2.
+        for quality in ("balanced", "fast"):
+            runners[f"ondemand+{quality}"] = {"policy": "ondemand", "quality": quality}
     rows = {}
     for name, cfg in runners.items():
         for f in FRACTIONS:

@@ -149,7 +149,9 @@ def child_run(args) -> dict:
     cfg = ResidencyConfig(memory_budget=spec.get("budget"), policy=spec["policy"],
                           n_prefetch=spec.get("n_prefetch", 1),
                           adaptive_gating=spec.get("adaptive_gating"),
-                          swap_interval=spec.get("swap_interval"))
+                          swap_interval=spec.get("swap_interval"),
+                          quality=spec.get("quality"),
+                          substitutes=spec.get("substitutes", True))
     t0 = time.perf_counter()
     engine, plan = open_engine(args.shards, cfg, n_ctx=args.n_ctx, n_batch=N_PROMPT,
                                n_threads=args.threads)
@@ -278,7 +280,8 @@ def main() -> int:
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=JSON",
                     help='another edgemoe runner, e.g. \'prefetch2={"policy": "ondemand", '
                     '"n_prefetch": 2}\' (runs under the budget; keys: policy, n_prefetch, '
-                    'adaptive_gating, swap_interval); repeatable, added to --policies')
+                    'adaptive_gating, swap_interval, quality, substitutes); repeatable, added '
+                    'to --policies')
     ap.add_argument("--pass-relative", action="store_true",
                     help="with a percentage budget: give edgemoe the percentage (of expert "
                     "bytes) and use the byte figure as the cgroup limit only; for models so "
@@ -398,6 +401,11 @@ def runner_specs(limit: int | str, threshold: float | None) -> dict[str, dict]:
                 specs["ondemand+gating"] = {"runner": "edgemoe", "policy": "ondemand",
                                             "budget": str(limit), "n_prefetch": 1,
                                             "adaptive_gating": threshold}
+                # Per-miss decisions: wait / substitute / drop by s_l * w^2 (`--quality`).
+                for quality in ("balanced", "fast"):
+                    specs[f"ondemand+{quality}"] = {"runner": "edgemoe", "policy": "ondemand",
+                                                    "budget": str(limit), "n_prefetch": 1,
+                                                    "quality": quality}
         elif name == "full":
             specs["full"] = {"runner": "edgemoe", "policy": "full"}
         else:
