@@ -119,7 +119,7 @@ def plan_gguf(path: Path) -> Plan:
     if gate_up:
         raise ConvertError(f"{parts[0]}: tensor {gate_up[0]} (gate and up fused together) is not "
                            "supported; convert from the HF checkpoint instead")
-    hp = arch.hparams_from_gguf(kv, shapes)
+    hp = arch.hparams_from_gguf(kv, shapes, str(parts[0]))
 
     expert_names = set()
     experts: list[OutFile] = []

@@ -17,7 +17,7 @@ import numpy as np
 from gguf import GGML_QUANT_VERSION, GGUFWriter
 
 from converters import registry
-from converters.arch.base import (DENSE, EXPERT, EXPERT_F32, F32, Hparams, MoeArchitecture,
+from converters.arch.base import (DENSE, EXPERT, EXPERT_F32, F32, HParams, MoeArchitecture,
                                   TensorSpec)
 from converters.safetensors import SafetensorsCheckpoint, read_config
 from converters.tokenizer import add_tokenizer
@@ -39,7 +39,7 @@ CHUNK_ELEMENTS = 8 << 20
 class Plan:
     source: dict                      # kind, path, hf_architecture
     arch: str                         # GGUF general.architecture
-    hp: Hparams
+    hp: HParams
     expert_type: str
     dense_type: str
     base: OutFile
@@ -186,7 +186,7 @@ def plan_hf(src: Path, expert_type: str, dense_type: str,
 
     def base_metadata(w: GGUFWriter) -> None:
         w.add_name(config.get("_name_or_path") or src.resolve().name)
-        arch.add_metadata(w, hp, config)
+        arch.add_metadata(w, hp)
         w.add_quantization_version(GGML_QUANT_VERSION)
         add_tokenizer(w, src)
         add_edgemoe_base_keys(w, e_type.name, d_type.name, hp.expert_layers)

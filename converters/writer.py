@@ -25,6 +25,7 @@ import numpy as np
 from gguf import GGUF_DEFAULT_ALIGNMENT, GGUFWriter
 
 from edgemoe.errors import ConvertError
+from edgemoe.hparams import EXPERT_LAYERS_KEY
 from edgemoe.quant import GGMLType
 from edgemoe.shardset import (ALIGNMENT, BASE_FILE, EXPERT_TENSORS, EXPERTS_DIR, FORMAT_NAME,
                               FORMAT_VERSION, JOURNAL_FILE, MANIFEST_FILE, SUBSTITUTES_DIR,
@@ -232,7 +233,7 @@ def add_edgemoe_base_keys(w: GGUFWriter, expert_type: str, dense_type: str,
     w.add_uint32("edgemoe.format_version", FORMAT_VERSION)
     w.add_string("edgemoe.expert_type", expert_type)
     w.add_string("edgemoe.dense_type", dense_type)
-    w.add_key_value("edgemoe.expert_layers", list(expert_layers), GGUFValueType.ARRAY,
+    w.add_key_value(EXPERT_LAYERS_KEY, list(expert_layers), GGUFValueType.ARRAY,
                     sub_type=GGUFValueType.UINT32)
 
 

@@ -367,7 +367,7 @@ def plan_synthetic(spec: QuantSpec, tokenizer_dir: Path) -> Plan:
 
     def base_metadata(w: GGUFWriter) -> None:
         w.add_name(f"synthetic {spec.arch} {spec.n_layer}x{spec.n_expert} top-{spec.n_expert_used}")
-        arch.add_metadata(w, hp, config)
+        arch.add_metadata(w, hp)
         w.add_quantization_version(GGML_QUANT_VERSION)
         add_tokenizer(w, tokenizer_dir)
         add_edgemoe_base_keys(w, e_type.name, d_type.name, hp.expert_layers)

@@ -8,7 +8,7 @@ from collections import namedtuple
 
 import numpy as np
 import pytest
-from gguf import GGUFWriter
+from gguf import GGUFWriter, Keys
 from safetensors.numpy import load_file, save_file
 
 import converters
@@ -202,9 +202,9 @@ def test_unsupported_or_dense_gguf(tmp_path):
                         exc=UnsupportedArchitecture)
     assert "qwen3moe" in str(err)
     w = GGUFWriter(tmp_path / "dense.gguf", "llama")
-    for key, value in (("llama.block_count", 1), ("llama.embedding_length", 4),
-                       ("llama.attention.head_count", 1), ("llama.expert_count", 0)):
-        w.add_uint32(key, value)
+    for key, value in ((Keys.LLM.BLOCK_COUNT, 1), (Keys.LLM.EMBEDDING_LENGTH, 4),
+                       (Keys.Attention.HEAD_COUNT, 1), (Keys.LLM.EXPERT_COUNT, 0)):
+        w.add_uint32(key.format(arch="llama"), value)
     w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -2,47 +2,27 @@
 
 An architecture is one subclass of `MoeArchitecture` in its own file under converters/arch/, with
 a module-level `ARCH` instance. It says which HF architecture names and which GGUF
-`general.architecture` it handles, reads hyper-parameters from config.json, lists every tensor the
-checkpoint must contain (name, shape, GGUF name, optional transform) and writes llama.cpp's
-metadata. The shared decoder layout (embeddings, attention, norms, router, routed experts, output)
-is here, so an architecture file only states what differs.
+`general.architecture` it handles and lists every tensor the checkpoint must contain (name,
+shape, GGUF name, optional transform). Hyper-parameters are not its business: the graph module of
+the same arch (edgemoe/arch/<model>.py) holds the table of GGUF keys and config.json fields that
+both the converter and the runtime read (edgemoe.hparams). The shared decoder layout (embeddings,
+attention, norms, router, routed experts, output) is here, so an architecture file only states
+what differs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from gguf import (ExpertGatingFuncType, GGUFWriter, Keys, MODEL_ARCH, MODEL_ARCH_NAMES,
-                  MODEL_TENSOR, RopeScalingType)
+from gguf import GGUFWriter, Keys, MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR
 
-from edgemoe.arch.common import tensor_name
-from edgemoe.errors import ConvertError
+import edgemoe.arch
+from edgemoe import hparams
+from edgemoe.arch.common import Decoder, HParams, tensor_name
+from edgemoe.errors import ConvertError, ShardSetError
+from edgemoe.hparams import rope_scaling
 from edgemoe.shardset import EXPERT_TENSORS, expert_tensor_name
-
-
-@dataclass(frozen=True)
-class Hparams:
-    """The shape of a MoE decoder, from config.json (HF) or GGUF metadata."""
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_ff: int                 # feed_forward_length as llama.cpp reads it for this arch
-    n_ff_exp: int             # rows of one routed expert's ffn_gate / ffn_up
-    n_ff_shexp: int           # shared expert width, 0 when there is none
-    n_expert: int
-    n_expert_used: int
-    n_vocab: int
-    n_ctx: int
-    rms_eps: float
-    rope_theta: float
-    tied_embeddings: bool
-    expert_layers: tuple[int, ...]
-    # The config.json these came from (empty for a GGUF source), for an architecture's optional
-    # tensors (biases, low-rank projections) and fields of its own.
-    config: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 # Where a tensor goes: the base GGUF as the dense type, the base GGUF kept in float32 (norms,
@@ -95,45 +75,14 @@ def interleave_rope_halves(n_head: int) -> Callable[[np.ndarray], np.ndarray]:
     return permute
 
 
-def rope_scaling(config: dict) -> dict:
-    """config.json's RoPE scaling (rope_parameters, or the older rope_scaling), with its kind
-    under rope_type ("default" when there is none)."""
-    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
-    return {**scaling, "rope_type": scaling.get("rope_type", scaling.get("type")) or "default"}
-
-
-def add_rope_scaling(w: GGUFWriter, config: dict) -> None:
-    """YaRN's keys as llama.cpp's converter writes them (its loader takes the betas as 32 and 1,
-    the published models' values, without reading them; edgemoe reads them)."""
-    scaling = rope_scaling(config)
-    if scaling["rope_type"] == "yarn":
-        w.add_rope_scaling_type(RopeScalingType.YARN)
-        w.add_rope_scaling_factor(float(scaling["factor"]))
-        w.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
-        if scaling.get("beta_fast") is not None:
-            w.add_rope_scaling_yarn_beta_fast(float(scaling["beta_fast"]))
-        if scaling.get("beta_slow") is not None:
-            w.add_rope_scaling_yarn_beta_slow(float(scaling["beta_slow"]))
-
-
-def cfg_get(config: dict, *keys: str, default=None, required: bool = True):
-    """The first of `keys` present in config.json (HF renamed several fields over time)."""
-    for key in keys:
-        if config.get(key) is not None:
-            return config[key]
-    if default is None and required:
-        raise ConvertError(f"config.json: none of {', '.join(keys)} is set")
-    return default
-
-
 class MoeArchitecture:
     """A decoder whose layers are attention + a routed mixture of SiLU-gated experts."""
 
     gguf_arch: MODEL_ARCH
     hf_architectures: tuple[str, ...] = ()
-    # llama.cpp's graph for the arch fixes whether top-k weights are renormalised; HF exposes it
-    # as norm_topk_prob (Mixtral always renormalises). We refuse checkpoints that disagree.
-    expert_weights_norm: bool = True
+    # llama.cpp's graph for the arch fixes whether top-k weights are renormalised (the graph
+    # module's expert_weights_norm); HF exposes it as norm_topk_prob (Mixtral always
+    # renormalises). We refuse checkpoints that disagree.
     hf_norm_topk_default: bool | None = None  # None: the HF model has no such switch
     # HF module names inside a layer
     moe_prefix = "mlp"
@@ -145,57 +94,45 @@ class MoeArchitecture:
     def name(self) -> str:
         return MODEL_ARCH_NAMES[self.gguf_arch]
 
+    @property
+    def model(self) -> type[Decoder]:
+        """The graph module of this arch, whose table (`params`) spells the GGUF keys."""
+        return edgemoe.arch.get(self.name)
+
     # ---- hyper-parameters -------------------------------------------------------------------
-    def n_ff_exp(self, config: dict) -> int:
-        return cfg_get(config, "moe_intermediate_size", "intermediate_size")
+    def metadata(self, config: dict) -> dict:
+        """llama.cpp's hyper-parameter keys for this arch and their values from config.json."""
+        return hparams.from_config(self.model.params(), self.name, config)
 
-    def n_ff(self, config: dict) -> int:
-        return cfg_get(config, "intermediate_size")
-
-    def n_ff_shexp(self, config: dict) -> int:
-        return 0
-
-    def hparams(self, config: dict) -> Hparams:
-        n_embd = cfg_get(config, "hidden_size")
-        n_head = cfg_get(config, "num_attention_heads")
-        rope = config.get("rope_parameters") or {}
-        kind = rope_scaling(config).get("rope_type")
+    def hparams(self, config: dict) -> HParams:
+        """The hyper-parameters config.json gives, read back from the metadata written for it
+        (so the converter sees what the runtime and llama.cpp will)."""
+        kind = rope_scaling(config)["rope_type"]
         if kind not in self.rope_scalings:
             raise ConvertError(f"config.json: rope scaling {kind!r} is not supported for "
                                f"{self.name} (supported: {', '.join(self.rope_scalings)})")
-        n_layer = cfg_get(config, "num_hidden_layers")
-        hp = Hparams(
-            n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-            n_head_kv=cfg_get(config, "num_key_value_heads", default=n_head),
-            head_dim=cfg_get(config, "head_dim", default=n_embd // n_head),
-            n_ff=self.n_ff(config), n_ff_exp=self.n_ff_exp(config),
-            n_ff_shexp=self.n_ff_shexp(config),
-            n_expert=cfg_get(config, "num_local_experts", "num_experts"),
-            n_expert_used=cfg_get(config, "num_experts_per_tok"),
-            n_vocab=cfg_get(config, "vocab_size"),
-            n_ctx=cfg_get(config, "max_position_embeddings"),
-            rms_eps=float(cfg_get(config, "rms_norm_eps")),
-            rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
-            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-            expert_layers=tuple(range(n_layer)),
-            config=config,
-        )
+        get = hparams.dict_getter(self.metadata(config), self.name, "config.json")
+        try:
+            hp = self.model.hparams_class.from_metadata(get, self.model, "config.json",
+                                                         config=config)
+        except ShardSetError as exc:
+            raise ConvertError(str(exc)) from None
         self.check(config, hp)
         return hp
 
-    def check(self, config: dict, hp: Hparams) -> None:
+    def check(self, config: dict, hp: HParams) -> None:
         """Refuse configurations llama.cpp's graph for this arch would compute differently."""
         if self.hf_norm_topk_default is not None:
             norm = bool(config.get("norm_topk_prob", self.hf_norm_topk_default))
-            if norm != self.expert_weights_norm:
+            if norm != hp.expert_weights_norm:
                 raise ConvertError(f"config.json: norm_topk_prob={norm}, but llama.cpp's "
-                                   f"{self.name} graph uses {self.expert_weights_norm}")
+                                   f"{self.name} graph uses {hp.expert_weights_norm}")
         if not 0 < hp.n_expert_used <= hp.n_expert:
             raise ConvertError(f"config.json: num_experts_per_tok={hp.n_expert_used} with "
                                f"{hp.n_expert} experts")
 
     # ---- tensors ----------------------------------------------------------------------------
-    def attention_specs(self, hp: Hparams, layer: int) -> list[TensorSpec]:
+    def attention_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
         p = f"model.layers.{layer}.self_attn"
         q, kv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
         return [
@@ -209,13 +146,13 @@ class MoeArchitecture:
                        (hp.n_embd, q), DENSE),
         ]
 
-    def permute_q(self, hp: Hparams) -> Callable[[np.ndarray], np.ndarray] | None:
+    def permute_q(self, hp: HParams) -> Callable[[np.ndarray], np.ndarray] | None:
         return None
 
-    def permute_k(self, hp: Hparams) -> Callable[[np.ndarray], np.ndarray] | None:
+    def permute_k(self, hp: HParams) -> Callable[[np.ndarray], np.ndarray] | None:
         return None
 
-    def moe_specs(self, hp: Hparams, layer: int) -> list[TensorSpec]:
+    def moe_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
         p = f"model.layers.{layer}.{self.moe_prefix}"
         specs = [TensorSpec(f"{p}.{self.router}.weight",
                             tensor_name(MODEL_TENSOR.FFN_GATE_INP, layer),
@@ -230,7 +167,7 @@ class MoeArchitecture:
                     layer=layer, expert=e, proj=proj))
         return specs
 
-    def layer_specs(self, hp: Hparams, layer: int) -> list[TensorSpec]:
+    def layer_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
         p = f"model.layers.{layer}"
         return [
             TensorSpec(f"{p}.input_layernorm.weight", tensor_name(MODEL_TENSOR.ATTN_NORM, layer),
@@ -241,12 +178,12 @@ class MoeArchitecture:
             *self.moe_specs(hp, layer),
         ]
 
-    def generated_tensors(self, hp: Hparams) -> list[tuple[str, np.ndarray]]:
+    def generated_tensors(self, hp: HParams) -> list[tuple[str, np.ndarray]]:
         """Base tensors made from config.json rather than read from the checkpoint (name,
         float32 values); none here."""
         return []
 
-    def tensor_specs(self, hp: Hparams) -> list[TensorSpec]:
+    def tensor_specs(self, hp: HParams) -> list[TensorSpec]:
         embd = "model.embed_tokens.weight"
         specs = [TensorSpec(embd, tensor_name(MODEL_TENSOR.TOKEN_EMBD), (hp.n_vocab, hp.n_embd),
                             DENSE)]
@@ -256,66 +193,34 @@ class MoeArchitecture:
                                 (hp.n_embd,), F32))
         # Tied checkpoints have no lm_head; write the embedding again as output so every arch
         # (some of which require output.weight) loads.
-        specs.append(TensorSpec(embd if hp.tied_embeddings else "lm_head.weight",
+        specs.append(TensorSpec(embd if hp.config.get("tie_word_embeddings") else "lm_head.weight",
                                 tensor_name(MODEL_TENSOR.OUTPUT), (hp.n_vocab, hp.n_embd), DENSE))
         return specs
 
     # ---- metadata ---------------------------------------------------------------------------
-    def add_metadata(self, w: GGUFWriter, hp: Hparams, config: dict) -> None:
-        """llama.cpp's hyper-parameter keys for this arch (gguf-py's writer spells the keys)."""
-        w.add_context_length(hp.n_ctx)
-        w.add_embedding_length(hp.n_embd)
-        w.add_block_count(hp.n_layer)
-        w.add_feed_forward_length(hp.n_ff)
-        w.add_head_count(hp.n_head)
-        w.add_head_count_kv(hp.n_head_kv)
-        w.add_rope_freq_base(hp.rope_theta)
-        w.add_layer_norm_rms_eps(hp.rms_eps)
-        w.add_expert_count(hp.n_expert)
-        w.add_expert_used_count(hp.n_expert_used)
-        w.add_expert_weights_norm(self.expert_weights_norm)
-        w.add_expert_gating_func(ExpertGatingFuncType.SOFTMAX)
-        w.add_vocab_size(hp.n_vocab)
-        if config.get("head_dim") is not None or hp.head_dim != hp.n_embd // hp.n_head:
-            w.add_key_length(hp.head_dim)
-            w.add_value_length(hp.head_dim)
-        w.add_rope_dimension_count(hp.head_dim)
-        add_rope_scaling(w, config)
+    def add_metadata(self, w: GGUFWriter, hp: HParams) -> None:
+        for key, value in self.metadata(hp.config).items():
+            w.add_key_value(key, value, hparams.value_type(value))
 
-    def hparams_from_gguf(self, kv: dict, tensors: dict[str, tuple[int, ...]]) -> Hparams:
-        """Hparams of a stock GGUF of this arch, from its metadata (gguf.Keys) and tensor shapes
-        (numpy order)."""
-        arch = self.name
-
-        def key(name: str, default=None):
-            full = name.format(arch=arch)
-            if full in kv:
-                return kv[full]
-            if default is None:
-                raise ConvertError(f"GGUF metadata key {full} missing")
-            return default
-
-        n_layer = int(key(Keys.LLM.BLOCK_COUNT))
-        n_embd = int(key(Keys.LLM.EMBEDDING_LENGTH))
-        n_head = int(key(Keys.Attention.HEAD_COUNT))
-        n_expert = int(key(Keys.LLM.EXPERT_COUNT))
-        layers = tuple(l for l in range(n_layer)
-                       if tensor_name(MODEL_TENSOR.FFN_GATE_EXP, l) in tensors)
+    def hparams_from_gguf(self, kv: dict, tensors: dict[str, tuple[int, ...]],
+                          where: str) -> HParams:
+        """HParams of a stock GGUF of this arch, from its metadata (through the same table) and
+        tensor shapes (numpy order): the layers with fused experts have routed experts."""
+        n_layer = int(kv.get(Keys.LLM.BLOCK_COUNT.format(arch=self.name), 0))
+        gate = [tensor_name(MODEL_TENSOR.FFN_GATE_EXP, l) for l in range(n_layer)]
+        layers = tuple(l for l in range(n_layer) if gate[l] in tensors)
         if not layers:
-            raise ConvertError(f"GGUF has no {tensor_name(MODEL_TENSOR.FFN_GATE_EXP, 0)} "
+            raise ConvertError(f"{where}: GGUF has no {tensor_name(MODEL_TENSOR.FFN_GATE_EXP, 0)} "
                                "(fused expert tensors); it is not a MoE model")
-        n_ff_exp = tensors[tensor_name(MODEL_TENSOR.FFN_GATE_EXP, layers[0])][1]
         vocab = tensors.get(tensor_name(MODEL_TENSOR.TOKEN_EMBD), (0, 0))[0]
-        return Hparams(
-            n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-            n_head_kv=int(key(Keys.Attention.HEAD_COUNT_KV, n_head)),
-            head_dim=int(key(Keys.Attention.KEY_LENGTH, n_embd // n_head)),
-            n_ff=int(key(Keys.LLM.FEED_FORWARD_LENGTH, n_ff_exp)), n_ff_exp=n_ff_exp,
-            n_ff_shexp=int(key(Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH, 0)),
-            n_expert=n_expert, n_expert_used=int(key(Keys.LLM.EXPERT_USED_COUNT)),
-            n_vocab=int(vocab), n_ctx=int(key(Keys.LLM.CONTEXT_LENGTH)),
-            rms_eps=float(key(Keys.Attention.LAYERNORM_RMS_EPS)),
-            rope_theta=float(key(Keys.Rope.FREQ_BASE, 10000.0)),
-            tied_embeddings=tensor_name(MODEL_TENSOR.OUTPUT) not in tensors,
-            expert_layers=layers,
-        )
+        get = hparams.dict_getter(kv, self.name, where)
+        try:
+            hp = self.model.hparams_class.from_metadata(get, self.model, where,
+                                                         n_vocab=int(vocab), expert_layers=layers)
+        except ShardSetError as exc:
+            raise ConvertError(str(exc)) from None
+        got = tensors[gate[layers[0]]][1]
+        if got != hp.n_ff_exp:
+            raise ConvertError(f"{where}: tensor {gate[layers[0]]} has {got} rows per expert, "
+                               f"the metadata says {hp.n_ff_exp}")
+        return hp

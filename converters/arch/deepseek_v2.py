@@ -9,34 +9,19 @@ per-head sizes in key_length_mla / value_length_mla.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
-from gguf import ExpertGatingFuncType, GGUFWriter, MODEL_ARCH, MODEL_TENSOR
+from gguf import MODEL_ARCH, MODEL_TENSOR
 
-from converters.arch.base import (DENSE, F32, Hparams, MoeArchitecture, TensorSpec,
-                                  add_rope_scaling, cfg_get, rope_scaling, tensor_name)
+from converters.arch.base import (DENSE, F32, HParams, MoeArchitecture, TensorSpec, rope_scaling,
+                                  tensor_name)
 from edgemoe.errors import ConvertError
 
 
 class DeepseekV2(MoeArchitecture):
     gguf_arch = MODEL_ARCH.DEEPSEEK2
     hf_architectures = ("DeepseekV2ForCausalLM",)
-    expert_weights_norm = False
 
-    def n_ff_exp(self, config: dict) -> int:
-        return cfg_get(config, "moe_intermediate_size")
-
-    def n_ff_shexp(self, config: dict) -> int:
-        return cfg_get(config, "moe_intermediate_size") * cfg_get(config, "n_shared_experts")
-
-    def hparams(self, config: dict) -> Hparams:
-        hp = super().hparams({**config, "num_experts": cfg_get(config, "n_routed_experts")})
-        first_moe = int(config.get("first_k_dense_replace") or 0)
-        return replace(hp, head_dim=config["qk_nope_head_dim"] + config["qk_rope_head_dim"],
-                       expert_layers=tuple(range(first_moe, hp.n_layer)))
-
-    def check(self, config: dict, hp: Hparams) -> None:
+    def check(self, config: dict, hp: HParams) -> None:
         super().check(config, hp)
         if config.get("topk_method", "greedy") != "greedy" and (config.get("n_group") or 1) > 1:
             raise ConvertError(f"config.json: topk_method={config['topk_method']!r} with "
@@ -51,21 +36,20 @@ class DeepseekV2(MoeArchitecture):
         if (config.get("moe_layer_freq") or 1) != 1:
             raise ConvertError("config.json: moe_layer_freq != 1 is not supported")
 
-    def attention_specs(self, hp: Hparams, layer: int) -> list[TensorSpec]:
-        c, p, E = hp.config, f"model.layers.{layer}.self_attn", hp.n_embd
-        H, L, R = hp.n_head, c["kv_lora_rank"], c["qk_rope_head_dim"]
-        nope, dv, q_rank = c["qk_nope_head_dim"], c["v_head_dim"], c.get("q_lora_rank")
-        M = MODEL_TENSOR
+    def attention_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
+        p, E, M = f"model.layers.{layer}.self_attn", hp.n_embd, MODEL_TENSOR
+        H, L, R, q_rank = hp.n_head, hp.n_lora_kv, hp.n_rot, hp.n_lora_q
+        nope, dv, D = hp.head_dim_mla - R, hp.head_dim_v_mla, hp.head_dim_mla
         if q_rank:
             q = [TensorSpec(f"{p}.q_a_proj.weight", tensor_name(M.ATTN_Q_A, layer), (q_rank, E),
                             DENSE),
                  TensorSpec(f"{p}.q_a_layernorm.weight", tensor_name(M.ATTN_Q_A_NORM, layer),
                             (q_rank,), F32),
                  TensorSpec(f"{p}.q_b_proj.weight", tensor_name(M.ATTN_Q_B, layer),
-                            (H * hp.head_dim, q_rank), DENSE)]
+                            (H * D, q_rank), DENSE)]
         else:
             q = [TensorSpec(f"{p}.q_proj.weight", tensor_name(M.ATTN_Q, layer),
-                            (H * hp.head_dim, E), DENSE)]
+                            (H * D, E), DENSE)]
         kv_b = (H * (nope + dv), L)
 
         def k_b(x: np.ndarray) -> np.ndarray:   # (H * (nope + dv), L) -> (H, L, nope)
@@ -86,51 +70,19 @@ class DeepseekV2(MoeArchitecture):
             TensorSpec(f"{p}.o_proj.weight", tensor_name(M.ATTN_OUT, layer), (E, H * dv), DENSE),
         ]
 
-    def moe_specs(self, hp: Hparams, layer: int) -> list[TensorSpec]:
+    def moe_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
         p, M = f"model.layers.{layer}.mlp", MODEL_TENSOR
         if layer not in hp.expert_layers:
             return [TensorSpec(f"{p}.{hf}.weight", tensor_name(t, layer), shape, DENSE)
                     for hf, t, shape in (("gate_proj", M.FFN_GATE, (hp.n_ff, hp.n_embd)),
                                          ("up_proj", M.FFN_UP, (hp.n_ff, hp.n_embd)),
                                          ("down_proj", M.FFN_DOWN, (hp.n_embd, hp.n_ff)))]
-        S = hp.n_ff_shexp
+        S = hp.n_ff_shared
         return super().moe_specs(hp, layer) + [
             TensorSpec(f"{p}.shared_experts.{hf}.weight", tensor_name(t, layer), shape, DENSE)
             for hf, t, shape in (("gate_proj", M.FFN_GATE_SHEXP, (S, hp.n_embd)),
                                  ("up_proj", M.FFN_UP_SHEXP, (S, hp.n_embd)),
                                  ("down_proj", M.FFN_DOWN_SHEXP, (hp.n_embd, S)))]
-
-    def add_metadata(self, w: GGUFWriter, hp: Hparams, config: dict) -> None:
-        L, R = config["kv_lora_rank"], config["qk_rope_head_dim"]
-        w.add_context_length(hp.n_ctx)
-        w.add_embedding_length(hp.n_embd)
-        w.add_block_count(hp.n_layer)
-        w.add_feed_forward_length(hp.n_ff)
-        w.add_head_count(hp.n_head)
-        w.add_head_count_kv(1)   # MLA: one latent key head
-        w.add_rope_freq_base(hp.rope_theta)
-        w.add_layer_norm_rms_eps(hp.rms_eps)
-        w.add_vocab_size(hp.n_vocab)
-        w.add_leading_dense_block_count(hp.expert_layers[0] if hp.expert_layers else hp.n_layer)
-        # llama.cpp reads q_lora_rank unless it recognises a Lite model by its layer count.
-        w.add_q_lora_rank(config.get("q_lora_rank") or 0)
-        w.add_kv_lora_rank(L)
-        w.add_key_length(L + R)
-        w.add_value_length(L)
-        w.add_key_length_mla(hp.head_dim)
-        w.add_value_length_mla(config["v_head_dim"])
-        w.add_expert_feed_forward_length(hp.n_ff_exp)
-        w.add_expert_count(hp.n_expert)
-        w.add_expert_used_count(hp.n_expert_used)
-        w.add_expert_shared_count(config["n_shared_experts"])
-        w.add_expert_weights_scale(float(config.get("routed_scaling_factor", 1.0)))
-        w.add_expert_gating_func(ExpertGatingFuncType.SOFTMAX)
-        w.add_rope_dimension_count(R)
-        add_rope_scaling(w, config)
-        scaling = rope_scaling(config)
-        if scaling["rope_type"] == "yarn" and scaling.get("mscale_all_dim"):
-            # llama.cpp's convention for this key (its loader divides by 0.1 again)
-            w.add_rope_scaling_yarn_log_mul(0.1 * float(scaling["mscale_all_dim"]))
 
 
 ARCH = DeepseekV2()

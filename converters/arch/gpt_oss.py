@@ -11,9 +11,9 @@ read from their llama.cpp GGUF instead (edgemoe convert model.gguf keeps MXFP4 a
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGUFWriter, MODEL_ARCH, MODEL_TENSOR
+from gguf import MODEL_ARCH, MODEL_TENSOR
 
-from converters.arch.base import (EXPERT, EXPERT_F32, F32, Hparams, MoeArchitecture, TensorSpec,
+from converters.arch.base import (EXPERT, EXPERT_F32, F32, HParams, MoeArchitecture, TensorSpec,
                                   tensor_name)
 from edgemoe.errors import ConvertError
 from edgemoe.shardset import expert_tensor_name
@@ -46,12 +46,8 @@ def _row(x: np.ndarray) -> np.ndarray:
 class GptOss(MoeArchitecture):
     gguf_arch = MODEL_ARCH.GPT_OSS
     hf_architectures = ("GptOssForCausalLM",)
-    expert_weights_norm = False
 
-    def n_ff_exp(self, config: dict) -> int:
-        return config["intermediate_size"]
-
-    def check(self, config: dict, hp: Hparams) -> None:
+    def check(self, config: dict, hp: HParams) -> None:
         super().check(config, hp)
         types = config.get("layer_types") or []
         want = ["sliding_attention" if l % 2 == 0 else "full_attention" for l in range(hp.n_layer)]
@@ -65,7 +61,7 @@ class GptOss(MoeArchitecture):
             raise ConvertError("config.json: an MXFP4-quantized checkpoint; convert llama.cpp's "
                                "GGUF of it instead (its MXFP4 experts are kept as they are)")
 
-    def attention_specs(self, hp: Hparams, layer: int) -> list[TensorSpec]:
+    def attention_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
         p, M = f"model.layers.{layer}.self_attn", MODEL_TENSOR
         q, kv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
         return super().attention_specs(hp, layer) + [
@@ -74,7 +70,7 @@ class GptOss(MoeArchitecture):
                                ("o", M.ATTN_OUT, hp.n_embd))] + [
             TensorSpec(f"{p}.sinks", tensor_name(M.ATTN_SINKS, layer), (hp.n_head,), F32)]
 
-    def moe_specs(self, hp: Hparams, layer: int) -> list[TensorSpec]:
+    def moe_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
         p, M = f"model.layers.{layer}.mlp", MODEL_TENSOR
         E, F, N = hp.n_embd, hp.n_ff_exp, hp.n_expert
         specs = [TensorSpec(f"{p}.router.weight", tensor_name(M.FFN_GATE_INP, layer), (N, E), F32),
@@ -95,16 +91,11 @@ class GptOss(MoeArchitecture):
                     layer=layer, expert=e, proj=key, source_rows=n))
         return specs
 
-    def layer_specs(self, hp: Hparams, layer: int) -> list[TensorSpec]:
+    def layer_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
         specs = super().layer_specs(hp, layer)
         post = f"model.layers.{layer}.post_attention_layernorm.weight"
         return [TensorSpec(s.hf_name, tensor_name(MODEL_TENSOR.ATTN_POST_NORM, layer), s.shape,
                            s.kind) if s.hf_name == post else s for s in specs]
-
-    def add_metadata(self, w: GGUFWriter, hp: Hparams, config: dict) -> None:
-        super().add_metadata(w, hp, config)
-        w.add_sliding_window(config["sliding_window"])
-        w.add_expert_feed_forward_length(hp.n_ff_exp)
 
 
 ARCH = GptOss()

@@ -7,9 +7,9 @@ q/k rows are reordered for llama.cpp's RoPE layout as for Llama.
 """
 from __future__ import annotations
 
-from gguf import GGUFWriter, MODEL_ARCH, MODEL_TENSOR
+from gguf import MODEL_ARCH, MODEL_TENSOR
 
-from converters.arch.base import (EXPERT, F32, Hparams, MoeArchitecture, TensorSpec,
+from converters.arch.base import (EXPERT, F32, HParams, MoeArchitecture, TensorSpec,
                                   interleave_rope_halves, tensor_name)
 from edgemoe.errors import ConvertError
 from edgemoe.shardset import expert_tensor_name
@@ -18,23 +18,19 @@ from edgemoe.shardset import expert_tensor_name
 class GraniteMoe(MoeArchitecture):
     gguf_arch = MODEL_ARCH.GRANITE_MOE
     hf_architectures = ("GraniteMoeForCausalLM",)
-    expert_weights_norm = True
 
-    def n_ff_exp(self, config: dict) -> int:
-        return config["intermediate_size"]
-
-    def check(self, config: dict, hp: Hparams) -> None:
+    def check(self, config: dict, hp: HParams) -> None:
         super().check(config, hp)
         if config.get("shared_intermediate_size"):
             raise ConvertError("config.json: a shared expert (GraniteMoeShared) is not supported")
 
-    def permute_q(self, hp: Hparams):
+    def permute_q(self, hp: HParams):
         return interleave_rope_halves(hp.n_head)
 
-    def permute_k(self, hp: Hparams):
+    def permute_k(self, hp: HParams):
         return interleave_rope_halves(hp.n_head_kv)
 
-    def moe_specs(self, hp: Hparams, layer: int) -> list[TensorSpec]:
+    def moe_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
         p = f"model.layers.{layer}.block_sparse_moe"
         fused_in = (hp.n_expert, 2 * hp.n_ff_exp, hp.n_embd)
         fused_out = (hp.n_expert, hp.n_embd, hp.n_ff_exp)
@@ -51,13 +47,6 @@ class GraniteMoe(MoeArchitecture):
                     out_shape=shape[1:] if proj == "ffn_down" else (hp.n_ff_exp, hp.n_embd),
                     row_offset=first, layer=layer, expert=e, proj=proj))
         return specs
-
-    def add_metadata(self, w: GGUFWriter, hp: Hparams, config: dict) -> None:
-        super().add_metadata(w, hp, config)
-        w.add_embedding_scale(float(config.get("embedding_multiplier", 1.0)))
-        w.add_residual_scale(float(config.get("residual_multiplier", 1.0)))
-        w.add_attention_scale(float(config.get("attention_multiplier", 1.0)))
-        w.add_logit_scale(float(config.get("logits_scaling", 1.0)))
 
 
 ARCH = GraniteMoe()

@@ -4,23 +4,19 @@ from __future__ import annotations
 
 from gguf import MODEL_ARCH
 
-from converters.arch.base import Hparams, MoeArchitecture, interleave_rope_halves
+from converters.arch.base import HParams, MoeArchitecture, interleave_rope_halves
 
 
 class Mixtral(MoeArchitecture):
     gguf_arch = MODEL_ARCH.LLAMA
     hf_architectures = ("MixtralForCausalLM",)
-    expert_weights_norm = True
     moe_prefix = "block_sparse_moe"
     expert_proj = {"ffn_gate": "w1", "ffn_up": "w3", "ffn_down": "w2"}
 
-    def n_ff_exp(self, config: dict) -> int:
-        return config["intermediate_size"]
-
-    def permute_q(self, hp: Hparams):
+    def permute_q(self, hp: HParams):
         return interleave_rope_halves(hp.n_head)
 
-    def permute_k(self, hp: Hparams):
+    def permute_k(self, hp: HParams):
         return interleave_rope_halves(hp.n_head_kv)
 
 

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 from gguf import MODEL_ARCH, MODEL_TENSOR
 
-from converters.arch.base import F32, Hparams, MoeArchitecture, TensorSpec, tensor_name
+from converters.arch.base import F32, HParams, MoeArchitecture, TensorSpec, tensor_name
 from edgemoe.errors import ConvertError
 
 
 class Olmoe(MoeArchitecture):
     gguf_arch = MODEL_ARCH.OLMOE
     hf_architectures = ("OlmoeForCausalLM",)
-    expert_weights_norm = False
     hf_norm_topk_default = False
 
-    def n_ff_exp(self, config: dict) -> int:
-        return config["intermediate_size"]
-
-    def check(self, config: dict, hp: Hparams) -> None:
+    def check(self, config: dict, hp: HParams) -> None:
         super().check(config, hp)
         # llama.cpp's olmoe graph sizes attn_k_norm as n_embd, i.e. without grouped-query heads.
         if hp.n_head_kv != hp.n_head:
@@ -27,7 +23,7 @@ class Olmoe(MoeArchitecture):
         if config.get("clip_qkv") is not None:
             raise ConvertError("config.json: clip_qkv is not supported by llama.cpp's olmoe graph")
 
-    def attention_specs(self, hp: Hparams, layer: int) -> list[TensorSpec]:
+    def attention_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
         p = f"model.layers.{layer}.self_attn"
         return super().attention_specs(hp, layer) + [
             TensorSpec(f"{p}.q_norm.weight", tensor_name(MODEL_TENSOR.ATTN_Q_NORM, layer),

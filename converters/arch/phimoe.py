@@ -4,11 +4,10 @@ and sparsemixer routing of two experts, whose jitter epsilon goes into an edgemo
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGUFWriter, MODEL_ARCH, MODEL_TENSOR, RopeScalingType
+from gguf import MODEL_ARCH, MODEL_TENSOR
 
-from converters.arch.base import (F32, Hparams, MoeArchitecture, TensorSpec, rope_scaling,
+from converters.arch.base import (F32, HParams, MoeArchitecture, TensorSpec, rope_scaling,
                                   tensor_name)
-from edgemoe.arch.phimoe import ROUTER_JITTER_KEY
 from edgemoe.errors import ConvertError
 
 _NORMS = (("input_layernorm", MODEL_TENSOR.ATTN_NORM),
@@ -19,14 +18,10 @@ class Phimoe(MoeArchitecture):
     gguf_arch = MODEL_ARCH.PHIMOE
     rope_scalings = ("default", "longrope")
     hf_architectures = ("PhimoeForCausalLM", "PhiMoEForCausalLM")  # transformers', the hub's
-    expert_weights_norm = False
     moe_prefix = "block_sparse_moe"
     expert_proj = {"ffn_gate": "w1", "ffn_up": "w3", "ffn_down": "w2"}
 
-    def n_ff_exp(self, config: dict) -> int:
-        return config["intermediate_size"]
-
-    def check(self, config: dict, hp: Hparams) -> None:
+    def check(self, config: dict, hp: HParams) -> None:
         super().check(config, hp)
         if hp.n_expert_used != 2:
             raise ConvertError(f"config.json: num_experts_per_tok={hp.n_expert_used}; PhiMoE's "
@@ -36,7 +31,7 @@ class Phimoe(MoeArchitecture):
             raise ConvertError("config.json: LongRoPE with short_mscale != long_mscale; one "
                                "rope.scaling.attn_factor cannot hold both")
 
-    def attention_specs(self, hp: Hparams, layer: int) -> list[TensorSpec]:
+    def attention_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
         specs = super().attention_specs(hp, layer)
         if hp.config.get("attention_bias"):
             p = f"model.layers.{layer}.self_attn"
@@ -48,12 +43,12 @@ class Phimoe(MoeArchitecture):
                                          ("o", MODEL_TENSOR.ATTN_OUT, hp.n_embd))]
         return specs
 
-    def layer_specs(self, hp: Hparams, layer: int) -> list[TensorSpec]:
+    def layer_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
         return super().layer_specs(hp, layer) + [
             TensorSpec(f"model.layers.{layer}.{hf}.bias", tensor_name(t, layer, "bias"),
                        (hp.n_embd,), F32) for hf, t in _NORMS]
 
-    def tensor_specs(self, hp: Hparams) -> list[TensorSpec]:
+    def tensor_specs(self, hp: HParams) -> list[TensorSpec]:
         specs = super().tensor_specs(hp) + [
             TensorSpec("model.norm.bias", tensor_name(MODEL_TENSOR.OUTPUT_NORM, None, "bias"),
                        (hp.n_embd,), F32)]
@@ -62,24 +57,13 @@ class Phimoe(MoeArchitecture):
                                     (hp.n_vocab,), F32))
         return specs
 
-    def generated_tensors(self, hp: Hparams) -> list[tuple[str, np.ndarray]]:
+    def generated_tensors(self, hp: HParams) -> list[tuple[str, np.ndarray]]:
         """LongRoPE's per-pair frequency factors, short and long."""
         rope = rope_scaling(hp.config)
         if rope["rope_type"] != "longrope":
             return []
         return [(tensor_name(MODEL_TENSOR.ROPE_FACTORS_LONG), np.array(rope["long_factor"])),
                 (tensor_name(MODEL_TENSOR.ROPE_FACTORS_SHORT), np.array(rope["short_factor"]))]
-
-    def add_metadata(self, w: GGUFWriter, hp: Hparams, config: dict) -> None:
-        super().add_metadata(w, hp, config)
-        w.add_float32(ROUTER_JITTER_KEY, float(config.get("router_jitter_noise", 0.01)))
-        rope = rope_scaling(config)
-        if rope["rope_type"] == "longrope":
-            # transformers scales cos and sin by short_mscale (= long_mscale); llama.cpp's
-            # converter would write sqrt(1 + ln(scale) / ln(original context)) instead.
-            w.add_rope_scaling_type(RopeScalingType.LONGROPE)
-            w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
-            w.add_rope_scaling_attn_factors(float(rope.get("short_mscale") or 1.0))
 
 
 ARCH = Phimoe()

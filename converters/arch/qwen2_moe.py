@@ -1,9 +1,9 @@
 """Qwen2-MoE: q/k/v biases and a shared expert scaled by a sigmoid gate (ffn_gate_inp_shexp)."""
 from __future__ import annotations
 
-from gguf import GGUFWriter, MODEL_ARCH, MODEL_TENSOR
+from gguf import MODEL_ARCH, MODEL_TENSOR
 
-from converters.arch.base import (DENSE, F32, Hparams, MoeArchitecture, TensorSpec, cfg_get,
+from converters.arch.base import (DENSE, F32, HParams, MoeArchitecture, TensorSpec,
                                   tensor_name)
 from edgemoe.errors import ConvertError
 
@@ -11,23 +11,16 @@ from edgemoe.errors import ConvertError
 class Qwen2Moe(MoeArchitecture):
     gguf_arch = MODEL_ARCH.QWEN2MOE
     hf_architectures = ("Qwen2MoeForCausalLM",)
-    expert_weights_norm = False
     hf_norm_topk_default = False
 
-    def n_ff_exp(self, config: dict) -> int:
-        return cfg_get(config, "moe_intermediate_size")
-
-    def n_ff_shexp(self, config: dict) -> int:
-        return cfg_get(config, "shared_expert_intermediate_size")
-
-    def check(self, config: dict, hp: Hparams) -> None:
+    def check(self, config: dict, hp: HParams) -> None:
         super().check(config, hp)
         # llama.cpp's qwen2moe graph has no dense layers.
         if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
             raise ConvertError("config.json: dense layers (mlp_only_layers / decoder_sparse_step) "
                                "are not supported by llama.cpp's qwen2moe graph")
 
-    def attention_specs(self, hp: Hparams, layer: int) -> list[TensorSpec]:
+    def attention_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
         p = f"model.layers.{layer}.self_attn"
         q, kv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
         return super().attention_specs(hp, layer) + [
@@ -35,7 +28,7 @@ class Qwen2Moe(MoeArchitecture):
             for proj, t, n in (("q", MODEL_TENSOR.ATTN_Q, q), ("k", MODEL_TENSOR.ATTN_K, kv),
                                ("v", MODEL_TENSOR.ATTN_V, kv))]
 
-    def moe_specs(self, hp: Hparams, layer: int) -> list[TensorSpec]:
+    def moe_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
         p = f"model.layers.{layer}.mlp"
         return super().moe_specs(hp, layer) + [
             # HF keeps the gate as a (1, n_embd) linear layer; llama.cpp wants a vector.
@@ -52,11 +45,6 @@ class Qwen2Moe(MoeArchitecture):
                        tensor_name(MODEL_TENSOR.FFN_DOWN_SHEXP, layer),
                        (hp.n_embd, hp.n_ff_shexp), DENSE),
         ]
-
-    def add_metadata(self, w: GGUFWriter, hp: Hparams, config: dict) -> None:
-        super().add_metadata(w, hp, config)
-        w.add_expert_feed_forward_length(hp.n_ff_exp)
-        w.add_expert_shared_feed_forward_length(hp.n_ff_shexp)
 
 
 ARCH = Qwen2Moe()

@@ -20,16 +20,17 @@ from __future__ import annotations
 import ctypes
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf.constants import MODEL_TENSOR, TENSOR_NAMES, Keys
+from gguf.constants import MODEL_TENSOR, TENSOR_NAMES, ExpertGatingFuncType, Keys
 
-from edgemoe import ggml
+from edgemoe import ggml, hparams
 from edgemoe.ggml import GGMLType
 from edgemoe.errors import ShardSetError
 from edgemoe.gguf_header import ARRAY, FLOAT_TYPES, INT_TYPES, STRING, GGUFHeader
+from edgemoe.hparams import EXPERT_LAYERS_KEY, Param, rope_scaled, rope_theta, table
 from edgemoe.shardset import CHECKSUMS, MAX_DIM, MAX_EXPERTS, MAX_LAYERS
 
 _NOT_WEIGHTS = frozenset(int(GGMLType[n]) for n in ("I8", "I16", "I32", "I64", "F64"))
@@ -77,6 +78,10 @@ class HParams:
     rope_beta_fast: float = 32.0
     rope_beta_slow: float = 1.0
     n_ctx_orig: int = 0
+    n_ff: int = 0             # feed_forward_length: a dense layer's width
+    # The config.json these were translated from (empty when read from a GGUF): the converter's
+    # optional tensors (biases) depend on fields no GGUF key holds.
+    config: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def n_embd_q(self) -> int:
@@ -93,14 +98,13 @@ class HParams:
         return (self.head_dim_v or self.head_dim) * self.n_head_kv
 
     @classmethod
-    def read_extra(cls, get, common: dict) -> dict:
-        """A model's own fields, from `get(gguf.Keys.X, default)`, and any common field it reads
-        differently, given the common ones in `common` (none here)."""
+    def derive(cls, values: dict) -> dict:
+        """A model's fields computed from those its table read (none here)."""
         return {}
 
     @classmethod
     def from_gguf(cls, reader: GGUFHeader, model: type["Decoder"], path: Path) -> "HParams":
-        """Read through gguf.Keys; a model's subclass adds its own keys in `read_extra`."""
+        """Read base.gguf's metadata through the model's table (`Decoder.params`)."""
         arch = model.name
 
         def get(key: str, default=None, kind: type | None = None):
@@ -125,34 +129,17 @@ class HParams:
             except (ValueError, TypeError, UnicodeDecodeError, IndexError) as exc:
                 raise ShardSetError(f"{path}: metadata key '{name}' unreadable ({exc})") from None
 
-        n_embd = get(Keys.LLM.EMBEDDING_LENGTH, kind=int)
-        n_head = get(Keys.Attention.HEAD_COUNT, kind=int)
-        if n_head < 1 or n_embd < 1:
-            raise ShardSetError(f"{path}: embedding_length {n_embd} and head_count {n_head} "
-                                "must be positive")
-        head_dim = int(get(Keys.Attention.KEY_LENGTH, n_embd // n_head))
-        scaling = get(Keys.Rope.SCALING_TYPE, "none")
-        if scaling not in ("none", "linear", "yarn", "longrope"):
-            raise ShardSetError(f"{path}: rope scaling '{scaling}' is not supported "
-                                "(supported: none, linear, yarn, longrope)")
-        factor = float(get(Keys.Rope.SCALING_FACTOR, 1.0)) if scaling != "none" else 1.0
-        if not (math.isfinite(factor) and factor > 0):
-            raise ShardSetError(f"{path}: rope scaling factor {factor} must be finite and positive")
-        # YaRN as llama.cpp sets it up: ggml scales the rotation by 1 + 0.1 ln(factor) itself.
-        yarn = scaling == "yarn" and factor > 1.0
-        n_ctx_train = int(get(Keys.LLM.CONTEXT_LENGTH, 4096))
-        n_layer = get(Keys.LLM.BLOCK_COUNT, kind=int)
-        layers = reader.fields.get("edgemoe.expert_layers")
+        layers = reader.fields.get(EXPERT_LAYERS_KEY)
         if layers is None:
-            expert_layers = tuple(range(min(n_layer, MAX_LAYERS + 1)))
+            expert_layers = None
         elif int(layers.type) != ARRAY or layers.count > MAX_LAYERS:
-            raise ShardSetError(f"{path}: edgemoe.expert_layers should be an array of at most "
+            raise ShardSetError(f"{path}: {EXPERT_LAYERS_KEY} should be an array of at most "
                                 f"{MAX_LAYERS} layers")
         else:
             try:
                 expert_layers = tuple(int(x) for x in layers.contents())
             except (ValueError, TypeError, UnicodeDecodeError, IndexError) as exc:
-                raise ShardSetError(f"{path}: edgemoe.expert_layers unreadable ({exc})") from None
+                raise ShardSetError(f"{path}: {EXPERT_LAYERS_KEY} unreadable ({exc})") from None
         embd = next((t for t in reader.tensors
                      if t.name == TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight"), None)
         if embd is None:
@@ -160,41 +147,45 @@ class HParams:
         if len(embd.shape) != 2:
             raise ShardSetError(f"{path}: tensor token_embd.weight has shape "
                                 f"{[int(x) for x in embd.shape]}, expected [n_embd, n_vocab]")
-        common = dict(
-            arch=arch,
-            n_vocab=int(embd.shape[1]),
-            n_embd=n_embd,
-            n_layer=n_layer,
-            n_head=n_head,
-            n_head_kv=int(get(Keys.Attention.HEAD_COUNT_KV, n_head)),
-            head_dim=head_dim,
-            n_rot=int(get(Keys.Rope.DIMENSION_COUNT, head_dim)),
-            n_ctx_train=n_ctx_train,
-            rms_eps=get(Keys.Attention.LAYERNORM_RMS_EPS, kind=float),
-            rope_freq_base=float(get(Keys.Rope.FREQ_BASE, 10000.0)),
-            rope_freq_scale=1.0 / factor,
-            n_expert=get(Keys.LLM.EXPERT_COUNT, kind=int),
-            n_expert_used=get(Keys.LLM.EXPERT_USED_COUNT, kind=int),
-            n_ff_exp=int(get(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, 0)),
-            n_ff_shexp=int(get(Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH, 0)),
+        return cls.from_metadata(get, model, path, n_vocab=int(embd.shape[1]),
+                                 expert_layers=expert_layers)
+
+    @classmethod
+    def from_metadata(cls, get, model: type["Decoder"], where, n_vocab: int | None = None,
+                      expert_layers: tuple[int, ...] | None = None,
+                      config: dict | None = None) -> "HParams":
+        """HParams from `get(gguf.Keys template, default, kind)` through the model's table;
+        n_vocab and expert_layers, when given, come from the tensors instead."""
+        values = hparams.read(model.params(), get)
+        if values["n_head"] < 1 or values["n_embd"] < 1:
+            raise ShardSetError(f"{where}: embedding_length {values['n_embd']} and head_count "
+                                f"{values['n_head']} must be positive")
+        scaling, factor = values.pop("rope_scaling"), values.pop("rope_factor")
+        if scaling not in ("none", "linear", "yarn", "longrope"):
+            raise ShardSetError(f"{where}: rope scaling '{scaling}' is not supported "
+                                "(supported: none, linear, yarn, longrope)")
+        factor = factor if scaling != "none" else 1.0
+        if not (math.isfinite(factor) and factor > 0):
+            raise ShardSetError(f"{where}: rope scaling factor {factor} must be finite and "
+                                "positive")
+        n_layer = values["n_layer"]
+        if expert_layers is None:
+            lead = values.get("n_layer_dense_lead", 0)
+            expert_layers = tuple(range(min(lead, n_layer), min(n_layer, MAX_LAYERS + 1)))
+        values.update(
+            arch=model.name, n_vocab=n_vocab or values["n_vocab"], expert_layers=expert_layers,
             # llama.cpp fixes renormalisation per architecture (it ignores the metadata key).
             expert_weights_norm=model.expert_weights_norm,
-            expert_weights_scale=float(get(Keys.LLM.EXPERT_WEIGHTS_SCALE, 1.0)),
-            expert_layers=expert_layers,
-            embedding_scale=float(get(Keys.LLM.EMBEDDING_SCALE, 1.0)) or 1.0,
-            attention_scale=float(get(Keys.Attention.SCALE, 0.0)),
-            residual_scale=float(get(Keys.LLM.RESIDUAL_SCALE, 1.0)) or 1.0,
-            logit_scale=float(get(Keys.LLM.LOGIT_SCALE, 1.0)) or 1.0,
-            head_dim_v=int(get(Keys.Attention.VALUE_LENGTH, head_dim)),
-            rope_ext_factor=1.0 if yarn else 0.0,
-            rope_attn_factor=float(get(Keys.Rope.SCALING_ATTN_FACTOR, 1.0)),
-            rope_beta_fast=float(get(Keys.Rope.SCALING_YARN_BETA_FAST, 32.0)),
-            rope_beta_slow=float(get(Keys.Rope.SCALING_YARN_BETA_SLOW, 1.0)),
-            n_ctx_orig=int(get(Keys.Rope.SCALING_ORIG_CTX_LEN, n_ctx_train)),
-        )
-        common.update(cls.read_extra(get, common))
-        hp = cls(**common)
-        hp.check(path)
+            rope_freq_scale=1.0 / factor,
+            # YaRN as llama.cpp sets it up: ggml scales the rotation by 1 + 0.1 ln(factor) itself.
+            rope_ext_factor=1.0 if scaling == "yarn" and factor > 1.0 else 0.0,
+            embedding_scale=values["embedding_scale"] or 1.0,
+            residual_scale=values["residual_scale"] or 1.0,
+            logit_scale=values["logit_scale"] or 1.0,
+            config=config or {})
+        values.update(cls.derive(values))
+        hp = cls(**values)
+        hp.check(where)
         return hp
 
     def check(self, path: Path) -> None:
@@ -455,6 +446,53 @@ class Decoder:
     rope_mode: int = ggml.ROPE_NEOX   # ROPE_NORM where llama.cpp permutes q/k at conversion
     expert_weights_norm: bool = False  # renormalise the top-k weights to sum to 1
     hparams_class: type[HParams] = HParams
+
+    @classmethod
+    def params(cls) -> dict[str, Param]:
+        """The hyper-parameters' GGUF keys, their config.json fields and HParams fields; a
+        model extends or replaces entries (keyed by GGUF key)."""
+        K, A, R = Keys.LLM, Keys.Attention, Keys.Rope
+        return table(
+            Param(K.CONTEXT_LENGTH, "n_ctx_train", "max_position_embeddings"),
+            Param(K.EMBEDDING_LENGTH, "n_embd", "hidden_size"),
+            Param(K.BLOCK_COUNT, "n_layer", "num_hidden_layers"),
+            Param(K.FEED_FORWARD_LENGTH, "n_ff", "intermediate_size", default=0),
+            Param(A.HEAD_COUNT, "n_head", "num_attention_heads"),
+            Param(A.HEAD_COUNT_KV, "n_head_kv", ("num_key_value_heads", "num_attention_heads"),
+                  default=lambda v: v["n_head"]),
+            Param(R.FREQ_BASE, "rope_freq_base", rope_theta, float, 10000.0),
+            Param(A.LAYERNORM_RMS_EPS, "rms_eps", "rms_norm_eps", float),
+            Param(K.EXPERT_COUNT, "n_expert", ("num_local_experts", "num_experts")),
+            Param(K.EXPERT_USED_COUNT, "n_expert_used", "num_experts_per_tok"),
+            Param(K.EXPERT_WEIGHTS_NORM, None, lambda c: cls.expert_weights_norm, bool),
+            Param(K.EXPERT_GATING_FUNC, None, lambda c: ExpertGatingFuncType.SOFTMAX),
+            Param(K.VOCAB_SIZE, "n_vocab", "vocab_size", default=0),
+            Param(A.KEY_LENGTH, "head_dim", "head_dim",
+                  default=lambda v: v["n_embd"] // max(v["n_head"], 1)),
+            Param(A.VALUE_LENGTH, "head_dim_v", "head_dim", default=lambda v: v["head_dim"]),
+            Param(R.DIMENSION_COUNT, "n_rot",
+                  lambda c: c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+                  default=lambda v: v["head_dim"]),
+            Param(K.EXPERT_FEED_FORWARD_LENGTH, "n_ff_exp", default=lambda v: v["n_ff"]),
+            Param(K.EXPERT_SHARED_FEED_FORWARD_LENGTH, "n_ff_shexp", default=0),
+            Param(K.EXPERT_WEIGHTS_SCALE, "expert_weights_scale", kind=float, default=1.0),
+            # Granite's multipliers (a model without them reads the defaults)
+            Param(K.EMBEDDING_SCALE, "embedding_scale", kind=float, default=1.0),
+            Param(A.SCALE, "attention_scale", kind=float, default=0.0),
+            Param(K.RESIDUAL_SCALE, "residual_scale", kind=float, default=1.0),
+            Param(K.LOGIT_SCALE, "logit_scale", kind=float, default=1.0),
+            # RoPE scaling: its kind and factor become rope_freq_scale / rope_ext_factor
+            Param(R.SCALING_TYPE, "rope_scaling", rope_scaled("", "rope_type"), str, "none"),
+            Param(R.SCALING_FACTOR, "rope_factor", rope_scaled("yarn", "factor"), float, 1.0),
+            Param(R.SCALING_ORIG_CTX_LEN, "n_ctx_orig",
+                  rope_scaled("", "original_max_position_embeddings"),
+                  default=lambda v: v["n_ctx_train"]),
+            Param(R.SCALING_YARN_BETA_FAST, "rope_beta_fast", rope_scaled("yarn", "beta_fast"),
+                  float, 32.0),
+            Param(R.SCALING_YARN_BETA_SLOW, "rope_beta_slow", rope_scaled("yarn", "beta_slow"),
+                  float, 1.0),
+            Param(R.SCALING_ATTN_FACTOR, "rope_attn_factor", kind=float, default=1.0),
+        )
 
     def __init__(self, hp: HParams, weights: BaseWeights, slots, kv: KVCache,
                  state: SplitState | None = None):

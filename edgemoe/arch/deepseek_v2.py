@@ -21,6 +21,7 @@ from gguf.constants import Keys, MODEL_TENSOR
 from edgemoe import ggml
 from edgemoe.arch.common import Decoder, HParams, tensor_name
 from edgemoe.errors import ShardSetError
+from edgemoe.hparams import Param, rope_scaled, table
 from edgemoe.ggml import GGMLType
 
 GATING_SOFTMAX = 1  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
@@ -45,25 +46,20 @@ class DeepseekV2HParams(HParams):
         return self.n_ff_exp * self.n_expert_shared
 
     @classmethod
-    def read_extra(cls, get, common: dict) -> dict:
-        gating = int(get(Keys.LLM.EXPERT_GATING_FUNC, GATING_SOFTMAX))
+    def derive(cls, values: dict) -> dict:
+        gating = values.pop("expert_gating_func")
         if gating != GATING_SOFTMAX:
             raise ShardSetError(f"{Keys.LLM.EXPERT_GATING_FUNC}={gating}: only softmax gating "
                                 "(DeepSeek-V2) is supported")
         # YaRN as llama.cpp's deepseek2 sets it up: the converter stores 0.1 * mscale_all_dim;
         # the rotation keeps magnitude 1 and the scores take mscale^2 instead.
-        log_ln = math.log(1.0 / common["rope_freq_scale"])
-        mscale_all_dim = float(get(Keys.Rope.SCALING_YARN_LOG_MUL, 0.0)) / 0.1
-        attn = common["rope_attn_factor"]
-        if common["rope_ext_factor"] and mscale_all_dim:
+        log_ln = math.log(1.0 / values["rope_freq_scale"])
+        mscale_all_dim = values.pop("rope_yarn_log_mul") / 0.1
+        attn = values["rope_attn_factor"]
+        if values["rope_ext_factor"] and mscale_all_dim:
             attn /= 1.0 + 0.1 * log_ln
         mscale = attn * (1.0 + 0.1 * log_ln) * (1.0 + 0.1 * mscale_all_dim * log_ln)
-        return {"rope_attn_factor": attn, "kq_mscale": mscale,"n_lora_q": int(get(Keys.Attention.Q_LORA_RANK, 0)),
-                "n_lora_kv": int(get(Keys.Attention.KV_LORA_RANK)),
-                "head_dim_mla": int(get(Keys.Attention.KEY_LENGTH_MLA)),
-                "head_dim_v_mla": int(get(Keys.Attention.VALUE_LENGTH_MLA)),
-                "n_layer_dense_lead": int(get(Keys.LLM.LEADING_DENSE_BLOCK_COUNT, 0)),
-                "n_expert_shared": int(get(Keys.LLM.EXPERT_SHARED_COUNT, 0))}
+        return {"rope_attn_factor": attn, "kq_mscale": mscale}
 
 
 class DeepseekV2(Decoder):
@@ -71,6 +67,37 @@ class DeepseekV2(Decoder):
     hf_names = ("deepseek_v2",)
     rope_mode = ggml.ROPE_NORM
     hparams_class = DeepseekV2HParams
+
+    @classmethod
+    def params(cls):
+        """MLA as llama.cpp's converter writes it: one latent key head of kv_lora_rank +
+        qk_rope values, whose first kv_lora_rank are the value head."""
+        K, A, R = Keys.LLM, Keys.Attention, Keys.Rope
+        return {**super().params(), **table(
+            Param(K.EXPERT_COUNT, "n_expert", "n_routed_experts"),
+            Param(A.HEAD_COUNT_KV, "n_head_kv", lambda c: 1),
+            Param(A.KEY_LENGTH, "head_dim", lambda c: c["kv_lora_rank"] + c["qk_rope_head_dim"]),
+            Param(A.VALUE_LENGTH, "head_dim_v", "kv_lora_rank"),
+            Param(R.DIMENSION_COUNT, "n_rot", "qk_rope_head_dim"),
+            # llama.cpp reads q_lora_rank unless it recognises a Lite model by its layer count.
+            Param(A.Q_LORA_RANK, "n_lora_q", lambda c: c.get("q_lora_rank") or 0, default=0),
+            Param(A.KV_LORA_RANK, "n_lora_kv", "kv_lora_rank"),
+            Param(A.KEY_LENGTH_MLA, "head_dim_mla",
+                  lambda c: c["qk_nope_head_dim"] + c["qk_rope_head_dim"]),
+            Param(A.VALUE_LENGTH_MLA, "head_dim_v_mla", "v_head_dim"),
+            Param(K.LEADING_DENSE_BLOCK_COUNT, "n_layer_dense_lead",
+                  lambda c: min(c.get("first_k_dense_replace") or 0, c["num_hidden_layers"]),
+                  default=0),
+            Param(K.EXPERT_FEED_FORWARD_LENGTH, "n_ff_exp", "moe_intermediate_size"),
+            Param(K.EXPERT_SHARED_COUNT, "n_expert_shared", "n_shared_experts", default=0),
+            Param(K.EXPERT_WEIGHTS_SCALE, "expert_weights_scale",
+                  lambda c: c.get("routed_scaling_factor", 1.0), float, 1.0),
+            Param(K.EXPERT_GATING_FUNC, "expert_gating_func", lambda c: GATING_SOFTMAX,
+                  default=GATING_SOFTMAX),
+            # llama.cpp's convention: 0.1 * mscale_all_dim (its loader divides by 0.1 again)
+            Param(R.SCALING_YARN_LOG_MUL, "rope_yarn_log_mul",
+                  lambda c: 0.1 * float(rope_scaled("yarn", "mscale_all_dim")(c) or 0) or None,
+                  float, 0.0))}
 
     @classmethod
     def attention_tensors(cls, hp: DeepseekV2HParams, il: int) -> dict:

@@ -18,6 +18,7 @@ import numpy as np
 from gguf.constants import Keys, MODEL_TENSOR
 
 from edgemoe.arch.common import Decoder, HParams, kq_mask, tensor_name
+from edgemoe.hparams import Param, table
 
 SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0
 
@@ -26,15 +27,17 @@ SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0
 class GptOssHParams(HParams):
     n_swa: int = 0                 # sliding window of the even layers, in tokens
 
-    @classmethod
-    def read_extra(cls, get, common: dict) -> dict:
-        return {"n_swa": int(get(Keys.Attention.SLIDING_WINDOW))}
-
 
 class GptOss(Decoder):
     name = "gpt-oss"
     hf_names = ("gpt_oss",)
     hparams_class = GptOssHParams
+
+    @classmethod
+    def params(cls):
+        return {**super().params(), **table(
+            Param(Keys.Attention.SLIDING_WINDOW, "n_swa", "sliding_window"),
+            Param(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, "n_ff_exp", "intermediate_size"))}
 
     @classmethod
     def tensors(cls, hp: HParams) -> dict:

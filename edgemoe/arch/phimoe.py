@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gguf.constants import MODEL_TENSOR
+from gguf.constants import MODEL_TENSOR, Keys
 
 from edgemoe.arch.common import Decoder, HParams, tensor_name
+from edgemoe.hparams import Param, rope_scaling, table
 
 # Our own key (llama.cpp's graph has no use for it); Phi-3.5-MoE's value when absent.
 ROUTER_JITTER_KEY = "edgemoe.router_jitter_eps"
@@ -26,19 +27,30 @@ _NORMS = (MODEL_TENSOR.ATTN_NORM, MODEL_TENSOR.FFN_NORM)
 _FLT_MAX = 3.4028234663852886e38
 
 
+def _longrope_mscale(config: dict) -> float | None:
+    scaling = rope_scaling(config)
+    return (scaling.get("short_mscale") or 1.0) if scaling["rope_type"] == "longrope" else None
+
+
 @dataclass(frozen=True)
 class PhimoeHParams(HParams):
     router_jitter_eps: float = DEFAULT_JITTER
-
-    @classmethod
-    def read_extra(cls, get, common: dict) -> dict:
-        return {"router_jitter_eps": float(get(ROUTER_JITTER_KEY, DEFAULT_JITTER))}
 
 
 class Phimoe(Decoder):
     name = "phimoe"
     hf_names = ("phimoe",)
     hparams_class = PhimoeHParams
+
+    @classmethod
+    def params(cls):
+        # LongRoPE's magnitude: transformers scales cos and sin by short_mscale (= long_mscale);
+        # llama.cpp's converter would write sqrt(1 + ln(scale) / ln(original context)).
+        return {**super().params(), **table(
+            Param(ROUTER_JITTER_KEY, "router_jitter_eps",
+                  lambda c: c.get("router_jitter_noise", DEFAULT_JITTER), float, DEFAULT_JITTER),
+            Param(Keys.Rope.SCALING_ATTN_FACTOR, "rope_attn_factor", _longrope_mscale, float,
+                  1.0))}
 
     @classmethod
     def tensors(cls, hp: HParams) -> dict:

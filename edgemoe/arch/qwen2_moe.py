@@ -1,13 +1,22 @@
 """Qwen2-MoE: qkv biases (the common attention's optional ones), NEOX RoPE, top-k weights not
 renormalised, and a shared expert whose output is scaled by sigmoid(ffn_gate_inp_shexp x)."""
-from gguf.constants import MODEL_TENSOR
+from gguf.constants import MODEL_TENSOR, Keys
 
 from edgemoe.arch.common import Decoder, HParams, tensor_name
+from edgemoe.hparams import Param, table
 
 
 class Qwen2Moe(Decoder):
     name = "qwen2moe"
     hf_names = ("qwen2_moe",)
+
+    @classmethod
+    def params(cls):
+        K = Keys.LLM
+        return {**super().params(), **table(
+            Param(K.EXPERT_FEED_FORWARD_LENGTH, "n_ff_exp", "moe_intermediate_size"),
+            Param(K.EXPERT_SHARED_FEED_FORWARD_LENGTH, "n_ff_shexp",
+                  "shared_expert_intermediate_size"))}
 
     @classmethod
     def moe_tensors(cls, hp: HParams, il: int) -> dict:

@@ -1,14 +1,20 @@
 """Qwen3-MoE: RMSNorm of each head's q and k before NEOX RoPE; llama.cpp always renormalises the
 top-k weights for this architecture."""
-from gguf.constants import MODEL_TENSOR
+from gguf.constants import MODEL_TENSOR, Keys
 
 from edgemoe.arch.common import Decoder, HParams, tensor_name
+from edgemoe.hparams import Param, table
 
 
 class Qwen3Moe(Decoder):
     name = "qwen3moe"
     hf_names = ("qwen3_moe",)
     expert_weights_norm = True
+
+    @classmethod
+    def params(cls):
+        return {**super().params(), **table(
+            Param(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, "n_ff_exp", "moe_intermediate_size"))}
 
     @classmethod
     def attention_tensors(cls, hp: HParams, il: int) -> dict:
