@@ -11,11 +11,13 @@ what differs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Callable
 
 import numpy as np
-from gguf import GGUFWriter, Keys, MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR
+from gguf import (GGUFWriter, Keys, MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TensorNameMap,
+                  get_tensor_name_map)
 
 import edgemoe.arch
 from edgemoe import hparams
@@ -75,6 +77,11 @@ def interleave_rope_halves(n_head: int) -> Callable[[np.ndarray], np.ndarray]:
     return permute
 
 
+@lru_cache(maxsize=None)
+def _tensor_names(arch: MODEL_ARCH, n_layer: int) -> TensorNameMap:
+    return get_tensor_name_map(arch, n_layer)
+
+
 class MoeArchitecture:
     """A decoder whose layers are attention + a routed mixture of SiLU-gated experts."""
 
@@ -132,19 +139,30 @@ class MoeArchitecture:
                                f"{hp.n_expert} experts")
 
     # ---- tensors ----------------------------------------------------------------------------
+    def spec(self, hp: HParams, hf_name: str, shape: tuple[int, ...], kind: str,
+             transform: Callable[[np.ndarray], np.ndarray] | None = None, **kw) -> TensorSpec:
+        """A checkpoint tensor under the GGUF name gguf-py's TensorNameMap gives it for this
+        arch (an architecture file names only what the map lacks)."""
+        name = _tensor_names(self.gguf_arch, hp.n_layer).get_name(
+            hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ConvertError(f"gguf's TensorNameMap has no {self.name} tensor for {hf_name}")
+        return TensorSpec(hf_name, name, shape, kind, transform, **kw)
+
     def attention_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
-        p = f"model.layers.{layer}.self_attn"
+        p, E = f"model.layers.{layer}.self_attn", hp.n_embd
         q, kv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
-        return [
-            TensorSpec(f"{p}.q_proj.weight", tensor_name(MODEL_TENSOR.ATTN_Q, layer),
-                       (q, hp.n_embd), DENSE, self.permute_q(hp)),
-            TensorSpec(f"{p}.k_proj.weight", tensor_name(MODEL_TENSOR.ATTN_K, layer),
-                       (kv, hp.n_embd), DENSE, self.permute_k(hp)),
-            TensorSpec(f"{p}.v_proj.weight", tensor_name(MODEL_TENSOR.ATTN_V, layer),
-                       (kv, hp.n_embd), DENSE),
-            TensorSpec(f"{p}.o_proj.weight", tensor_name(MODEL_TENSOR.ATTN_OUT, layer),
-                       (hp.n_embd, q), DENSE),
-        ]
+        return [self.spec(hp, f"{p}.q_proj.weight", (q, E), DENSE, self.permute_q(hp)),
+                self.spec(hp, f"{p}.k_proj.weight", (kv, E), DENSE, self.permute_k(hp)),
+                self.spec(hp, f"{p}.v_proj.weight", (kv, E), DENSE),
+                self.spec(hp, f"{p}.o_proj.weight", (E, q), DENSE)]
+
+    def biases(self, hp: HParams, layer: int, projs: str = "qkvo") -> list[TensorSpec]:
+        """Biases of the attention projections `projs`."""
+        q, kv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
+        n = {"q": q, "k": kv, "v": kv, "o": hp.n_embd}
+        return [self.spec(hp, f"model.layers.{layer}.self_attn.{x}_proj.bias", (n[x],), F32)
+                for x in projs]
 
     def permute_q(self, hp: HParams) -> Callable[[np.ndarray], np.ndarray] | None:
         return None
@@ -154,9 +172,7 @@ class MoeArchitecture:
 
     def moe_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
         p = f"model.layers.{layer}.{self.moe_prefix}"
-        specs = [TensorSpec(f"{p}.{self.router}.weight",
-                            tensor_name(MODEL_TENSOR.FFN_GATE_INP, layer),
-                            (hp.n_expert, hp.n_embd), F32)]
+        specs = [self.spec(hp, f"{p}.{self.router}.weight", (hp.n_expert, hp.n_embd), F32)]
         shapes = {"ffn_gate": (hp.n_ff_exp, hp.n_embd), "ffn_up": (hp.n_ff_exp, hp.n_embd),
                   "ffn_down": (hp.n_embd, hp.n_ff_exp)}
         for e in range(hp.n_expert):
@@ -169,14 +185,10 @@ class MoeArchitecture:
 
     def layer_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
         p = f"model.layers.{layer}"
-        return [
-            TensorSpec(f"{p}.input_layernorm.weight", tensor_name(MODEL_TENSOR.ATTN_NORM, layer),
-                       (hp.n_embd,), F32),
-            *self.attention_specs(hp, layer),
-            TensorSpec(f"{p}.post_attention_layernorm.weight",
-                       tensor_name(MODEL_TENSOR.FFN_NORM, layer), (hp.n_embd,), F32),
-            *self.moe_specs(hp, layer),
-        ]
+        return [self.spec(hp, f"{p}.input_layernorm.weight", (hp.n_embd,), F32),
+                *self.attention_specs(hp, layer),
+                self.spec(hp, f"{p}.post_attention_layernorm.weight", (hp.n_embd,), F32),
+                *self.moe_specs(hp, layer)]
 
     def generated_tensors(self, hp: HParams) -> list[tuple[str, np.ndarray]]:
         """Base tensors made from config.json rather than read from the checkpoint (name,
@@ -185,17 +197,15 @@ class MoeArchitecture:
 
     def tensor_specs(self, hp: HParams) -> list[TensorSpec]:
         embd = "model.embed_tokens.weight"
-        specs = [TensorSpec(embd, tensor_name(MODEL_TENSOR.TOKEN_EMBD), (hp.n_vocab, hp.n_embd),
-                            DENSE)]
+        specs = [self.spec(hp, embd, (hp.n_vocab, hp.n_embd), DENSE)]
         for layer in range(hp.n_layer):
             specs += self.layer_specs(hp, layer)
-        specs.append(TensorSpec("model.norm.weight", tensor_name(MODEL_TENSOR.OUTPUT_NORM),
-                                (hp.n_embd,), F32))
+        specs.append(self.spec(hp, "model.norm.weight", (hp.n_embd,), F32))
         # Tied checkpoints have no lm_head; write the embedding again as output so every arch
         # (some of which require output.weight) loads.
-        specs.append(TensorSpec(embd if hp.config.get("tie_word_embeddings") else "lm_head.weight",
-                                tensor_name(MODEL_TENSOR.OUTPUT), (hp.n_vocab, hp.n_embd), DENSE))
-        return specs
+        out = self.spec(hp, "lm_head.weight", (hp.n_vocab, hp.n_embd), DENSE)
+        return specs + [replace(out, hf_name=embd) if hp.config.get("tie_word_embeddings")
+                        else out]
 
     # ---- metadata ---------------------------------------------------------------------------
     def add_metadata(self, w: GGUFWriter, hp: HParams) -> None:

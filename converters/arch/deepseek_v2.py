@@ -41,15 +41,11 @@ class DeepseekV2(MoeArchitecture):
         H, L, R, q_rank = hp.n_head, hp.n_lora_kv, hp.n_rot, hp.n_lora_q
         nope, dv, D = hp.head_dim_mla - R, hp.head_dim_v_mla, hp.head_dim_mla
         if q_rank:
-            q = [TensorSpec(f"{p}.q_a_proj.weight", tensor_name(M.ATTN_Q_A, layer), (q_rank, E),
-                            DENSE),
-                 TensorSpec(f"{p}.q_a_layernorm.weight", tensor_name(M.ATTN_Q_A_NORM, layer),
-                            (q_rank,), F32),
-                 TensorSpec(f"{p}.q_b_proj.weight", tensor_name(M.ATTN_Q_B, layer),
-                            (H * D, q_rank), DENSE)]
+            q = [self.spec(hp, f"{p}.q_a_proj.weight", (q_rank, E), DENSE),
+                 self.spec(hp, f"{p}.q_a_layernorm.weight", (q_rank,), F32),
+                 self.spec(hp, f"{p}.q_b_proj.weight", (H * D, q_rank), DENSE)]
         else:
-            q = [TensorSpec(f"{p}.q_proj.weight", tensor_name(M.ATTN_Q, layer),
-                            (H * D, E), DENSE)]
+            q = [self.spec(hp, f"{p}.q_proj.weight", (H * D, E), DENSE)]
         kv_b = (H * (nope + dv), L)
 
         def k_b(x: np.ndarray) -> np.ndarray:   # (H * (nope + dv), L) -> (H, L, nope)
@@ -59,30 +55,26 @@ class DeepseekV2(MoeArchitecture):
             return x.reshape(H, nope + dv, L)[:, nope:, :]
 
         return q + [
-            TensorSpec(f"{p}.kv_a_proj_with_mqa.weight", tensor_name(M.ATTN_KV_A_MQA, layer),
-                       (L + R, E), DENSE),
-            TensorSpec(f"{p}.kv_a_layernorm.weight", tensor_name(M.ATTN_KV_A_NORM, layer),
-                       (L,), F32),
+            self.spec(hp, f"{p}.kv_a_proj_with_mqa.weight", (L + R, E), DENSE),
+            self.spec(hp, f"{p}.kv_a_layernorm.weight", (L,), F32),
+            # kv_b_proj split in two, which gguf's TensorNameMap does not know of
             TensorSpec(f"{p}.kv_b_proj.weight", tensor_name(M.ATTN_K_B, layer), kv_b, DENSE,
                        k_b, out_shape=(H, L, nope), source_rows=kv_b[0]),
             TensorSpec(f"{p}.kv_b_proj.weight", tensor_name(M.ATTN_V_B, layer), kv_b, DENSE,
                        v_b, out_shape=(H, dv, L), source_rows=kv_b[0]),
-            TensorSpec(f"{p}.o_proj.weight", tensor_name(M.ATTN_OUT, layer), (E, H * dv), DENSE),
+            self.spec(hp, f"{p}.o_proj.weight", (E, H * dv), DENSE),
         ]
 
     def moe_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
-        p, M = f"model.layers.{layer}.mlp", MODEL_TENSOR
-        if layer not in hp.expert_layers:
-            return [TensorSpec(f"{p}.{hf}.weight", tensor_name(t, layer), shape, DENSE)
-                    for hf, t, shape in (("gate_proj", M.FFN_GATE, (hp.n_ff, hp.n_embd)),
-                                         ("up_proj", M.FFN_UP, (hp.n_ff, hp.n_embd)),
-                                         ("down_proj", M.FFN_DOWN, (hp.n_embd, hp.n_ff)))]
-        S = hp.n_ff_shared
-        return super().moe_specs(hp, layer) + [
-            TensorSpec(f"{p}.shared_experts.{hf}.weight", tensor_name(t, layer), shape, DENSE)
-            for hf, t, shape in (("gate_proj", M.FFN_GATE_SHEXP, (S, hp.n_embd)),
-                                 ("up_proj", M.FFN_UP_SHEXP, (S, hp.n_embd)),
-                                 ("down_proj", M.FFN_DOWN_SHEXP, (hp.n_embd, S)))]
+        p, E = f"model.layers.{layer}.mlp", hp.n_embd
+        if layer in hp.expert_layers:
+            p, F = f"{p}.shared_experts", hp.n_ff_shared
+            specs = super().moe_specs(hp, layer)
+        else:
+            F, specs = hp.n_ff, []
+        return specs + [self.spec(hp, f"{p}.gate_proj.weight", (F, E), DENSE),
+                        self.spec(hp, f"{p}.up_proj.weight", (F, E), DENSE),
+                        self.spec(hp, f"{p}.down_proj.weight", (E, F), DENSE)]
 
 
 ARCH = DeepseekV2()

@@ -62,20 +62,15 @@ class GptOss(MoeArchitecture):
                                "GGUF of it instead (its MXFP4 experts are kept as they are)")
 
     def attention_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
-        p, M = f"model.layers.{layer}.self_attn", MODEL_TENSOR
-        q, kv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
-        return super().attention_specs(hp, layer) + [
-            TensorSpec(f"{p}.{proj}_proj.bias", tensor_name(t, layer, "bias"), (n,), F32)
-            for proj, t, n in (("q", M.ATTN_Q, q), ("k", M.ATTN_K, kv), ("v", M.ATTN_V, kv),
-                               ("o", M.ATTN_OUT, hp.n_embd))] + [
-            TensorSpec(f"{p}.sinks", tensor_name(M.ATTN_SINKS, layer), (hp.n_head,), F32)]
+        # TensorNameMap names the sinks without llama.cpp's .weight suffix.
+        sinks = TensorSpec(f"model.layers.{layer}.self_attn.sinks",
+                           tensor_name(MODEL_TENSOR.ATTN_SINKS, layer), (hp.n_head,), F32)
+        return super().attention_specs(hp, layer) + self.biases(hp, layer) + [sinks]
 
     def moe_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
-        p, M = f"model.layers.{layer}.mlp", MODEL_TENSOR
-        E, F, N = hp.n_embd, hp.n_ff_exp, hp.n_expert
-        specs = [TensorSpec(f"{p}.router.weight", tensor_name(M.FFN_GATE_INP, layer), (N, E), F32),
-                 TensorSpec(f"{p}.router.bias", tensor_name(M.FFN_GATE_INP, layer, "bias"), (N,),
-                            F32)]
+        p, E, F, N = f"model.layers.{layer}.mlp", hp.n_embd, hp.n_ff_exp, hp.n_expert
+        specs = [self.spec(hp, f"{p}.router.weight", (N, E), F32),
+                 self.spec(hp, f"{p}.router.bias", (N,), F32)]
         gate_up, down = (N, E, 2 * F), (N, F, E)
         for e in range(N):
             for key, src, shape, fn, out, first, n in (
@@ -90,12 +85,6 @@ class GptOss(MoeArchitecture):
                     EXPERT_F32 if "." in key else EXPERT, fn, out_shape=out, row_offset=first,
                     layer=layer, expert=e, proj=key, source_rows=n))
         return specs
-
-    def layer_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
-        specs = super().layer_specs(hp, layer)
-        post = f"model.layers.{layer}.post_attention_layernorm.weight"
-        return [TensorSpec(s.hf_name, tensor_name(MODEL_TENSOR.ATTN_POST_NORM, layer), s.shape,
-                           s.kind) if s.hf_name == post else s for s in specs]
 
 
 ARCH = GptOss()

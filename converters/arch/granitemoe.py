@@ -7,10 +7,10 @@ q/k rows are reordered for llama.cpp's RoPE layout as for Llama.
 """
 from __future__ import annotations
 
-from gguf import MODEL_ARCH, MODEL_TENSOR
+from gguf import MODEL_ARCH
 
 from converters.arch.base import (EXPERT, F32, HParams, MoeArchitecture, TensorSpec,
-                                  interleave_rope_halves, tensor_name)
+                                  interleave_rope_halves)
 from edgemoe.errors import ConvertError
 from edgemoe.shardset import expert_tensor_name
 
@@ -34,9 +34,7 @@ class GraniteMoe(MoeArchitecture):
         p = f"model.layers.{layer}.block_sparse_moe"
         fused_in = (hp.n_expert, 2 * hp.n_ff_exp, hp.n_embd)
         fused_out = (hp.n_expert, hp.n_embd, hp.n_ff_exp)
-        specs = [TensorSpec(f"{p}.router.layer.weight",
-                            tensor_name(MODEL_TENSOR.FFN_GATE_INP, layer),
-                            (hp.n_expert, hp.n_embd), F32)]
+        specs = [self.spec(hp, f"{p}.router.layer.weight", (hp.n_expert, hp.n_embd), F32)]
         for e in range(hp.n_expert):
             for proj, name, shape, first in (
                     ("ffn_gate", "input_linear", fused_in, 2 * e * hp.n_ff_exp),

@@ -2,9 +2,9 @@
 of the top-k routing weights."""
 from __future__ import annotations
 
-from gguf import MODEL_ARCH, MODEL_TENSOR
+from gguf import MODEL_ARCH
 
-from converters.arch.base import F32, HParams, MoeArchitecture, TensorSpec, tensor_name
+from converters.arch.base import F32, HParams, MoeArchitecture, TensorSpec
 from edgemoe.errors import ConvertError
 
 
@@ -26,11 +26,8 @@ class Olmoe(MoeArchitecture):
     def attention_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
         p = f"model.layers.{layer}.self_attn"
         return super().attention_specs(hp, layer) + [
-            TensorSpec(f"{p}.q_norm.weight", tensor_name(MODEL_TENSOR.ATTN_Q_NORM, layer),
-                       (hp.n_head * hp.head_dim,), F32),
-            TensorSpec(f"{p}.k_norm.weight", tensor_name(MODEL_TENSOR.ATTN_K_NORM, layer),
-                       (hp.n_head_kv * hp.head_dim,), F32),
-        ]
+            self.spec(hp, f"{p}.q_norm.weight", (hp.n_head * hp.head_dim,), F32),
+            self.spec(hp, f"{p}.k_norm.weight", (hp.n_head_kv * hp.head_dim,), F32)]
 
 
 ARCH = Olmoe()

@@ -10,9 +10,6 @@ from converters.arch.base import (F32, HParams, MoeArchitecture, TensorSpec, rop
                                   tensor_name)
 from edgemoe.errors import ConvertError
 
-_NORMS = (("input_layernorm", MODEL_TENSOR.ATTN_NORM),
-          ("post_attention_layernorm", MODEL_TENSOR.FFN_NORM))
-
 
 class Phimoe(MoeArchitecture):
     gguf_arch = MODEL_ARCH.PHIMOE
@@ -33,28 +30,17 @@ class Phimoe(MoeArchitecture):
 
     def attention_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
         specs = super().attention_specs(hp, layer)
-        if hp.config.get("attention_bias"):
-            p = f"model.layers.{layer}.self_attn"
-            q, kv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
-            specs += [TensorSpec(f"{p}.{proj}_proj.bias", tensor_name(t, layer, "bias"), (n,), F32)
-                      for proj, t, n in (("q", MODEL_TENSOR.ATTN_Q, q),
-                                         ("k", MODEL_TENSOR.ATTN_K, kv),
-                                         ("v", MODEL_TENSOR.ATTN_V, kv),
-                                         ("o", MODEL_TENSOR.ATTN_OUT, hp.n_embd))]
-        return specs
+        return specs + self.biases(hp, layer) if hp.config.get("attention_bias") else specs
 
     def layer_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
         return super().layer_specs(hp, layer) + [
-            TensorSpec(f"model.layers.{layer}.{hf}.bias", tensor_name(t, layer, "bias"),
-                       (hp.n_embd,), F32) for hf, t in _NORMS]
+            self.spec(hp, f"model.layers.{layer}.{norm}.bias", (hp.n_embd,), F32)
+            for norm in ("input_layernorm", "post_attention_layernorm")]
 
     def tensor_specs(self, hp: HParams) -> list[TensorSpec]:
-        specs = super().tensor_specs(hp) + [
-            TensorSpec("model.norm.bias", tensor_name(MODEL_TENSOR.OUTPUT_NORM, None, "bias"),
-                       (hp.n_embd,), F32)]
+        specs = super().tensor_specs(hp) + [self.spec(hp, "model.norm.bias", (hp.n_embd,), F32)]
         if hp.config.get("lm_head_bias"):
-            specs.append(TensorSpec("lm_head.bias", tensor_name(MODEL_TENSOR.OUTPUT, None, "bias"),
-                                    (hp.n_vocab,), F32))
+            specs.append(self.spec(hp, "lm_head.bias", (hp.n_vocab,), F32))
         return specs
 
     def generated_tensors(self, hp: HParams) -> list[tuple[str, np.ndarray]]:

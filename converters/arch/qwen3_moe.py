@@ -1,9 +1,9 @@
 """Qwen3-MoE: RMS norms on each head's queries and keys (attn_q_norm / attn_k_norm)."""
 from __future__ import annotations
 
-from gguf import MODEL_ARCH, MODEL_TENSOR
+from gguf import MODEL_ARCH
 
-from converters.arch.base import F32, HParams, MoeArchitecture, TensorSpec, tensor_name
+from converters.arch.base import F32, HParams, MoeArchitecture, TensorSpec
 from edgemoe.errors import ConvertError
 
 
@@ -21,11 +21,7 @@ class Qwen3Moe(MoeArchitecture):
     def attention_specs(self, hp: HParams, layer: int) -> list[TensorSpec]:
         p = f"model.layers.{layer}.self_attn"
         return super().attention_specs(hp, layer) + [
-            TensorSpec(f"{p}.q_norm.weight", tensor_name(MODEL_TENSOR.ATTN_Q_NORM, layer),
-                       (hp.head_dim,), F32),
-            TensorSpec(f"{p}.k_norm.weight", tensor_name(MODEL_TENSOR.ATTN_K_NORM, layer),
-                       (hp.head_dim,), F32),
-        ]
+            self.spec(hp, f"{p}.{x}_norm.weight", (hp.head_dim,), F32) for x in "qk"]
 
 
 ARCH = Qwen3Moe()
