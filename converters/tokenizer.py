@@ -3,20 +3,22 @@
 Two tokenizer families cover the MoE checkpoints we convert:
 - byte-level BPE (GGUF tokenizer model "gpt2": Qwen2/3-MoE, OLMoE, Llama-3 style). llama.cpp runs
   the merges itself but needs to be told which pre-tokenizer (the regex that splits text into
-  words before merging) the model was trained with: `tokenizer.ggml.pre`. llama.cpp's converter
-  finds it by hashing the token ids of a probe text, which only identifies published models. We
-  read the pre-tokenizer out of tokenizer.json instead and match its regexes against the ones
-  llama.cpp implements, which also identifies any tokenizer trained with a known pre-tokenizer
-  (our tiny test models included).
+  words before merging) the model was trained with: `tokenizer.ggml.pre`. Two ways find it, in
+  this order: llama.cpp's own, the sha256 of the token ids the tokenizer gives a fixed probe text
+  (identifies published models exactly, e.g. DeepSeek's, whose pre-tokenizer is a chain of
+  splits; needs the `tokenizers` library to run the tokenizer); and ours, matching the
+  tokenizer.json pre-tokenizer's regexes against the ones llama.cpp implements (identifies any
+  tokenizer trained with a known pre-tokenizer, our tiny test models included).
 - SentencePiece (GGUF tokenizer model "llama": Mixtral, Llama-2): pieces, scores and piece types,
   read from tokenizer.json (HF's BPE-with-byte-fallback form) or, without it, from the
   tokenizer.model protobuf.
 
-Only json/gguf: no transformers, tokenizers or sentencepiece import.
+Only json/gguf besides the optional `tokenizers` for the probe: no transformers or sentencepiece.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import struct
@@ -56,6 +58,26 @@ _KNOWN_PRE_TOKENIZERS: dict[tuple[tuple[Any, ...], ...], str] = {
     (_GPT2_STEP,): "gpt-2",
     (("digits", True), _GPT2_STEP): "starcoder",
     **{(("split", regex),): name for name, regex in PRE_TOKENIZER_REGEXES.items()},
+}
+
+# llama.cpp's converter names a published tokenizer's pre-tokenizer by the sha256 of str(ids), ids
+# being what the tokenizer (with its specials, e.g. BOS) makes of this text (convert_hf_to_gguf.py,
+# get_vocab_base_pre). The text and the digests below are llama.cpp's, so that we name the same
+# models the same way.
+PRE_TOKENIZER_PROBE = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (normal) \U0001f636\u200d"
+    "\U0001f32b\ufe0f (multiple emojis concatenated) \u2705 \U0001f999\U0001f999 3 33 333 3333 "
+    "33333 333333 3333333 33333333 3.3 3..3 3...3 \u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796"
+    "\u17b7\u179f\u17c1\u179f\u17a2\u17b6\u1785\U0001f601 ?\u6211\u60f3\u5728apple\u5de5\u4f5c1"
+    "314151\u5929\uff5e ------======= \u043d\u0435\u0449\u043e \u043d\u0430 \u0411\u044a\u043b"
+    "\u0433\u0430\u0440\u0441\u043a\u0438 ''''''```````\"\"\"\"......!!!!!!?????? I've been "
+    "'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'"
+    "Ve a'lL")
+PRE_TOKENIZER_DIGESTS: dict[str, str] = {
+    "049ecf7629871e3041641907f3de7c733e4dbfdc736f57d882ba0b0845599754": "deepseek-llm",
+    "347715f544604f9118bb75ed199f68779f423cabb20db6de6f31b908d04d7821": "deepseek-coder",
+    "877081d19cf6996e2c4ff0e1236341e9b7bde288f5311a56a937f0afbbb3aeb5": "deepseek-v3",
+    "b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5": "deepseek-r1-qwen",
 }
 
 # Tokens that close a chat turn; when the chat template uses one, it is the EOT token (llama.cpp
@@ -240,7 +262,24 @@ def _has_space_mark(node: Any, list_key: str) -> bool:
     )
 
 
+def probe_digest(path: Path) -> str | None:
+    """llama.cpp's identity of a tokenizer.json: sha256 of str(ids of PRE_TOKENIZER_PROBE), or
+    None when the `tokenizers` library is absent or cannot load the file."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    try:
+        ids = Tokenizer.from_file(str(path)).encode(PRE_TOKENIZER_PROBE).ids
+    except Exception:  # noqa: BLE001 - its errors are plain Exceptions; the checks below explain
+        return None
+    return hashlib.sha256(str(ids).encode()).hexdigest()
+
+
 def _detect_pre(path: Path, pre_tokenizer: Any) -> str:
+    digest = probe_digest(path)
+    if digest in PRE_TOKENIZER_DIGESTS:
+        return PRE_TOKENIZER_DIGESTS[digest]
     steps: list[tuple[Any, ...]] = []
     for c in _components(pre_tokenizer, "pretokenizers"):
         kind = c.get("type")
@@ -265,7 +304,11 @@ def _detect_pre(path: Path, pre_tokenizer: Any) -> str:
     if name is None:
         raise ConvertError(
             f"{path}: pre-tokenizer {steps!r} matches none llama.cpp implements that we know "
-            f"(known: {', '.join(sorted(set(_KNOWN_PRE_TOKENIZERS.values())))})"
+            f"(known: {', '.join(sorted(set(_KNOWN_PRE_TOKENIZERS.values())))}), and "
+            + (f"its probe digest {digest} is none of llama.cpp's published ones we know "
+               f"({', '.join(sorted(set(PRE_TOKENIZER_DIGESTS.values())))})" if digest else
+               "the `tokenizers` package, which identifies published tokenizers by llama.cpp's "
+               "probe text, is not installed")
         )
     return name
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -17,7 +18,9 @@ import gguf
 import pytest
 from transformers import AutoTokenizer
 
-from converters.tokenizer import PRE_TOKENIZER_REGEXES, add_tokenizer, read_tokenizer
+import converters.tokenizer as tokenizer_module
+from converters.tokenizer import (PRE_TOKENIZER_REGEXES, add_tokenizer, probe_digest,
+                                  read_tokenizer)
 from edgemoe.errors import ConvertError, EdgeMoeError, ShardSetError
 from edgemoe.tokenizer import Vocab, llama_model_params
 from tiny_tokenizers import CHATML_TEMPLATE, make_bpe_tokenizer, make_spm_tokenizer
@@ -517,3 +520,100 @@ def test_convert_bad_configs(bpe_dir):
     edit_json(bpe_dir / "tokenizer_config.json", lambda d: d.pop("bos_token"))
     with pytest.raises(ConvertError, match=r"config.json: key 'bos_token_id' is 999, expected an id < 384"):
         read_tokenizer(bpe_dir)
+
+
+# DeepSeek LLM's pre-tokenizer, a chain of splits, as llama.cpp spells it (src/llama-vocab.cpp,
+# LLAMA_VOCAB_PRE_TYPE_DEEPSEEK_LLM); its vocabulary comes from llama.cpp's tokenizer test files.
+DEEPSEEK_LLM_SPLITS = [
+    '[\r\n]',
+    ('\\s?[A-Za-z\xb5\xc0-\xd6\xd8-\xf6\xf8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af'
+     '\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1'
+     '\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8'
+     '-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-'
+     '\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-'
+     '\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-'
+     '\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-'
+     '\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149'
+     '\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d'
+     '\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13'
+     '-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3'
+     '\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df'
+     '\U0001e900-\U0001e943]+'),
+    '\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+',
+    '\\s+$',
+    '[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+',
+    '\\p{N}+',
+]
+LLAMA_CPP_SRC = Path(os.environ.get("LLAMA_CPP_SRC",
+                                    "/tmp/x/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+
+
+def deepseek_llm_checkpoint(vocab_gguf: Path, out: Path) -> Path:
+    """DeepSeek LLM's tokenizer.json rebuilt from llama.cpp's vocab GGUF of it: byte-level BPE
+    with its merges and chain of splits, BOS put first by the post-processor."""
+    r = gguf.GGUFReader(vocab_gguf)
+    tokens = r.fields["tokenizer.ggml.tokens"].contents()
+    types = r.fields["tokenizer.ggml.token_type"].contents()
+    bos = tokens[r.fields["tokenizer.ggml.bos_token_id"].contents()]
+    first = {"SpecialToken": {"id": bos, "type_id": 0}}
+    data = {
+        "version": "1.0",
+        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": True}
+                         for i, (t, kind) in enumerate(zip(tokens, types))
+                         if kind == gguf.TokenType.CONTROL],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            *({"type": "Split", "pattern": {"Regex": x}, "behavior": "Isolated", "invert": False}
+              for x in DEEPSEEK_LLM_SPLITS),
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+             "use_regex": False}]},
+        "post_processor": {"type": "TemplateProcessing",
+                           "single": [first, {"Sequence": {"id": "A", "type_id": 0}}],
+                           "pair": [first, {"Sequence": {"id": "A", "type_id": 0}},
+                                    first, {"Sequence": {"id": "B", "type_id": 1}}],
+                           "special_tokens": {bos: {"id": bos, "ids": [tokens.index(bos)],
+                                                    "tokens": [bos]}}},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                    "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "fuse_unk": False,
+                  "byte_fallback": False, "vocab": {t: i for i, t in enumerate(tokens)},
+                  "merges": r.fields["tokenizer.ggml.merges"].contents()},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": bos, "eos_token": tokens[r.fields["tokenizer.ggml.eos_token_id"].contents()],
+         "add_bos_token": True, "add_eos_token": False}))
+    return out
+
+
+def test_deepseek_pre_type_from_probe_digest(tmp_path, monkeypatch):
+    """DeepSeek's chain of splits is no single regex llama.cpp implements; its pre-type is found
+    as llama.cpp's converter finds it, by the digest of the ids of the probe text."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = LLAMA_CPP_SRC / "models" / "ggml-vocab-deepseek-llm.gguf"
+    if not vocab.is_file():
+        pytest.skip(f"llama.cpp's vocab test files not found under {LLAMA_CPP_SRC} "
+                    "(set LLAMA_CPP_SRC)")
+    ckpt = deepseek_llm_checkpoint(vocab, tmp_path / "deepseek-llm")
+    # The rebuilt tokenizer is DeepSeek LLM's: it gives the ids llama.cpp's own test expects.
+    texts = Path(f"{vocab}.inp").read_text().split("\n__ggml_vocab_test__\n")
+    ids = [[int(x) for x in line.split()] for line in Path(f"{vocab}.out").read_text().split("\n")]
+    hf = tokenizers.Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    assert len(texts) > 40
+    for text, want in zip(texts, ids):
+        assert hf.encode(text, add_special_tokens=False).ids == want, repr(text)
+
+    meta = read_tokenizer(ckpt)
+    assert (meta.model, meta.pre) == ("gpt2", "deepseek-llm")
+    # ... and llama.cpp, told so, tokenizes those texts as its test expects.
+    with Vocab(write_vocab_gguf(ckpt, tmp_path / "deepseek-llm.gguf")) as gguf_vocab:
+        for text, want in zip(texts, ids):
+            assert gguf_vocab.tokenize(text, add_special=False) == want, repr(text)
+
+    # Without llama.cpp's digests nothing identifies it, and the error says why.
+    monkeypatch.setattr(tokenizer_module, "PRE_TOKENIZER_DIGESTS", {})
+    with pytest.raises(ConvertError, match=f"probe digest {probe_digest(ckpt / 'tokenizer.json')}"
+                                           " is none of llama.cpp's published ones"):
+        read_tokenizer(ckpt)
