@@ -32,7 +32,7 @@ def sample(tmp_path_factory):
 
 def test_header_matches_gguf_reader(sample):
     h, r = GGUFHeader(sample), gguf.GGUFReader(sample)
-    assert h.fields["qwen3moe.block_count"].contents() == 3
+    assert h.fields[gguf.Keys.LLM.BLOCK_COUNT.format(arch="qwen3moe")].contents() == 3
     assert h.fields["f"].contents() == 0.5 and h.fields["s"].contents() == "héllo"
     assert h.fields["ints"].contents() == [1, 2, 3]
     # Long arrays and string arrays are counted, not kept.

@@ -3,10 +3,11 @@ byte-identical to the ones converted from safetensors (no requantization), for s
 GGUF files and for mixed K-quant types."""
 import numpy as np
 import pytest
-from gguf import GGUFReader, GGUFWriter
+from gguf import GGUFReader, GGUFWriter, Keys
 
 import converters
 from converters.gguf_source import copy_metadata
+from edgemoe.hparams import EXPERT_LAYERS_KEY
 from edgemoe.shardset import ShardSet
 from tiny_models import cached_checkpoint
 
@@ -32,9 +33,10 @@ def assert_same_shard_sets(a, b):
     for name, t in ta.items():
         assert t.tensor_type == tb[name].tensor_type, name
         assert np.asarray(t.data).tobytes() == np.asarray(tb[name].data).tobytes(), name
-    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.model",
-                "tokenizer.chat_template", f"{sa.arch}.expert_count",
-                f"{sa.arch}.rope.freq_base", "edgemoe.expert_layers"):
+    T = Keys.Tokenizer
+    for key in (T.LIST, T.MERGES, T.MODEL, T.CHAT_TEMPLATE,
+                Keys.LLM.EXPERT_COUNT.format(arch=sa.arch),
+                Keys.Rope.FREQ_BASE.format(arch=sa.arch), EXPERT_LAYERS_KEY):
         assert ra.fields[key].contents() == rb.fields[key].contents(), key
 
 
