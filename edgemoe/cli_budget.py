@@ -11,8 +11,9 @@ expert resident) and stores beside the shard set
 
 plan SHARDS --budget X [--policy P]: will it fit, how (slots per layer from the slot DP), how fast
 (decode tok/s, hit rate, bytes read per token from the planner's model fed with measured read
-times of the shards' device and measured compute times of this machine); writes plan.json that
-`edgemoe run` uses for the same budget.
+times of the shards' device and measured compute times of this machine), and swap's interval and
+importance decay (the schedule whose replay over the calibration trace keeps the most top-k
+router mass on resident experts); writes plan.json that `edgemoe run` uses for the same budget.
 """
 from __future__ import annotations
 
@@ -154,6 +155,8 @@ def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = 
                                    "tok_per_s": p.tok_per_s, "hit_rate": p.hit_rate,
                                    "bytes_read_per_token": p.bytes_read_per_token,
                                    "swap_interval": p.swap_interval,
+                                   "swap_decay": p.swap_decay,
+                                   "swap_coverage": p.coverage,
                                    "prefetch_accuracy": p.prefetch_accuracy,
                                    "n_prefetch": p.n_prefetch}
                         for p in preds}}

@@ -19,6 +19,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -50,7 +51,9 @@ class ResidencyConfig:
     adaptive_gating: float | None = None   # T of AdapMoE's rule (ondemand only)
     n_prefetch: int | None = None          # ondemand: predicted experts loaded per layer
                                            # (None: what `edgemoe plan` chose, else 1)
-    swap_interval: int | None = None       # swap: tokens per importance window (None: plan/16)
+    swap_interval: int | None = None       # swap: tokens per importance window and
+    swap_decay: float | None = None        # the previous windows' weight (None: the plan's
+                                           # choice, else the calibration trace's, else 16, 0)
     substitutes: bool = True               # static/swap under a budget: keep the shard set's
                                            # low-bit substitutes resident (if it has them)
     # The chosen device's own memory (its base weights, KV cache, compute buffers and expert
@@ -259,6 +262,35 @@ def wait_threshold(shards: ShardSet, cfg: ResidencyConfig, key: PlanKey,
     return balanced_wait_threshold(cal.sensitivity, trace.probs, shards.n_expert_used)
 
 
+def swap_schedule(shards: ShardSet, cfg: ResidencyConfig, key: PlanKey,
+                  slots: Mapping[int, int], cal: calib.Calibration | None) -> dict:
+    """swap's {"interval", "decay"}: the user's, else what `edgemoe plan` chose for this key,
+    else the planner's choice on the stored calibration trace for these slots (reads taken to
+    last one decode step each: only `plan` measures them), else the policy's defaults."""
+    chosen: dict = {}
+    planned = read_plan_file(shards.root, key, "swap") or {}
+    if cfg.swap_interval is None and cfg.swap_decay is None and planned.get("swap_interval"):
+        chosen = {"interval": int(planned["swap_interval"]),
+                  "decay": float(planned.get("swap_decay") or 0.0)}
+    elif (cfg.swap_interval is None or cfg.swap_decay is None) and cal is not None \
+            and (shards.root / TRACE_FILE).exists():
+        from edgemoe.residency.planner import SWAP_DECAYS, SWAP_INTERVALS, choose_swap_schedule
+        from edgemoe.residency.traces import RoutingTrace
+
+        trace = RoutingTrace.load(shards.root / TRACE_FILE)
+        if set(slots) <= set(trace.layers) and set(slots) <= set(cal.norms):
+            intervals = (cfg.swap_interval,) if cfg.swap_interval else SWAP_INTERVALS
+            decays = (cfg.swap_decay,) if cfg.swap_decay is not None else SWAP_DECAYS
+            s = choose_swap_schedule(trace, slots, shards.n_expert_used, cal.norms, len(slots),
+                                     1.0, cal.usage, intervals, decays)
+            chosen = {"interval": s.interval, "decay": s.decay}
+    if cfg.swap_interval is not None:
+        chosen["interval"] = cfg.swap_interval
+    if cfg.swap_decay is not None:
+        chosen["decay"] = cfg.swap_decay
+    return chosen
+
+
 def substitute_bytes(shards: ShardSet) -> dict[int, int]:
     """Bytes of one substitute slot per expert layer."""
     return {l: shards.expert(l, 0).substitute.data_bytes for l in shards.expert_layers}
@@ -411,10 +443,7 @@ def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048
     if telemetry is not None:
         options["telemetry"] = telemetry
     if name == "swap":
-        planned = read_plan_file(shards.root, key, name)
-        interval = cfg.swap_interval or (planned or {}).get("swap_interval")
-        if interval:
-            options["interval"] = int(interval)
+        options.update(swap_schedule(shards, cfg, key, plan.slots, cal))
         if cal is not None and cal.usage is not None:
             # Start from the experts calibration text used most (static's choice); swapping
             # then follows the text at hand.
@@ -503,6 +532,12 @@ def add_residency_args(p) -> None:
                    "their low-bit substitute while the expert loads, or are dropped), fast "
                    "(never waits while a substitute or another chosen expert can run). Implies "
                    "--policy ondemand")
+    p.add_argument("--swap-interval", type=ranged(int, 1), default=None, metavar="N",
+                   help="swap: tokens per importance window (default: what `edgemoe plan` chose "
+                   "for this budget, else the best on the calibration trace, else 16)")
+    p.add_argument("--swap-decay", type=ranged(float, 0.0, 0.999), default=None, metavar="D",
+                   help="swap: weight of the previous windows' importance, 0 = the window alone "
+                   "(default: chosen with the interval)")
     p.add_argument("--no-substitutes", dest="substitutes", action="store_false",
                    help="static/swap: do not keep the shard set's low-bit expert substitutes "
                    "resident (`edgemoe convert --substitute-type`); by default a budget is "
@@ -514,6 +549,8 @@ def add_residency_args(p) -> None:
 def residency_config(args) -> ResidencyConfig:
     return ResidencyConfig(memory_budget=args.memory_budget, policy=args.policy,
                            adaptive_gating=args.adaptive_gating, n_prefetch=args.n_prefetch,
+                           swap_interval=getattr(args, "swap_interval", None),
+                           swap_decay=getattr(args, "swap_decay", None),
                            substitutes=args.substitutes,
                            quality=getattr(args, "quality", None),
                            device_budget=getattr(args, "device_budget", None))

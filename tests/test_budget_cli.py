@@ -129,3 +129,43 @@ def test_calibrate_then_plan_then_run_uses_the_plan(shards, capsys):
 def test_plan_refuses_a_budget_below_the_minimum(shards, capsys):
     assert cli.main(["plan", str(shards), "--budget", "10%", "-t", "1"]) == 1
     assert "below the minimum of 25%" in capsys.readouterr().err
+
+
+def test_swap_schedule_from_plan_or_trace(shards, capsys):
+    """swap's interval and decay: what `edgemoe plan` stored (printed and in plan.json, read back
+    by the run), the chooser's on the calibration trace when the plan is for another key, the
+    user's flags above both."""
+    from edgemoe.residency.planner import choose_swap_schedule
+
+    assert cli.main(["calibrate", str(shards), "--tokens", "96", "--samples", "0", "-t", "1"]) == 0
+    assert cli.main(["plan", str(shards), "--budget", "50%", "-c", "32", "-t", "1"]) == 0
+    out = capsys.readouterr().out
+    entry = json.loads((shards / PLAN_FILE).read_text())["policies"]["swap"]
+    interval, decay = entry["swap_interval"], entry["swap_decay"]
+    assert f"swap every {interval} tok, decay {decay:g}" in out
+    assert "swap schedule by top-k router mass" in out and 0 < entry["swap_coverage"] <= 1
+
+    def opened(**kw):
+        engine, plan = open_engine(shards, ResidencyConfig(memory_budget="50%", policy="swap",
+                                                           **kw), n_ctx=32, n_threads=1)
+        with engine:
+            return engine.policy.interval, engine.policy.tracker.decay, plan
+
+    # A schedule the chooser never picks on its own: the run takes it from the plan.
+    doc = json.loads((shards / PLAN_FILE).read_text())
+    doc["policies"]["swap"].update(swap_interval=3, swap_decay=0.3)
+    (shards / PLAN_FILE).write_text(json.dumps(doc))
+    assert opened()[:2] == (3, 0.3)
+    assert opened(swap_interval=5)[:2][0] == 5          # the user's interval wins
+    assert opened(swap_interval=5, swap_decay=0.1)[:2] == (5, 0.1)
+    # A stale plan (another context size) is ignored: the chooser on the stored trace decides,
+    # for the slots the run got.
+    doc["n_ctx"] = 64
+    (shards / PLAN_FILE).write_text(json.dumps(doc))
+    got_interval, got_decay, plan = opened()
+    assert "not used for budget 50%" in capsys.readouterr().err
+    cal = Calibration.load(shards)
+    want = choose_swap_schedule(RoutingTrace.load(shards / TRACE_FILE), plan.slots, 2, cal.norms,
+                                len(plan.slots), 1.0, cal.usage)
+    assert (got_interval, got_decay) == (want.interval, want.decay) != (3, 0.3)
+    (shards / PLAN_FILE).unlink()

@@ -12,8 +12,9 @@ from edgemoe.residency import (MemoryNeeds, OnDemandPolicy, SwapPolicy, Telemetr
 from edgemoe.residency.allocation import (allocate_slots, brute_force_allocation, loads_table,
                                           total_cost)
 from edgemoe.residency.importance import ImportanceTracker, expert_norm, plan_swaps
-from edgemoe.residency.planner import (Profile, _Reader, allocate_for, choose_swap_interval,
-                                       ondemand_timeline, plan, predict)
+from edgemoe.residency.planner import (SWAP_DECAYS, SWAP_INTERVALS, Profile, _Reader,
+                                       allocate_for, choose_swap_schedule, ondemand_timeline,
+                                       plan, predict)
 from edgemoe.residency.replay import simulate_swap  # noqa: E402
 from edgemoe.residency.routing import topk
 from edgemoe.residency.sensitivity import (drop_rate, fit_sensitivity, output_change_proxy,
@@ -357,13 +358,52 @@ def test_planner_predictions_order_and_interval(topics):
     assert fast.tok_per_s > ond.tok_per_s
     swap = predict("swap", topics, slots, 2, prof, eb, norms, max_swaps=2)
     assert swap.tok_per_s == pytest.approx(full.tok_per_s) and swap.hit_rate < 1
-    # The chosen interval lets a window's reads finish within the window's decode time.
+    # The schedule is the chooser's for reads as long as the profile says.
     read_tokens = prof.read_seconds(4 * MiB) / full.seconds_per_token
-    interval, _ = choose_swap_interval(topics, slots, 2, norms, 2, read_tokens)
-    assert interval >= 2 * read_tokens and swap.swap_interval == interval
+    chosen = choose_swap_schedule(topics, slots, 2, norms, 2, read_tokens)
+    assert (swap.swap_interval, swap.swap_decay) == (chosen.interval, chosen.decay)
+    assert swap.coverage == chosen.replay.coverage
     assert swap.line().startswith("swap") and "swap every" in swap.line()
     with pytest.raises(ValueError, match="unknown policy"):
         predict("lru", topics, slots, 2, prof, eb)
+
+
+def test_swap_schedule_keeps_the_most_router_mass_resident():
+    """The chooser replays every (interval, decay) and keeps the best coverage: on routing that
+    changes topic every 16 tokens, with reads lasting 2 decode steps, windows of 1 token swap on
+    noise and route around reads in flight, windows of 64 miss topic changes; the winner is a
+    middle interval whose coverage no candidate beats."""
+    trace = topic_trace(2, 16, 1024, n_topics=2, switch_every=16, sharpness=4.0, seed=3)
+    slots = {l: 6 for l in trace.layers}
+    norms = {l: np.ones(16) for l in trace.layers}
+    chosen = choose_swap_schedule(trace, slots, 2, norms, 4, read_tokens=2.0)
+    assert set(chosen.tried) == {(i, d) for i in SWAP_INTERVALS for d in SWAP_DECAYS}
+    cover = {key: r.coverage for key, r in chosen.tried.items()}
+    assert cover[(chosen.interval, chosen.decay)] == max(cover.values())
+    assert chosen.interval not in (1, 64)
+    assert cover[(chosen.interval, chosen.decay)] > max(cover[(1, 0.0)], cover[(64, 0.0)]) + 0.02
+    # Each candidate's score is the replay of the real policy with that schedule.
+    again = simulate_swap(trace, slots, 2, norms, chosen.interval, 4, 2.0, decay=chosen.decay)
+    assert again == chosen.replay
+    # Reads in flight cost coverage: the same short schedule with instant reads covers more.
+    instant = simulate_swap(trace, slots, 2, norms, 1, 4, 0.0)
+    assert instant.coverage > cover[(1, 0.0)]
+    assert "16 tok" in chosen.line() and "swap schedule" in chosen.line()
+
+
+def test_swap_schedule_without_drift_reads_least():
+    """Routing that never leaves the initial set: every schedule covers all of the top-k mass,
+    and the tie goes to the longest interval (fewest reads) and no decay."""
+    rng = np.random.default_rng(0)
+    logits = np.full((256, 8), -30.0)
+    logits[:, :4] = rng.standard_normal((256, 4))
+    probs = {l: np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True) for l in (0, 1)}
+    trace = RoutingTrace(probs, {l: np.ones(256, np.float32) for l in (0, 1)}, {})
+    usage = {l: np.array([9, 8, 7, 6, 0, 0, 0, 0]) for l in (0, 1)}
+    chosen = choose_swap_schedule(trace, {0: 4, 1: 4}, 2, {l: np.ones(8) for l in (0, 1)}, 2,
+                                  1.0, usage)
+    assert all(r.coverage == pytest.approx(1.0) for r in chosen.tried.values())
+    assert (chosen.interval, chosen.decay, chosen.replay.swaps) == (64, 0.0, 0)
 
 
 def test_plan_chooses_the_fastest_prefetch_depth(topics):

@@ -1,5 +1,6 @@
 """The planner's model: from measured inputs, predict decode speed and hit rates per policy for a
-slot allocation, allocate slots per layer, and choose the swap update interval.
+slot allocation, allocate slots per layer, and choose swap's update interval and importance
+decay (choose_swap_schedule).
 
 Inputs the engine and the benchmark measure (nothing here is a constant of ours):
 - Profile: expert read bandwidth and per-read latency of the device holding the shards; per layer
@@ -224,9 +225,12 @@ class Prediction:
     bytes_read_per_token: float
     prefetch_accuracy: float | None = None
     swap_interval: int | None = None
+    swap_decay: float | None = None
+    coverage: float | None = None   # swap: top-k router mass on resident experts (the proxy)
     swaps_per_token: float = 0.0
     n_prefetch: int | None = None   # ondemand: predicted experts prefetched per layer
     notes: tuple[str, ...] = field(default=())
+    schedule_notes: tuple[str, ...] = field(default=())   # swap: how its schedule was chosen
 
     @property
     def tok_per_s(self) -> float:
@@ -240,7 +244,9 @@ class Prediction:
             extra += (f", prefetch {self.n_prefetch or ''}"
                       f" ({self.prefetch_accuracy * 100:.0f}% used)")
         if self.swap_interval is not None:
-            extra += f", swap every {self.swap_interval} tok ({self.swaps_per_token:.2f}/tok)"
+            extra += (f", swap every {self.swap_interval} tok, decay {self.swap_decay or 0:g} "
+                      f"({self.swaps_per_token:.2f}/tok, covers {self.coverage * 100:.1f}% of "
+                      f"top-k mass)")
         if self.notes:
             extra += f" [{'; '.join(self.notes)}]"
         return (f"{self.policy:9s} {self.tok_per_s:8.2f} tok/s  hit {self.hit_rate * 100:5.1f}%  "
@@ -285,47 +291,77 @@ def predict_static(trace: RoutingTrace, slots: Mapping[int, int], k: int, profil
     return _masked("static", trace, slots, k, profile, hits, wanted, notes)
 
 
-def choose_swap_interval(trace: RoutingTrace, slots: Mapping[int, int], k: int,
-                         norms: Mapping[int, np.ndarray], max_swaps: int,
-                         read_tokens: float,
-                         usage: Mapping[int, np.ndarray] | None = None) -> tuple[int, SwapReplay]:
-    """The update interval with the best replayed hit rate among those whose reads keep up
-    (max_swaps reads per window must fit in the window's decode time): the shortest such
-    interval and its doublings up to a quarter of the trace. Ties go to the longer interval,
-    which reads less."""
-    shortest = max(1, math.ceil(max_swaps * read_tokens))
-    best = None
-    interval = shortest
-    while True:
-        replay = simulate_swap(trace, slots, k, norms, interval, max_swaps, read_tokens,
-                               usage=usage)
-        if best is None or replay.hit_rate >= best[1].hit_rate:
-            best = (interval, replay)
-        interval *= 2
-        if interval > max(shortest, trace.n_tokens // 4):
-            return best
+SWAP_INTERVALS = (1, 2, 4, 8, 16, 32, 64)   # tokens per importance window, tried by the planner
+SWAP_DECAYS = (0.0, 0.5, 0.8)                # weight of the previous windows' importance
+COVERAGE_TIE = 1e-4   # schedules whose coverage is this close count as equal
+
+
+@dataclass(frozen=True)
+class SwapSchedule:
+    """swap's update interval and importance decay, chosen on a routing trace, with the replay
+    of every candidate: {(interval, decay): SwapReplay}."""
+    interval: int
+    decay: float
+    replay: SwapReplay
+    tried: Mapping[tuple[int, float], SwapReplay]
+
+    def line(self) -> str:
+        """The candidates' coverage, best decay per interval, for `edgemoe plan`."""
+        best: dict[int, tuple[float, float]] = {}
+        for (interval, decay), r in self.tried.items():
+            if interval not in best or r.coverage > best[interval][0]:
+                best[interval] = (r.coverage, decay)
+        return ("swap schedule by top-k router mass on resident experts (calibration trace): "
+                + ", ".join(f"{i} tok {c * 100:.2f}%" + (f" (decay {d:g})" if d else "")
+                            for i, (c, d) in sorted(best.items())))
+
+
+def choose_swap_schedule(trace: RoutingTrace, slots: Mapping[int, int], k: int,
+                         norms: Mapping[int, np.ndarray], max_swaps: int, read_tokens: float,
+                         usage: Mapping[int, np.ndarray] | None = None,
+                         intervals=SWAP_INTERVALS, decays=SWAP_DECAYS) -> SwapSchedule:
+    """swap's interval and decay with the best quality proxy on the trace: the real SwapPolicy
+    replayed over it (replay.simulate_swap, reads taking read_tokens decode steps each, so a
+    short interval pays for the reads still in flight: their victims are already unroutable),
+    scored by the share of the unmasked top-k's router probability that falls on routable
+    experts (SwapReplay.coverage; it needs no model run). Intervals longer than a quarter of the
+    trace are not tried (too few windows to judge). Within COVERAGE_TIE of the best, the
+    longest interval wins (fewer reads), then the smallest decay."""
+    usable = [i for i in intervals if i <= max(1, trace.n_tokens // 4)] or [min(intervals)]
+    tried = {(i, float(d)): simulate_swap(trace, slots, k, norms, i, max_swaps, read_tokens,
+                                          decay=float(d), usage=usage)
+             for i in usable for d in decays}
+    top = max(r.coverage for r in tried.values())
+    interval, decay = min((key for key, r in tried.items() if r.coverage >= top - COVERAGE_TIE),
+                          key=lambda key: (-key[0], key[1]))
+    return SwapSchedule(interval, decay, tried[(interval, decay)], tried)
 
 
 def predict_swap(trace: RoutingTrace, slots: Mapping[int, int], k: int, profile: Profile,
                  expert_bytes: Mapping[int, int], norms: Mapping[int, np.ndarray],
                  max_swaps: int | None = None, interval: int | None = None,
+                 decay: float = 0.0,
                  usage: Mapping[int, np.ndarray] | None = None) -> Prediction:
+    """swap's prediction; interval None: the schedule (interval and decay) choose_swap_schedule
+    picks, with reads timed by the profile."""
     max_swaps = len(trace.layers) if max_swaps is None else max_swaps   # SwapPolicy's default
     seconds = _masked_seconds(profile, trace.layers, k)
     mean_bytes = float(np.mean(list(expert_bytes.values())))
     read_tokens = profile.read_seconds(int(mean_bytes)) / seconds
+    notes = ()
     if interval is None:
-        interval, replay = choose_swap_interval(trace, slots, k, norms, max_swaps, read_tokens,
-                                                usage)
+        schedule = choose_swap_schedule(trace, slots, k, norms, max_swaps, read_tokens, usage)
+        interval, decay, replay = schedule.interval, schedule.decay, schedule.replay
+        notes = (schedule.line(),)
     else:
         replay = simulate_swap(trace, slots, k, norms, interval, max_swaps, read_tokens,
-                               usage=usage)
+                               decay=decay, usage=usage)
     per_tok = replay.swaps / trace.n_tokens
     pred = _masked("swap", trace, slots, k, profile, replay.hits, replay.wanted,
                    bytes_read_per_token=per_tok * mean_bytes, swap_interval=interval,
-                   swaps_per_token=per_tok)
+                   swap_decay=decay, coverage=replay.coverage, swaps_per_token=per_tok)
     return dataclasses.replace(pred, seconds_per_token=profile.paced(
-        pred.seconds_per_token, pred.bytes_read_per_token))
+        pred.seconds_per_token, pred.bytes_read_per_token), schedule_notes=notes)
 
 
 def predict_ondemand(trace: RoutingTrace, slots: Mapping[int, int], k: int, profile: Profile,
@@ -462,4 +498,5 @@ def plan(budget: Budget, needs: MemoryNeeds, trace: RoutingTrace, profile: Profi
     for p in preds:
         lines.append(p.line())
         lines.append(f"          slots per layer: {' '.join(str(p.slots[l]) for l in sorted(p.slots))}")
+        lines.extend(f"          {note}" for note in p.schedule_notes)
     return preds, lines

@@ -12,6 +12,7 @@ import numpy as np
 from edgemoe.residency.cache import CacheStats
 from edgemoe.residency.loader import VirtualLoader
 from edgemoe.residency.policies import OnDemandPolicy, StaticPolicy, SwapPolicy
+from edgemoe.residency.routing import topk
 from edgemoe.residency.traces import RoutingTrace
 
 
@@ -20,6 +21,9 @@ class SwapReplay:
     hits: int
     wanted: int
     swaps: int
+    # The quality proxy: per (token, layer), the share of the unmasked top-k's router
+    # probability that falls on experts routable at that step, averaged.
+    coverage: float = 1.0
 
     @property
     def hit_rate(self) -> float:
@@ -64,24 +68,33 @@ def simulate_swap(trace: RoutingTrace, slots: Mapping[int, int], k: int,
                     norms={l: norms[l] for l in layers}, interval=interval,
                     max_swaps=max_swaps, margin=margin, decay=decay, initial=initial,
                     loader=loader) as policy:
-        c = replay_masked(policy, trace, loader)
-    return SwapReplay(c.hits, c.hits + c.redirects, c.swaps)
+        c, coverage = replay_masked(policy, trace, loader)
+    return SwapReplay(c.hits, c.hits + c.redirects, c.swaps, coverage)
 
 
 def replay_masked(policy, trace: RoutingTrace, loader: VirtualLoader | None = None):
     """Decode the trace under a masked policy (full, static, swap) as the engine does: each
     step routes with the tables slot_of() gives, the policy observes the unmasked router, the
-    step ends; background reads complete on the loader's clock. Returns its Counters."""
+    step ends; background reads complete on the loader's clock. Returns its Counters and the
+    coverage (SwapReplay.coverage) of the tables the steps routed with."""
     policy.warm()
+    top = {}
+    for l in policy.layers:
+        ids, w = topk(trace.probs[l], policy.k)
+        top[l] = (ids, w / np.maximum(w.sum(axis=1, keepdims=True), 1e-30))
+    covered = 0.0
     for t in range(trace.n_tokens):
         if loader is not None:
             loader.run_until(t)
         for l in policy.layers:
-            policy.slot_of(l)   # the table this step routes with
+            table = policy.slot_of(l)   # the table this step routes with
+            ids, w = top[l][0][t], top[l][1][t]
+            covered += float(w[table[ids] >= 0].sum())
             if policy.observes:
                 policy.observe(l, trace.probs[l][t:t + 1], trace.x_norm[l][t:t + 1])
         policy.end_step(1)
-    return policy.telemetry.counters
+    steps = trace.n_tokens * len(policy.layers)
+    return policy.telemetry.counters, covered / steps if steps else 1.0
 
 
 def simulate_layer(wanted: Sequence[np.ndarray], n_slots: int,
@@ -136,5 +149,5 @@ def simulate_static(trace: RoutingTrace, slots: Mapping[int, int], k: int,
     with StaticPolicy(SimulatedPool(), {l: slots[l] for l in layers}, trace.n_expert, k,
                       scores={l: scores[l] for l in layers},
                       loader=VirtualLoader(0.0)) as policy:
-        c = replay_masked(policy, trace)
+        c, _ = replay_masked(policy, trace)
     return c.hits, c.hits + c.redirects
