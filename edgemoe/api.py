@@ -45,7 +45,9 @@ class Model:
     memory_budget: "2GiB" (the whole process) or "50%" (of the experts' bytes); policy: full,
     swap (the default with a budget), ondemand or static; adaptive_gating: ondemand's threshold
     T; n_prefetch: ondemand's prefetched experts per layer (None: what `edgemoe plan` chose for
-    this budget, else 1); stats: keep a telemetry record per engine step (`write_stats`);
+    this budget, else 1); swap_interval, swap_decay: swap's tokens per importance window and
+    the previous windows' weight (None: what `edgemoe plan` chose for this budget, else the best
+    on the calibration trace); stats: keep a telemetry record per engine step (`write_stats`);
     substitutes: with static or swap under a budget, keep the shard set's low-bit expert
     substitutes resident (when it has them: `edgemoe convert --substitute-type`).
     device_budget: "4GiB" bounds the device's own memory (not the CPU's); repack: expert
@@ -65,6 +67,8 @@ class Model:
         policy: str | None = None,
         adaptive_gating: float | None = None,
         n_prefetch: int | None = None,
+        swap_interval: int | None = None,
+        swap_decay: float | None = None,
         stats: bool = False,
         substitutes: bool = True,
         device_budget: str | None = None,
@@ -77,6 +81,7 @@ class Model:
         self.name = self.shards_path.resolve().name
         self.residency = ResidencyConfig(memory_budget=memory_budget, policy=policy,
                                          adaptive_gating=adaptive_gating, n_prefetch=n_prefetch,
+                                         swap_interval=swap_interval, swap_decay=swap_decay,
                                          substitutes=substitutes, device_budget=device_budget,
                                          quality=quality)
         # The vocabulary first: a budget's measure of the process (open_engine) includes it.

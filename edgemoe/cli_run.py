@@ -126,7 +126,8 @@ def open_model(args: argparse.Namespace):
     return Model(resolve_shards(args.shards), n_ctx=args.ctx_size, n_threads=args.threads,
                  device=args.device, n_batch=args.batch_size, memory_budget=cfg.memory_budget,
                  policy=cfg.policy, adaptive_gating=cfg.adaptive_gating,
-                 n_prefetch=cfg.n_prefetch, stats=args.stats_json is not None,
+                 n_prefetch=cfg.n_prefetch, swap_interval=cfg.swap_interval,
+                 swap_decay=cfg.swap_decay, stats=args.stats_json is not None,
                  substitutes=cfg.substitutes, device_budget=cfg.device_budget,
                  quality=cfg.quality,
                  repack=args.repack)

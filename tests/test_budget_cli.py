@@ -17,6 +17,7 @@ from edgemoe.residency.calibration import Calibration  # noqa: E402
 from edgemoe.residency.routing import topk  # noqa: E402
 from edgemoe.residency.sensitivity import threshold_for_drop_rate  # noqa: E402
 from edgemoe.residency.traces import RoutingTrace  # noqa: E402
+from edgemoe.cli_run import open_model  # noqa: E402
 from edgemoe.runtime import (PLAN_FILE, TRACE_FILE, ResidencyConfig, StepLog,  # noqa: E402
                              open_engine, write_stats_json)
 
@@ -169,3 +170,9 @@ def test_swap_schedule_from_plan_or_trace(shards, capsys):
                                 len(plan.slots), 1.0, cal.usage)
     assert (got_interval, got_decay) == (want.interval, want.decay) != (3, 0.3)
     (shards / PLAN_FILE).unlink()
+    # The CLI's flags reach the policy through the Python API.
+    args = cli.build_parser().parse_args(["perplexity", str(shards), "-f", "x.txt", "-c", "32",
+                                          "--memory-budget", "50%", "--swap-interval", "5",
+                                          "--swap-decay", "0.25"])
+    with open_model(args) as model:
+        assert (model.engine.policy.interval, model.engine.policy.tracker.decay) == (5, 0.25)
