@@ -82,15 +82,16 @@ def _engine_opener(shards_path: Path, n_threads: int | None, **fixed):
 
 
 def calibrate(shards_path: str | Path, tokens: list[int], samples: int = 16, window: int = 16,
-              n_threads: int | None = None,
-              seed: int = 0) -> tuple[calib.Calibration, RoutingTrace]:
+              n_threads: int | None = None, seed: int = 0,
+              n_ctx: int | None = None) -> tuple[calib.Calibration, RoutingTrace]:
     """Norms, usage, sensitivities and the routing trace of `tokens` (residency.calibration)."""
     from edgemoe.shardset import ShardSet
 
     shards_path = Path(shards_path)
     opener = _engine_opener(shards_path, n_threads, n_ctx=len(tokens),
                             n_batch=min(256, len(tokens)))
-    return calib.calibrate(opener, ShardSet.open(shards_path), tokens, samples, window, seed)
+    return calib.calibrate(opener, ShardSet.open(shards_path), tokens, samples, window, seed,
+                           n_ctx)
 
 
 def measure_profile(shards_path: str | Path, n_threads: int | None = None, n_decode: int = 64,
@@ -187,7 +188,8 @@ def _calibrate_cmd(args: argparse.Namespace) -> int:
     text = Path(args.text).read_text(errors="replace") if args.text else DEFAULT_TEXT
     tokens = calibration_tokens(path, text, args.tokens)
     t0 = time.perf_counter()
-    cal, trace = calibrate(path, tokens, args.samples, args.window, args.threads)
+    cal, trace = calibrate(path, tokens, args.samples, args.window, args.threads,
+                           n_ctx=args.ctx_size)
     saved = cal.save(path)
     trace.save(path / TRACE_FILE)
     print(f"calibrated on {len(tokens)} tokens in {time.perf_counter() - t0:.1f} s: "
@@ -260,6 +262,11 @@ def register(subparsers) -> None:
                    "(default: %(default)s)")
     c.add_argument("--window", type=ranged(int, 1), default=16, metavar="N",
                    help="positions over which a dropped expert's KL is summed "
+                   "(default: %(default)s)")
+    c.add_argument("-c", "--ctx-size", type=ranged(int, 8), default=256, metavar="N",
+                   help="read the text in windows of N tokens, each from an empty context, as "
+                   "runs of that length see it (a model routes differently at positions it was "
+                   "not trained at; swap's schedule and the slot DP follow the recorded routing) "
                    "(default: %(default)s)")
     c.add_argument("-t", "--threads", type=ranged(int, 1, 1024), default=None, metavar="N")
     c.set_defaults(func=_calibrate_cmd)

@@ -176,3 +176,21 @@ def test_swap_schedule_from_plan_or_trace(shards, capsys):
                                           "--swap-decay", "0.25"])
     with open_model(args) as model:
         assert (model.engine.policy.interval, model.engine.policy.tracker.decay) == (5, 0.25)
+
+
+def test_calibration_reads_the_text_in_windows(shards):
+    """Routing is recorded in windows of --ctx-size tokens, each from an empty context: the
+    second window's rows are those of calibrating on it alone, and differ from the rows of one
+    long context (the router sees the positions a run of that length never reaches)."""
+    from edgemoe.cli_budget import calibrate
+
+    tokens = [3 + (7 * i) % 90 for i in range(48)]
+    _, windowed = calibrate(shards, tokens, samples=0, n_threads=1, n_ctx=24)
+    _, alone = calibrate(shards, tokens[24:], samples=0, n_threads=1)
+    _, long = calibrate(shards, tokens, samples=0, n_threads=1)
+    for l in windowed.layers:
+        assert windowed.probs[l].shape == (48, 8)
+        np.testing.assert_allclose(windowed.probs[l][24:], alone.probs[l], atol=1e-5)
+        np.testing.assert_allclose(windowed.probs[l][:24], long.probs[l][:24], atol=1e-5)
+        assert np.abs(windowed.probs[l][24:] - long.probs[l][24:]).max() > 1e-3
+    assert set(windowed.predicted) == {1} and windowed.predicted[1].shape == (48, 8)

@@ -126,21 +126,24 @@ class DropOnePolicy(OnDemandPolicy):
 
 
 def calibrate(open_engine: Callable, shards, tokens: list[int], samples: int = 16,
-              window: int = 16, seed: int = 0) -> tuple[Calibration, RoutingTrace]:
+              window: int = 16, seed: int = 0,
+              n_ctx: int | None = None) -> tuple[Calibration, RoutingTrace]:
     """Norms, usage, sensitivities and the routing trace of `tokens`, with every expert
     resident. open_engine(policy=None | factory) opens an engine on the shard set (n_ctx at
     least len(tokens)). Two passes: the full policy with a RoutingRecorder gives each layer's
     router probabilities and the experts' input norms; exact routing (DropOnePolicy) gives the
     next layer's router on each layer's input, and hosts the drops of the isolated
-    sensitivities (see _isolated_sensitivity)."""
+    sensitivities (see _isolated_sensitivity). Both passes read the text in windows of n_ctx
+    tokens (None: all of it), each from an empty context, as runs of that length see it: a
+    model routes differently at positions it was not trained at, and the trace must show the
+    routing the runs will meet."""
     norms = compute_norms(shards)
     layers = list(shards.expert_layers)
     k = shards.n_expert_used
     recorder = RoutingRecorder()
     with open_engine() as engine:
         engine.add_observer(recorder)
-        for start in range(0, len(tokens), engine.n_batch):
-            engine.eval(tokens[start:start + engine.n_batch], all_logits=False)
+        _eval_windows(engine, tokens, n_ctx)
     policy: list[DropOnePolicy] = []
 
     def drop_one(pool):
@@ -149,8 +152,7 @@ def calibrate(open_engine: Callable, shards, tokens: list[int], samples: int = 1
 
     with open_engine(policy=drop_one) as engine:
         engine.add_observer(recorder)
-        for start in range(0, len(tokens), engine.n_batch):
-            engine.eval(tokens[start:start + engine.n_batch], all_logits=False)
+        _eval_windows(engine, tokens, n_ctx)
         engine.remove_observer(recorder)
         sensitivity = None
         if k > 1 and samples > 0:
@@ -163,6 +165,17 @@ def calibrate(open_engine: Callable, shards, tokens: list[int], samples: int = 1
     cal = Calibration(norms=norms, usage=usage, sensitivity=sensitivity,
                       sensitivity_method="isolated" if sensitivity else None, tokens=len(tokens))
     return cal, trace
+
+
+def _eval_windows(engine, tokens: list[int], n_ctx: int | None) -> None:
+    """Evaluate `tokens` in windows of n_ctx (None: one window), each from an empty context,
+    n_batch tokens per step."""
+    n_ctx = n_ctx or len(tokens)
+    for start in range(0, len(tokens), n_ctx):
+        engine.reset()
+        window = tokens[start:start + n_ctx]
+        for b in range(0, len(window), engine.n_batch):
+            engine.eval(window[b:b + engine.n_batch], all_logits=False)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
