@@ -27,7 +27,6 @@ Time per decoded token:
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from dataclasses import dataclass, field
