@@ -83,6 +83,17 @@ def test_calibrate_then_plan_then_run_uses_the_plan(shards, capsys):
         depth = doc["policies"]["ondemand"]["n_prefetch"]
         assert depth in (0, 1, 2) and "prefetch depth 0: " in out
         assert engine.policy.n_prefetch == depth
+    # --quality balanced's wait threshold is the plan's (from the same calibration routing).
+    planned_t = doc["policies"]["ondemand"]["wait_thresholds"]["balanced"]
+    assert planned_t > 0
+    doc["policies"]["ondemand"]["wait_thresholds"]["balanced"] = 2 * planned_t
+    (shards / PLAN_FILE).write_text(json.dumps(doc))
+    engine, _ = open_engine(shards, ResidencyConfig(memory_budget="50%", quality="balanced"),
+                            n_ctx=32, n_threads=1)
+    with engine:
+        assert engine.policy.wait_threshold == 2 * planned_t
+        assert engine.policy.substitute_threshold == float("inf")
+    doc["policies"]["ondemand"]["wait_thresholds"]["balanced"] = planned_t
     # A plan made for another context size or KV type is not used (its prefetch depth 2 is
     # not taken: 1 without a plan), and the run says so once.
     (shards / PLAN_FILE).write_text(json.dumps(

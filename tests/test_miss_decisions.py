@@ -14,24 +14,27 @@ def test_miss_decisions_follow_sensitivity_and_residency():
     ids, w = topk(probs, 3, renormalize=True)
     resident = rng.random(8) < 0.5
     sub = rng.random(8) < 0.5
+    score = w ** 2   # s_l = 1
+    miss = ~resident[ids]
+    has_sub = sub[ids]
     for t in (0.0, 0.02, 0.1, math.inf):
-        out, ow, act = miss_decisions(ids, w, resident, sub, 1.0, t)
-        miss = ~resident[ids]
-        assert ((act >= 0) == miss).all()                      # decisions for misses only
-        assert (out[act == DROP] == -1).all() and (out[act != DROP] == ids[act != DROP]).all()
-        assert sub[ids[act == SUBSTITUTE]].all()               # substitutes only if resident
-        assert not sub[ids[act == DROP]].any()                # drop only without one
-        assert ((out >= 0).sum(axis=1) >= 1).all()             # a token keeps an expert
-        assert np.allclose(ow.sum(axis=1), w.sum(axis=1), atol=1e-5)
-        score = w ** 2
-        if t == 0.0:
-            assert (act[miss] == WAIT).all()                   # threshold 0: exact
-        else:
-            # Above the threshold a miss always waits; below it waits only as a token's last.
-            assert (act[miss & (score >= t)] == WAIT).all()
-            below = miss & (score < t) & (act == WAIT)
+        for ts in (0.0, 0.1, math.inf):
+            out, ow, act = miss_decisions(ids, w, resident, sub, 1.0, t, ts)
+            assert ((act >= 0) == miss).all()                  # decisions for misses only
+            assert (out[act == DROP] == -1).all() and (out[act != DROP] == ids[act != DROP]).all()
+            assert has_sub[act == SUBSTITUTE].all()            # substitutes only if resident
+            assert not has_sub[act == DROP].any()              # drop only without one
+            assert ((out >= 0).sum(axis=1) >= 1).all()         # a token keeps an expert
+            assert np.allclose(ow.sum(axis=1), w.sum(axis=1), atol=1e-5)
+            # With a substitute: wait at or above ts, else substitute.
+            assert (act[miss & has_sub & (score >= ts)] == WAIT).all()
+            assert (act[miss & has_sub & (score < ts)] == SUBSTITUTE).all()
+            # Without: wait at or above t; below it only as a token's last expert.
+            assert (act[miss & ~has_sub & (score >= t)] == WAIT).all()
+            below = miss & ~has_sub & (score < t) & (act == WAIT)
             assert ((out[below.any(axis=1)] >= 0).sum(axis=1) == 1).all()
-        if t == math.inf:
-            # fast: with every substitute resident nothing would wait
-            _, _, a2 = miss_decisions(ids, w, resident, np.ones(8, bool), 1.0, t)
-            assert not (a2 == WAIT).any() and (a2[miss] == SUBSTITUTE).all()
+            if t == ts == 0.0:
+                assert (act[miss] == WAIT).all()               # both 0: exact
+    # fast with every substitute resident: nothing waits
+    _, _, act = miss_decisions(ids, w, resident, np.ones(8, bool), 1.0, math.inf, math.inf)
+    assert not (act == WAIT).any() and (act[miss] == SUBSTITUTE).all()

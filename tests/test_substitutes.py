@@ -96,13 +96,15 @@ def test_a_substitute_tier_needs_a_policy_that_uses_it(shard_sets):
 
 # -- ondemand's per-miss decisions (routing.miss_decisions) on the substitute tier --------------
 
-def _decode(path, wait_threshold=None, substitutes=True, n_prefetch=1):
+def _decode(path, wait_threshold=None, substitutes=True, n_prefetch=1,
+            substitute_threshold=math.inf):
     """Prompt of 4 tokens, then one token per step; (logits of every token, counters of the
     decode steps, policy)."""
     def policy(pool):
         return OnDemandPolicy(pool, {l: 2 for l in pool.layers}, 4, 2, n_prefetch=n_prefetch,
                               sensitivity={l: 1.0 for l in pool.layers},
                               wait_threshold=wait_threshold,
+                              substitute_threshold=substitute_threshold,
                               substitutes={l: 4 for l in pool.layers} if substitutes else None)
     with Engine(path, n_ctx=32, n_threads=1, kv_type="f32", n_slots=2, policy=policy,
                 n_substitutes={0: 4, 1: 4} if substitutes else None) as engine:
@@ -118,7 +120,7 @@ def _decode(path, wait_threshold=None, substitutes=True, n_prefetch=1):
 def test_threshold_zero_is_exact_bit_for_bit(shard_sets):
     # No prefetch: whether a prefetch lands before the layer asks is a race the counts show.
     exact, ce, _ = _decode(shard_sets / "Q4_0", None, n_prefetch=0)
-    zero, cz, _ = _decode(shard_sets / "Q4_0", 0.0, n_prefetch=0)
+    zero, cz, _ = _decode(shard_sets / "Q4_0", 0.0, n_prefetch=0, substitute_threshold=0.0)
     assert np.array_equal(exact, zero)
     assert cz.misses == ce.misses > 0 and cz.substituted == cz.dropped == 0
 
@@ -135,6 +137,17 @@ def test_fast_never_waits_and_substitutes_run_in_place(shard_sets):
     assert c.hits + c.substituted == c.layer_steps * 2 == c.experts_run
     # Each substitute run queued its full weights: they arrived for later tokens.
     assert c.loads >= c.substituted // 2 and pol._filling == {l: set() for l in pol.layers}
+
+
+def test_balanced_substitutes_rather_than_waits(shard_sets):
+    # Waiting for every miss without a substitute (none here: all 4 resident) and substituting
+    # otherwise never waits in decode, as fast does.
+    got, c, _ = _decode(shard_sets / "Q8_0", 0.0)
+    assert c.misses == 0 and c.substituted > 0 and c.dropped == 0
+    # Without the tier, wait_threshold 0 is exact.
+    exact, _, _ = _decode(shard_sets / "Q4_0", None, substitutes=False, n_prefetch=0)
+    zero, cz, _ = _decode(shard_sets / "Q4_0", 0.0, substitutes=False, n_prefetch=0)
+    assert np.array_equal(exact, zero) and cz.dropped == cz.substituted == 0
 
 
 def test_drops_mask_only_missing_experts_and_are_counted(shard_sets):

@@ -24,6 +24,7 @@ a layer whose experts are running.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 import warnings
@@ -354,7 +355,8 @@ class OnDemandPolicy(Policy):
     Per-miss decisions (`wait_threshold`, decode only; needs `sensitivity`): each chosen expert
     that is not resident waits (loaded, then run: exact), runs its resident substitute while its
     full weights load in the background for the tokens after (HOBBIT), or is dropped with its
-    weight given to the others (routing.miss_decisions). `quality` names the `--quality`
+    weight given to the others (routing.miss_decisions: a miss with its substitute resident
+    waits only at s_l * w^2 >= `substitute_threshold`, one without at >= `wait_threshold`). `quality` names the `--quality`
     setting the threshold came from, for telemetry: exact (None: no decisions), balanced (wait
     above the threshold), fast (inf: never wait while anything else can run). With
     `substitutes` ({layer: n}) n low-bit copies per layer are loaded by warm(), the experts of
@@ -365,7 +367,8 @@ class OnDemandPolicy(Policy):
     def __init__(self, pool, slots, n_expert, n_expert_used, n_prefetch: int = 1,
                  sensitivity: Mapping[int, float] | None = None, threshold: float | None = None,
                  telemetry=None, loader=None, substitutes: Mapping[int, int] | None = None,
-                 wait_threshold: float | None = None, quality: str | None = None,
+                 wait_threshold: float | None = None, substitute_threshold: float = math.inf,
+                 quality: str | None = None,
                  substitute_order: Mapping[int, Sequence[int]] | None = None):
         super().__init__(pool, slots, n_expert, n_expert_used, telemetry, loader, substitutes)
         needs_sens = threshold is not None or wait_threshold is not None
@@ -378,6 +381,7 @@ class OnDemandPolicy(Policy):
         self.sensitivity = dict(sensitivity or {})
         self.threshold = threshold
         self.wait_threshold = wait_threshold
+        self.substitute_threshold = substitute_threshold
         self.quality = quality   # the --quality setting these thresholds came from, if any
         self._substitute_order = substitute_order
         self._pending = {l: {} for l in self.layers}       # expert -> Future of a prefetch read
@@ -413,7 +417,8 @@ class OnDemandPolicy(Policy):
                 sub_slot = (self.sub_tables[layer].array() if self.sub_tables
                             else np.full(self.n_expert, -1, dtype=np.int32))
             ids, weights, action = miss_decisions(ids, weights, resident, sub_slot >= 0,
-                                                  self.sensitivity[layer], self.wait_threshold)
+                                                  self.sensitivity[layer], self.wait_threshold,
+                                                  self.substitute_threshold)
             on_sub = action == SUBSTITUTE
             subs = {int(e): int(sub_slot[e]) for e in np.unique(ids[on_sub])}
             # Substitute runs are not loaded now; their full weights are, in the background.

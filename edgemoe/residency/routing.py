@@ -73,17 +73,20 @@ WAIT, SUBSTITUTE, DROP = 0, 1, 2   # what a miss does (per_miss decisions)
 
 
 def miss_decisions(ids: np.ndarray, weights: np.ndarray, resident: np.ndarray,
-                   substitute: np.ndarray, sensitivity: float, wait_threshold: float
+                   substitute: np.ndarray, sensitivity: float, wait_threshold: float,
+                   substitute_threshold: float = np.inf
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What each expert of a top-k selection (ids (n_tokens, k), -1 already dropped; weights
     (n_tokens, k)) does when it is not resident (resident, substitute: (n_expert,) bool, whose
     full weights / whose low-bit copy are resident now). A miss's sensitivity is AdapMoE's
-    s_l * w^2 with w renormalised over the k chosen:
-      >= wait_threshold  wait: load it, then run it (exact);
-      else, with its substitute resident  substitute: run the low-bit copy now (HOBBIT);
+    s_l * w^2 with w renormalised over the k chosen. With its substitute resident:
+      >= substitute_threshold  wait: load it, then run it (exact);
+      else  substitute: run the low-bit copy now (HOBBIT: a low-precision copy costs ~1%);
+    without:
+      >= wait_threshold  wait;
       else  drop: mask it, its weight goes to the experts that run (adaptive gating's
             renormalisation), unless it is the token's last expert, which waits.
-    wait_threshold 0 waits for every miss (exact), inf never waits while anything else can run.
+    Both 0: every miss waits (exact); both inf: nothing waits while anything else can run.
     Returns (ids with drops as -1, weights renormalised to the same total, action (n_tokens, k)
     int8: -1 for hits and dropped-before ids, else WAIT / SUBSTITUTE / DROP)."""
     ids = np.asarray(ids, dtype=np.int32)
@@ -94,9 +97,11 @@ def miss_decisions(ids: np.ndarray, weights: np.ndarray, resident: np.ndarray,
     total = weights.sum(axis=1, keepdims=True)                          # (n_tokens, 1)
     score = sensitivity * (weights / total) ** 2
     action = np.full(ids.shape, -1, dtype=np.int8)
+    has_sub = np.asarray(substitute, bool)[safe]
     action[miss] = DROP
-    action[miss & np.asarray(substitute, bool)[safe]] = SUBSTITUTE
-    action[miss & (score >= wait_threshold)] = WAIT
+    action[miss & has_sub] = SUBSTITUTE
+    action[miss & ~has_sub & (score >= wait_threshold)] = WAIT
+    action[miss & has_sub & (score >= substitute_threshold)] = WAIT
     # A token keeps at least one expert: if every chosen one would drop, its best waits.
     kept = chosen & (action != DROP)
     lost = ~kept.any(axis=1) & chosen.any(axis=1)
