@@ -45,8 +45,9 @@ def _table(header, rows) -> list[str]:
 
 def _quality_of(results, runner: str, budget: str) -> dict | None:
     q = ((results.get("quality") or {}).get("figures") or {}).get("runners", {})
-    name = "ondemand" if runner.startswith("ondemand") and runner != "ondemand+gating" \
-        else runner
+    # The exact ondemand runners share ondemand's (lossless) quality; the lossy ones
+    # (+gating, +balanced, +fast) have their own row.
+    name = "ondemand" if runner in ("ondemand", "ondemand+prefetch") else runner
     row = (q.get(name) or {}).get(budget)
     return row if row and "error" not in row else None
 

@@ -356,11 +356,10 @@ class OnDemandPolicy(Policy):
     that is not resident waits (loaded, then run: exact), runs its resident substitute while its
     full weights load in the background for the tokens after (HOBBIT), or is dropped with its
     weight given to the others (routing.miss_decisions: a miss with its substitute resident
-    waits only at s_l * w^2 >= `substitute_threshold`, one without at >= `wait_threshold`). `quality` names the `--quality`
-    setting the threshold came from, for telemetry: exact (None: no decisions), balanced (wait
-    above the threshold), fast (inf: never wait while anything else can run). With
-    `substitutes` ({layer: n}) n low-bit copies per layer are loaded by warm(), the experts of
-    `substitute_order` first (default: by id)."""
+    waits only at s_l * w^2 >= `substitute_threshold`, one without at >= `wait_threshold`).
+    `quality` names the `--quality` setting the thresholds came from, for telemetry: exact
+    (None: no decisions), balanced, fast. With `substitutes` ({layer: n}) n low-bit copies per
+    layer are loaded by warm(), the experts of `substitute_order` first (default: by id)."""
     name = "ondemand"
     masked = False
 
