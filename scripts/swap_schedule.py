@@ -3,6 +3,7 @@
 proxy's choice track real quality?
 
     python scripts/swap_schedule.py SHARDS --budget 50% [--trace FILE] [--quality-dir DIR]
+                                       [--no-substitutes]
 
 For the slots a run at --budget gets (runtime.choose_slots: plan.json, else the trace's DP), the
 real SwapPolicy is replayed over a routing trace (default: SHARDS/routing_trace.npz from
@@ -26,13 +27,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def measured_ppl(quality_dir: Path | None, budget: str, interval: int, decay: float):
+def measured_ppl(quality_dir: Path | None, budget: str, interval: int, decay: float,
+                 substitutes: bool = True):
     """Perplexity (and its ratio to full) of swap with this schedule from quality_at_budget's
     JSON files, or None."""
     if quality_dir is None:
         return None
-    d = f"{decay:g}"
-    path = quality_dir / f"swap_swapinterval{interval}_swapdecay{d}_{budget.rstrip('%')}.json"
+    tag = f"swap_swapinterval{interval}_swapdecay{decay:g}" + ("" if substitutes
+                                                              else "_nosubstitutes")
+    path = quality_dir / f"{tag}_{budget.rstrip('%')}.json"
     full = quality_dir / "full.json"
     if not path.exists() or not full.exists():
         return None
@@ -59,6 +62,9 @@ def main() -> int:
     ap.add_argument("--quality-dir", type=Path, default=None,
                     help="quality_at_budget.py's --workdir with swap runs per schedule")
     ap.add_argument("-c", "--ctx-size", type=int, default=256)
+    ap.add_argument("--no-substitutes", dest="substitutes", action="store_false",
+                    help="the slots of a run without the substitute tier, and its measurements "
+                    "(quality_at_budget's swap:...,--no-substitutes)")
     args = ap.parse_args()
 
     from edgemoe.residency import calibration as calib
@@ -69,7 +75,7 @@ def main() -> int:
     from edgemoe.shardset import ShardSet
 
     shards = ShardSet.open(args.shards)
-    cfg = ResidencyConfig(memory_budget=args.budget, policy="swap")
+    cfg = ResidencyConfig(memory_budget=args.budget, policy="swap", substitutes=args.substitutes)
     needs = needs_from_files(shards, args.ctx_size, "f16")
     slots = choose_slots(shards, cfg, needs, PlanKey.of(cfg.budget, args.ctx_size, "f16", None))
     trace = RoutingTrace.load(args.trace or args.shards / TRACE_FILE)
@@ -84,7 +90,7 @@ def main() -> int:
     rows = sorted(schedule.tried.items(), key=lambda kv: -kv[1].coverage)
     proxy, ppl, keys = [], [], []
     for (interval, decay), r in rows:
-        m = measured_ppl(args.quality_dir, args.budget, interval, decay)
+        m = measured_ppl(args.quality_dir, args.budget, interval, decay, args.substitutes)
         mark = " <- chosen" if (interval, decay) == (schedule.interval, schedule.decay) else ""
         print(f"{interval:8d} {decay:5g} {r.coverage * 100:7.2f}% {r.hit_rate * 100:5.1f}% "
               f"{r.swaps:6d} " + (f"{m[0]:8.3f} {m[1] * 100:+7.1f}%" if m else f"{'-':>8s} "
