@@ -415,14 +415,17 @@ class OnDemandPolicy(Policy):
                 resident = self.tables[layer].array() >= 0
                 sub_slot = (self.sub_tables[layer].array() if self.sub_tables
                             else np.full(self.n_expert, -1, dtype=np.int32))
-            ids, weights, action = miss_decisions(ids, weights, resident, sub_slot >= 0,
-                                                  self.sensitivity[layer], self.wait_threshold,
-                                                  self.substitute_threshold)
-            on_sub = action == SUBSTITUTE
-            subs = {int(e): int(sub_slot[e]) for e in np.unique(ids[on_sub])}
-            # Substitute runs are not loaded now; their full weights are, in the background.
-            protect = frozenset(np.unique(ids[(ids >= 0) & ~on_sub]).tolist())
-            with self._lock:
+                ids, weights, action = miss_decisions(
+                    ids, weights, resident, sub_slot >= 0, self.sensitivity[layer],
+                    self.wait_threshold, self.substitute_threshold)
+                on_sub = action == SUBSTITUTE
+                subs = {int(e): int(sub_slot[e]) for e in np.unique(ids[on_sub])}
+                # The experts that run from full slots: from now on no read of this layer
+                # (a prefetch, a fill) may take their slots, so a hit stays a hit until
+                # ensure() hands it out, and a decision not to wait holds.
+                protect = self._in_use[layer] = frozenset(
+                    np.unique(ids[(ids >= 0) & ~on_sub]).tolist())
+                # Substitute runs are not loaded now; their full weights are, in the background.
                 for e in subs:
                     # A prefetch of it already queued becomes its fill (ensure() keeps it).
                     self._filling[layer].add(e)
