@@ -9,14 +9,22 @@ from edgemoe.errors import EdgeMoeError
 
 
 def add_rpc_arg(p: argparse.ArgumentParser) -> None:
+    from edgemoe.cli import ranged
+
     p.add_argument("--rpc", default=None, metavar="HOST:PORT[,...]",
                    help="use the devices of llama.cpp's rpc-server(s) at these endpoints "
                    "(ggml-rpc-server from a build with `scripts/build_backend.sh rpc`); they "
                    "become RPC0, RPC1, ... and, unless --device says otherwise, the device")
+    p.add_argument("--rpc-timeout", type=ranged(float, 0.0), default=None, metavar="SECONDS",
+                   help="end the run with an error when an RPC server leaves a request "
+                   "unanswered this long (stopped, overloaded or unreachable); it must exceed "
+                   "the longest graph the server computes, e.g. a whole prompt batch on a slow "
+                   "peer; 0 waits forever (default: 120)")
 
 
-def register_rpc(endpoints: str | None) -> list[str]:
-    """Register the rpc-servers named by --rpc; returns their device names."""
+def register_rpc(endpoints: str | None, timeout: float | None = None) -> list[str]:
+    """Register the rpc-servers named by --rpc (each request's reply awaited at most
+    `timeout` seconds; None: the default); returns their device names."""
     if not endpoints:
         return []
     from edgemoe import ggml
@@ -25,7 +33,8 @@ def register_rpc(endpoints: str | None) -> list[str]:
     for endpoint in (e.strip() for e in endpoints.split(",")):
         if not endpoint:
             raise EdgeMoeError(f"--rpc {endpoints!r}: an empty endpoint")
-        names += ggml.add_rpc_server(endpoint)
+        names += ggml.add_rpc_server(
+            endpoint, reply_timeout=ggml.RPC_TIMEOUT if timeout is None else timeout)
     return names
 
 
@@ -38,7 +47,7 @@ def _size(n: int) -> str:
 def cmd_devices(args: argparse.Namespace) -> int:
     from edgemoe import _lib, ggml
 
-    register_rpc(args.rpc)
+    register_rpc(args.rpc, args.rpc_timeout)
     devices = ggml.list_devices()
     if args.json:
         print(json.dumps({"lib_dir": str(_lib.lib_dir()), "cpu_features": ggml.backend_features(),

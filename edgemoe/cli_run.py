@@ -122,7 +122,7 @@ def open_model(args: argparse.Namespace):
     from edgemoe.api import Model
 
     cfg = residency_config(args)
-    register_rpc(args.rpc)
+    register_rpc(args.rpc, args.rpc_timeout)
     return Model(resolve_shards(args.shards), n_ctx=args.ctx_size, n_threads=args.threads,
                  device=args.device, n_batch=args.batch_size, memory_budget=cfg.memory_budget,
                  policy=cfg.policy, adaptive_gating=cfg.adaptive_gating,

@@ -21,6 +21,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from ctypes import POINTER, c_bool, c_char_p, c_float, c_int, c_int64, c_size_t, c_void_p
 
 import numpy as np
@@ -397,17 +398,32 @@ def backend_features(reg_name: str = "CPU") -> dict[str, str]:
 # -- llama.cpp's RPC backend: devices of an rpc-server on another machine (or process) --------
 
 _rpc_servers: dict[str, list[str]] = {}   # endpoint -> names of the devices it registered
+_rpc_timeouts: dict[str, float] = {}      # endpoint -> seconds a request may go unanswered (0: none)
+_rpc_armed: dict[str, float] = {}         # connection ("socket:[inode]") -> when first armed
+_rpc_silent: set[str] = set()             # endpoints whose handshake went unanswered
+_rpc_guard: list[threading.Thread] = []
+RPC_TIMEOUT = 120.0   # the default: far above one graph on a slow peer, far below "forever"
 _ABORT_CB = ctypes.CFUNCTYPE(None, c_char_p)
+_TCP_ESTABLISHED = 1
 
 
 def _on_ggml_abort(message: bytes) -> None:
-    """ggml is about to abort() the process (its RPC client does on any socket error, on a
-    thread of its own): name the peer and exit with an error instead of a core dump."""
+    """ggml is about to abort() the process (its RPC client does on any socket error, a
+    timed-out receive included, on a thread of its own): name the peer and exit with an error
+    instead of a core dump."""
     text = (message or b"").decode(errors="replace").strip()
     if _rpc_servers and "RPC" in text:
-        peers = ", ".join(_rpc_servers)
-        sys.stderr.write(f"edgemoe: error: lost the RPC server at {peers} (it stopped, or "
-                         f"refused the connection): {text}\n")
+        # A connection still open means the peer went quiet (the timeout fired); a closed one
+        # means it went away.
+        silent = sorted(_rpc_silent | {endpoint for endpoint, _fd, state in _rpc_connections()
+                                       if state == _TCP_ESTABLISHED and _rpc_timeouts.get(endpoint)})
+        if silent:
+            said = ", ".join(f"{e} did not answer within {_rpc_timeouts[e]:g} s" for e in silent)
+            sys.stderr.write(f"edgemoe: error: lost the RPC server: {said} (--rpc-timeout; "
+                             f"it is stopped, overloaded or unreachable): {text}\n")
+        else:
+            sys.stderr.write(f"edgemoe: error: lost the RPC server at {', '.join(_rpc_servers)} "
+                             f"(it stopped, or refused the connection): {text}\n")
         sys.stderr.flush()
         os._exit(1)
     sys.stderr.write(f"edgemoe: ggml aborted: {text}\n")
@@ -424,13 +440,18 @@ def _parse_endpoint(endpoint: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def add_rpc_server(endpoint: str, timeout: float = 5.0) -> list[str]:
+def add_rpc_server(endpoint: str, timeout: float = 5.0, reply_timeout: float = RPC_TIMEOUT
+                   ) -> list[str]:
     """Register the devices of llama.cpp's rpc-server at HOST:PORT (ggml-rpc-server from the
     same llama.cpp build) and return their names (RPC0, RPC1, ...). The server is reached with a
     plain TCP connect first, so a dead or refusing peer is an error within `timeout` seconds,
-    not an abort inside ggml."""
+    not an abort inside ggml. ggml's RPC client waits for a reply forever; the connections it
+    opens to the server get `reply_timeout` seconds instead (0: none), after which the run ends
+    with an error naming the peer: see arm_rpc_sockets."""
     if endpoint in _rpc_servers:
         return _rpc_servers[endpoint]
+    if reply_timeout < 0:
+        raise EdgeMoeError(f"RPC reply timeout {reply_timeout}: expected seconds >= 0 (0: none)")
     host, port = _parse_endpoint(endpoint)
     try:
         socket.create_connection((host, port), timeout=timeout).close()
@@ -444,9 +465,20 @@ def add_rpc_server(endpoint: str, timeout: float = 5.0) -> list[str]:
         raise EdgeMoeError(f"this ggml build ({_lib.lib_dir()}) has no RPC backend; build one "
                            "with scripts/build_backend.sh rpc and set EDGEMOE_LIB_DIR")
     lib.ggml_set_abort_callback(ctypes.cast(_abort_cb, c_void_p))
-    server = ctypes.CFUNCTYPE(c_void_p, c_char_p)(add)(endpoint.encode())
-    if not server:
-        raise EdgeMoeError(f"RPC server {endpoint}: it reported no device")
+    _rpc_timeouts[endpoint] = float(reply_timeout)
+    _rpc_servers[endpoint] = []   # its connections are armed from here on (the guard below)
+    if reply_timeout and not _rpc_guard and sys.platform.startswith("linux"):
+        guard = threading.Thread(target=_guard_rpc_sockets, name="edgemoe-rpc-timeouts",
+                                 daemon=True)
+        guard.start()
+        _rpc_guard.append(guard)
+    try:
+        server = ctypes.CFUNCTYPE(c_void_p, c_char_p)(add)(endpoint.encode())
+        if not server:
+            raise EdgeMoeError(f"RPC server {endpoint}: it reported no device")
+    except BaseException:
+        del _rpc_servers[endpoint]
+        raise
     names = []
     for i in range(lib.ggml_backend_reg_dev_count(server)):
         dev = lib.ggml_backend_reg_dev_get(server, i)
@@ -456,49 +488,135 @@ def add_rpc_server(endpoint: str, timeout: float = 5.0) -> list[str]:
     return names
 
 
+def arm_rpc_sockets() -> int:
+    """Give this process's TCP connections to its RPC servers their reply timeouts; returns
+    how many were newly armed. ggml's RPC client (one connection per server, opened by ggml
+    whenever none is alive) blocks in recv()/send() with no timeout, so a peer that stops
+    answering without closing its socket (a stopped process, a link that drops packets) would
+    hang the run forever. With SO_RCVTIMEO/SO_SNDTIMEO a wait that long fails, ggml's client
+    aborts and _on_ggml_abort names the peer; TCP_USER_TIMEOUT and keepalive probes end a
+    connection whose packets go unacknowledged (a dead link) in about the same time. A reply
+    only waits while the peer works on a request (ggml sends a graph and waits at the next
+    read of its result), so the timeout must exceed the longest graph the peer computes.
+
+    A receive already waiting when its socket is armed keeps waiting (Linux reads the timeout
+    when the call starts): ggml's handshake, sent as soon as it connects, is such a wait. A
+    connection that has received nothing `timeout` seconds after it was armed is therefore shut
+    down here, which ends that wait (and the run, through the same abort)."""
+    armed, now = 0, time.monotonic()
+    for endpoint, sock, key in _rpc_sockets(_rpc_timeouts):
+        try:
+            seconds = _rpc_timeouts[endpoint]
+            if not seconds:
+                continue
+            if key in _rpc_armed:
+                info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
+                received = struct.unpack_from("<Q", info, 128)[0] if len(info) >= 136 else 1
+                if not received and now - _rpc_armed[key] > seconds:
+                    _rpc_silent.add(endpoint)
+                    sock.shutdown(socket.SHUT_RDWR)
+                continue
+            whole = int(seconds)
+            tv = struct.pack("@ll", whole, int((seconds - whole) * 1e6))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+            if hasattr(socket, "TCP_USER_TIMEOUT"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(seconds * 1000))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if hasattr(socket, "TCP_KEEPIDLE"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, whole))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, whole // 4))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
+            _rpc_armed[key] = now
+            armed += 1
+        except OSError:
+            continue   # closed meanwhile
+        finally:
+            sock.close()
+    return armed
+
+
+def _guard_rpc_sockets() -> None:
+    """Arm every new connection to an RPC server within half a second of its opening, whoever
+    opened it (ggml opens one per server when a backend, buffer or query needs it and none is
+    alive)."""
+    while True:
+        try:
+            arm_rpc_sockets()
+        except Exception:   # noqa: BLE001 - never let the guard die; the next round retries
+            pass
+        time.sleep(0.5)
+
+
 def rpc_link_bytes() -> int:
     """Bytes this process sent to and received from its RPC servers so far, summed over its TCP
     connections to them (the kernel's tcp_info counters; 0 without RPC servers or off Linux)."""
     if not _rpc_servers or not sys.platform.startswith("linux"):
         return 0
-    return sum(sent + received for sent, received in _tcp_bytes(_rpc_servers).values())
-
-
-def _tcp_bytes(endpoints) -> dict[int, tuple[int, int]]:
-    """{fd: (bytes sent, bytes received)} of this process's TCP sockets connected to any of
-    `endpoints` (HOST:PORT with HOST numeric or a name)."""
-    peers = set()
-    for endpoint in endpoints:
-        host, port = _parse_endpoint(endpoint)
-        for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP):
-            peers.add((info[4][0], port))
-    out = {}
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
+    total = 0
+    for _endpoint, sock, _key in _rpc_sockets(_rpc_servers):
         try:
-            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                continue
-            sock = socket.socket(fileno=os.dup(fd))
-        except OSError:
-            continue
-        try:
-            if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
-                continue
-            try:
-                peer = sock.getpeername()[:2]
-            except OSError:
-                continue
-            if (peer[0], peer[1]) not in peers:
-                continue
             # struct tcp_info (linux/tcp.h): __u64 tcpi_bytes_acked at 120, tcpi_bytes_received
             # at 128 (Linux 4.1+).
             info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
             if len(info) >= 136:
-                acked, received = struct.unpack_from("<QQ", info, 120)
-                out[fd] = (acked, received)
+                total += sum(struct.unpack_from("<QQ", info, 120))
+        except OSError:
+            pass
+        finally:
+            sock.close()
+    return total
+
+
+def _rpc_connections() -> list[tuple[str, int, int]]:
+    """(endpoint, fd, TCP state) of this process's connections to its RPC servers."""
+    out = []
+    for endpoint, sock, _key in _rpc_sockets(_rpc_servers):
+        try:
+            out.append((endpoint, sock.fileno(), sock.getsockopt(socket.IPPROTO_TCP,
+                                                                 socket.TCP_INFO, 8)[0]))
+        except OSError:
+            pass
         finally:
             sock.close()
     return out
+
+
+def _rpc_sockets(endpoints):
+    """(endpoint, socket, key) for each of this process's TCP sockets connected to one of
+    `endpoints` (HOST:PORT, HOST numeric or a name); the socket is a dup of ggml's descriptor
+    (options set on it are the connection's) that the caller closes; key names the connection
+    ("socket:[inode]")."""
+    if not sys.platform.startswith("linux"):
+        return
+    peers = {}
+    for endpoint in list(endpoints):
+        host, port = _parse_endpoint(endpoint)
+        try:
+            for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP):
+                peers[(info[4][0], port)] = endpoint
+        except OSError:
+            continue
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            key = os.readlink(f"/proc/self/fd/{name}")
+            if not key.startswith("socket:"):
+                continue
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except (OSError, ValueError):
+            continue
+        try:
+            if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+                sock.close()
+                continue
+            endpoint = peers.get(tuple(sock.getpeername()[:2]))
+        except OSError:
+            sock.close()
+            continue
+        if endpoint is None:
+            sock.close()
+            continue
+        yield endpoint, sock, key
 
 
 # ggml_log_callback: void (*)(enum ggml_log_level level, const char * text, void * user_data)
@@ -562,6 +680,8 @@ class Backend:
         # Where each group of tensors went ({what: reason} for groups kept in host memory).
         self.placement: dict[str, str] = {}
         self.set_threads(n_threads)
+        if _rpc_timeouts:
+            arm_rpc_sockets()   # the connection this backend opened, at once (not in 0.5 s)
 
     @staticmethod
     def choose(devices: list[dict], device: str | None) -> dict:

@@ -170,32 +170,105 @@ def test_refusing_peer_is_a_clear_error_at_once(shard_sets):
     assert time.monotonic() - t < 30
 
 
-def test_killed_server_mid_run_is_a_clear_error_within_seconds():
-    """The server dies while tokens stream: the run ends with an error naming the peer within
-    seconds (ggml's RPC client would abort the process; edgemoe turns that into exit 1)."""
-    srv = RpcServer()
+def _break_server_mid_run(srv: RpcServer, sig: int, *extra: str, wait: float = 60):
+    """Start a long `edgemoe run --rpc`, send the server `sig` once generated text streams;
+    returns (exit status, stderr, seconds from the signal to the run's end)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GGML_VK_VISIBLE_DEVICES": ""}
+    args = [str(BUNDLED), "-p", "ROMEO:", "-n", "-1", "--temp", "0", "-t", "1", "-c", "2048"]
+    proc = subprocess.Popen([sys.executable, "-m", "edgemoe", "run", *args, "--rpc",
+                             srv.endpoint, *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
     try:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "GGML_VK_VISIBLE_DEVICES": ""}
-        args = [str(BUNDLED), "-p", "ROMEO:", "-n", "-1", "--temp", "0", "-t", "1", "-c", "2048"]
-        proc = subprocess.Popen([sys.executable, "-m", "edgemoe", "run", *args, "--rpc",
-                                 srv.endpoint], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=env)
         # Wait until text streams (the prompt is echoed first, then generated text).
         got = b""
         deadline = time.monotonic() + 120
         while len(got) < 40 and time.monotonic() < deadline and proc.poll() is None:
             got += os.read(proc.stdout.fileno(), 64)
         assert proc.poll() is None, proc.stderr.read().decode()
-        srv.proc.send_signal(signal.SIGKILL)
+        srv.proc.send_signal(sig)
         t = time.monotonic()
         try:
-            _, err = proc.communicate(timeout=30)
+            _, err = proc.communicate(timeout=wait)
         except subprocess.TimeoutExpired:
+            pytest.fail(f"edgemoe run hung for {wait} s after the RPC server got signal {sig}")
+        return proc.returncode, err.decode(), time.monotonic() - t
+    finally:
+        if proc.poll() is None:
             proc.kill()
-            pytest.fail("edgemoe run hung after the RPC server was killed")
-        elapsed = time.monotonic() - t
-        assert proc.returncode == 1, err.decode()
-        assert f"lost the RPC server at {srv.endpoint}" in err.decode()
+            proc.wait()
+
+
+def test_killed_server_mid_run_is_a_clear_error_within_seconds():
+    """The server dies while tokens stream: the run ends with an error naming the peer within
+    seconds (ggml's RPC client would abort the process; edgemoe turns that into exit 1)."""
+    srv = RpcServer()
+    try:
+        status, err, elapsed = _break_server_mid_run(srv, signal.SIGKILL, wait=30)
+        assert status == 1, err
+        assert f"lost the RPC server at {srv.endpoint}" in err
         assert elapsed < 10, f"took {elapsed:.1f} s"
     finally:
         srv.kill()
+
+
+def test_stopped_server_mid_run_times_out_naming_it():
+    """The server stops answering but keeps its socket open (SIGSTOP: its kernel still
+    acknowledges what is sent, so TCP alone never notices): ggml's client would wait forever;
+    with --rpc-timeout the run ends with an error naming the peer within the timeout plus a few
+    seconds."""
+    srv = RpcServer()
+    timeout = 4
+    try:
+        status, err, elapsed = _break_server_mid_run(srv, signal.SIGSTOP, "--rpc-timeout",
+                                                     str(timeout), wait=60)
+        assert status == 1, err
+        assert f"{srv.endpoint} did not answer within {timeout} s" in err, err
+        assert elapsed < timeout + 5, f"took {elapsed:.1f} s"
+    finally:
+        srv.proc.send_signal(signal.SIGCONT)
+        srv.kill()
+
+
+def test_server_stopped_before_the_run_times_out_in_the_handshake():
+    """A stopped server's kernel still accepts connections: the run's first exchange (ggml's
+    handshake, waiting before the connection could be given a timeout) must end too."""
+    srv = RpcServer()
+    timeout = 3
+    try:
+        srv.proc.send_signal(signal.SIGSTOP)
+        t = time.monotonic()
+        out = _edgemoe("run", *RUN, "--rpc", srv.endpoint, "--rpc-timeout", str(timeout),
+                       timeout=120)
+        elapsed = time.monotonic() - t
+        assert out.returncode == 1, out.stderr
+        assert f"{srv.endpoint} did not answer within {timeout} s" in out.stderr, out.stderr
+        assert elapsed < timeout + 20, f"took {elapsed:.1f} s (python's start included)"
+    finally:
+        srv.proc.send_signal(signal.SIGCONT)
+        srv.kill()
+
+
+def test_reply_timeout_bounds_a_wait_not_an_idle_connection(server, shard_sets):
+    """The timeout bounds a wait for a reply, not the connection's life: an engine left idle
+    three times longer than its timeout between tokens decodes on (in a child process: a
+    timeout that fired would end it)."""
+    script = f"""
+import sys, time
+from edgemoe import ggml
+from edgemoe.engine import Engine
+ggml.add_rpc_server({server.endpoint!r}, reply_timeout=0.5)
+with Engine({str(shard_sets["qwen3_moe"])!r}, n_ctx=64, n_threads=1, device="RPC0") as e:
+    assert ggml.arm_rpc_sockets() == 0   # the backend's connection was armed when it opened
+    tokens = [int(e.eval({PROMPT!r})[-1].argmax())]
+    for _ in range(3):
+        time.sleep(1.5)
+        tokens.append(int(e.eval([tokens[-1]])[-1].argmax()))
+print(tokens)
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GGML_VK_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    with Engine(shard_sets["qwen3_moe"], n_ctx=64, n_threads=1, device="CPU") as local:
+        _, want = _logits(local)
+    assert out.stdout.strip() == str(want[:4])
