@@ -341,16 +341,18 @@ def refuse_early(shards: ShardSet, cfg: ResidencyConfig, n_ctx: int, kv_type: st
         expert_allowance(cfg.budget, needs_from_files(shards, n_ctx, kv_type))
 
 
-def device_fixed_bytes(shards_path, k: int, probe_policy,
-                       engine_kw: dict) -> tuple[int, dict[int, int] | None, str]:
-    """(bytes, slot_bytes, device): what the chosen device holds besides expert slots (base
-    weights, KV cache, compute buffers, measured on a probe engine with k slots per layer that
-    reads nothing), the bytes of one slot per layer when the slots live there too (else None),
-    and the device's name."""
+def device_fixed_bytes(shards_path, k: int, probe_policy, engine_kw: dict,
+                       n_substitutes: dict[int, int] | None = None
+                       ) -> tuple[int, dict[int, int] | None, dict[int, int] | None, str]:
+    """(bytes, slot_bytes, substitute_bytes, device): what the chosen device holds besides
+    expert slots (base weights, KV cache, compute buffers, measured on a probe engine with k
+    slots per layer, and `n_substitutes` substitute slots, that reads nothing), the bytes of one
+    slot and of one substitute slot per layer when the slots live there too (else None), and
+    the device's name."""
     from edgemoe.engine import Engine
 
     with Engine(shards_path, n_slots=k, policy=probe_policy, measure_only=True,
-                **engine_kw) as probe:
+                n_substitutes=n_substitutes, **engine_kw) as probe:
         backend = probe.backend
         if backend.on_host:
             raise BudgetError(f"--device-budget bounds a device's own memory; {probe.device} is "
@@ -358,23 +360,29 @@ def device_fixed_bytes(shards_path, k: int, probe_policy,
         pool = probe.pool
         slots_there = pool.buffer.buffer_type != backend.host_buffer_type
         fixed = probe.memory_by_place()["device"] - (pool.bytes_held() if slots_there else 0)
-        slot_bytes = {l: pool.expert_bytes(l) for l in pool.layers} if slots_there else None
-        return fixed, slot_bytes, probe.device
+        slot_bytes = sub_bytes = None
+        if slots_there:
+            slot_bytes = {l: pool.expert_bytes(l) for l in pool.layers}
+            if pool.substitutes:
+                sub_bytes = {l: pool.expert_bytes(l, substitute=True) for l in pool.layers}
+        return fixed, slot_bytes, sub_bytes, probe.device
 
 
 def fit_device_budget(shards_path, budget: Budget, plan: SlotPlan, needs: MemoryNeeds,
-                      probe_policy, engine_kw: dict) -> SlotPlan:
-    """`plan` cut down (slots taken from the layers that have the most, one at a time) until
-    the device's own memory fits `budget`: its fixed parts (device_fixed_bytes) plus the expert
-    slots when they live there. Refuses (BudgetError, with the minimum) a budget that cannot
-    hold top-k slots per layer."""
+                      policy: str, engine_kw: dict) -> SlotPlan:
+    """`plan` cut down until the device's own memory fits `budget`: its fixed parts
+    (device_fixed_bytes) plus the expert slots and substitute slots when they live there. As
+    under a memory budget, the substitute tier comes first: as many substitutes per layer as fit
+    beside top-k full slots (none when not even one does); then full slots are taken from the
+    layers that have the most, one at a time. Refuses (BudgetError, with the minimum) a budget
+    that cannot hold top-k slots per layer."""
     if budget.relative:
         raise BudgetError(f"device budget {budget}: give a size (4GiB, 512MiB), not a percentage")
-    if plan.substitutes:
-        raise BudgetError("--device-budget does not yet count the substitute tier's slots; "
-                          "use --no-substitutes with it")
     k = needs.n_expert_used
-    fixed, slot_bytes, device = device_fixed_bytes(shards_path, k, probe_policy, engine_kw)
+    probe_subs = {l: 1 for l in plan.substitutes} if plan.substitutes else None
+    fixed, slot_bytes, sub_bytes, device = device_fixed_bytes(
+        shards_path, k, empty_policy(policy, k, substitutes=bool(probe_subs)), engine_kw,
+        probe_subs)
     per_round = sum(slot_bytes.values()) if slot_bytes else 0
     minimum = fixed + k * per_round
     if budget.bytes < minimum:
@@ -385,11 +393,19 @@ def fit_device_budget(shards_path, budget: Budget, plan: SlotPlan, needs: Memory
             + (f" + {k} expert slots per layer {format_bytes(k * per_round)}" if slot_bytes else ""))
     if not slot_bytes:
         return plan   # the device cannot run the experts: their slots are host memory
+    room = budget.bytes - fixed
+    subs = plan.substitutes
+    if subs:
+        count = min(max(subs.values()), (room - k * per_round) // sum(sub_bytes.values()))
+        subs = {l: min(n, count) for l, n in subs.items()} if count >= 1 else None
+        room -= sum(n * sub_bytes[l] for l, n in subs.items()) if subs else 0
     slots = dict(plan.slots)
-    while sum(n * slot_bytes[l] for l, n in slots.items()) > budget.bytes - fixed:
+    while sum(n * slot_bytes[l] for l, n in slots.items()) > room:
         layer = max(slots, key=lambda l: (slots[l], slot_bytes[l]))
         slots[layer] -= 1
-    return make_plan(slots, needs)
+    if not subs:
+        return make_plan(slots, needs)
+    return make_plan(slots, needs, subs, substitute_bytes(ShardSet.open(shards_path)))
 
 
 def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048,
@@ -437,7 +453,7 @@ def open_engine(shards_path: str | Path, cfg: ResidencyConfig, n_ctx: int = 2048
     plan = choose_slots(shards, cfg, needs, key)
     if cfg.device_budget is not None:
         plan = fit_device_budget(shards_path, parse_budget(cfg.device_budget), plan, needs,
-                                 empty_policy(name, shards.n_expert_used), kw)
+                                 name, kw)
     cal = load_calibration(shards, need_norms=name in ("swap", "static"))
     options: dict = {}
     if telemetry is not None:

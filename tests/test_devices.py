@@ -198,8 +198,9 @@ def test_device_budget_bounds_the_device_memory(shard_sets, device):
         open_engine(path, ResidencyConfig(device_budget="64KiB", policy="ondemand"), n_ctx=64,
                     n_threads=1, device=device)
     kw = dict(n_ctx=64, n_threads=1, device=device, n_batch=512, kv_type="f16", n_outputs=1)
-    fixed, slot_bytes, name = device_fixed_bytes(path, 2, empty_policy("ondemand", 2), kw)
-    assert slot_bytes and name == device
+    fixed, slot_bytes, sub_bytes, name = device_fixed_bytes(path, 2, empty_policy("ondemand", 2),
+                                                            kw)
+    assert slot_bytes and sub_bytes is None and name == device
     big, _ = open_engine(path, ResidencyConfig(device_budget="64GiB", policy="ondemand"),
                          n_ctx=64, n_threads=1, device=device)
     with big:
@@ -213,6 +214,47 @@ def test_device_budget_bounds_the_device_memory(shard_sets, device):
         assert set(plan.slots.values()) == {3}
         assert engine.memory_by_place()["device"] <= budget
         assert _greedy(engine) == want
+
+
+def test_device_budget_counts_the_substitute_tier(tmp_path, device):
+    """swap keeps the low-bit substitutes resident beside its full slots, in the device's
+    memory too: --device-budget counts them (and the second expert pass's compute buffers), so
+    the device never holds more than the budget; a tight budget keeps fewer substitutes per
+    layer, first, before any full slot is cut below what fits."""
+    import converters
+    from tiny_models import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint("qwen3_moe", tmp_path / "hf", seed=3)
+    path = tmp_path / "shards"
+    converters.convert(ckpt, path, expert_type="Q8_0", dense_type="Q8_0",
+                       substitute_type="Q4_0", progress=False)
+    kw = dict(n_ctx=64, n_threads=1, device=device, n_batch=512, kv_type="f16", n_outputs=1)
+    fixed, slot_bytes, sub_bytes, _ = device_fixed_bytes(
+        path, 2, empty_policy("swap", 2, substitutes=True), kw,
+        n_substitutes={0: 1, 1: 1})
+    assert sub_bytes and all(sub_bytes[l] < slot_bytes[l] for l in slot_bytes)
+    one, one_sub = sum(slot_bytes.values()), sum(sub_bytes.values())
+    # What swap keeps with no bound on the device (the experts' bytes split between both tiers).
+    unbounded, plan = open_engine(path, ResidencyConfig(device_budget="64GiB", policy="swap"),
+                                  **{k: v for k, v in kw.items() if k != "n_outputs"})
+    unbounded.close()
+    (n_full0,), (n_sub0,) = set(plan.slots.values()), set(plan.substitutes.values())
+    assert n_full0 >= 2 and n_sub0 >= 3
+    cases = {   # budget -> (full slots per layer, substitutes per layer)
+        fixed + n_full0 * one + n_sub0 * one_sub: (n_full0, n_sub0),   # all of it, exactly
+        fixed + 2 * one + 2 * one_sub + one_sub // 2: (2, 2),   # two substitutes fit, not three
+        fixed + 2 * one + one_sub - 1: (2, None),               # not one substitute: none
+    }
+    for budget, (n_full, n_subs) in cases.items():
+        engine, plan = open_engine(path, ResidencyConfig(device_budget=str(budget), policy="swap"),
+                                   **{k: v for k, v in kw.items() if k != "n_outputs"})
+        with engine:
+            assert set(plan.slots.values()) == {n_full}, budget
+            assert plan.substitutes == (dict.fromkeys(plan.slots, n_subs) if n_subs else None)
+            held = engine.memory_by_place()["device"]
+            assert held <= budget, f"{held} bytes on {device} over the budget of {budget}"
+            assert engine.pool.substitutes == bool(n_subs)
+            engine.eval(PROMPT)   # runs, substitutes and all
 
 
 def test_plan_profile_knows_the_device_copy_bandwidth(shard_sets, device):
