@@ -44,6 +44,24 @@ KV_TYPES = {"f16": GGMLType.F16, "f32": GGMLType.F32}
 _GRAPH_CACHE_STEPS = 3
 
 
+def spare_slots(slot_ids: np.ndarray, mask: np.ndarray, n_slots: int) -> np.ndarray:
+    """`slot_ids` (n_tokens, k) with each token's choices outside `mask` (they weigh 0) moved to
+    slots that none of that token's other choices names, the lowest free ones first (as far as
+    n_slots allows: with n_slots >= k every choice of a token gets its own slot). ggml's
+    repacked mul_mat_id (CPU_REPACK) keeps room for one row per token for each matrix, so a
+    token naming one slot twice overwrote the rows other slots had recorded: wrong outputs,
+    even at weight 0 (the generic kernel keeps room for every choice)."""
+    n, k = slot_ids.shape
+    rows = np.arange(n)[:, None]
+    taken = np.zeros((n, n_slots + 1), dtype=bool)   # a last column absorbs the free choices
+    taken[rows, np.where(mask, slot_ids, n_slots)] = True
+    free = np.argsort(taken[:, :n_slots], axis=1, kind="stable")   # free slots first, in order
+    n_free = n_slots - taken[:, :n_slots].sum(axis=1, keepdims=True)
+    rank = np.minimum(np.cumsum(~mask, axis=1) - 1, np.maximum(n_free - 1, 0))
+    spare = np.take_along_axis(free, np.clip(rank, 0, n_slots - 1), axis=1)
+    return np.where(mask, slot_ids, spare).astype(np.int32)
+
+
 def _route_inputs(layer: int, table: np.ndarray, sub: np.ndarray | None) -> dict[str, np.ndarray]:
     """A forward graph's routing inputs for one layer from the policy's tables: full slots
     (n_expert,) and, with a substitute tier, substitute slots (-1: not resident)."""
@@ -372,7 +390,7 @@ class Engine:
                 else:
                     in_group = np.isin(ids, group)
                 inputs, used, used_sub = self._expert_inputs(
-                    ids, weights, in_group, slots, on_sub if i == 0 else None, subs, n)
+                    il, ids, weights, in_group, slots, on_sub if i == 0 else None, subs, n)
                 self._run(self._graph(("experts", il, n, i == 0, used, used_sub)), inputs,
                           "experts", il)
         if n_out:
@@ -380,26 +398,29 @@ class Engine:
             self._run(g, {}, "output")
             ggml.tensor_get(g.outputs["logits"], out)
 
-    def _expert_inputs(self, ids, weights, in_group, slots, on_sub, subs, n):
+    def _expert_inputs(self, il, ids, weights, in_group, slots, on_sub, subs, n):
         """An experts graph's inputs: (inputs, full experts per token, substitute experts per
-        token). Choices outside a tier's set weigh 0 on an arbitrary slot; one token's are left
-        out of the graph instead (fewer experts compute)."""
+        token). Choices outside a tier's set weigh 0 on a slot none of the token's other choices
+        names (see spare_slots); one token's are left out of the graph instead (fewer experts
+        compute)."""
         k = self.hparams.n_expert_used
         table = np.zeros(self.hparams.n_expert, dtype=np.int32)
         table[list(slots)] = list(slots.values())
         safe = np.maximum(ids, 0)
-        parts = [("", table[safe], in_group)]
+        parts = [("", table[safe], in_group, self.pool.n_slots(il))]
         if on_sub is not None and on_sub.any():
             sub_table = np.zeros(self.hparams.n_expert, dtype=np.int32)
             sub_table[list(subs)] = list(subs.values())
-            parts.append(("sub_", sub_table[safe], on_sub))
+            parts.append(("sub_", sub_table[safe], on_sub, self.pool.n_substitutes[il]))
         inputs, used = {}, [0, 0]
-        for j, (prefix, slot_ids, mask) in enumerate(parts):
+        for j, (prefix, slot_ids, mask, n_slots) in enumerate(parts):
             w = np.where(mask, weights, 0.0).astype(np.float32)
             m = k
             if n == 1 and mask.sum() < k:
                 slot_ids, w = slot_ids[mask][None, :], w[mask][None, :]
                 m = slot_ids.shape[1]
+            elif not mask.all():
+                slot_ids = spare_slots(slot_ids, mask, n_slots)
             inputs[prefix + "ids"], inputs[prefix + "weights"] = slot_ids, w.reshape(n, m, 1)
             used[j] = m
         return inputs, used[0], used[1]

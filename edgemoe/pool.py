@@ -125,11 +125,11 @@ class ExpertPool:
     a slot, as the `full` policy needs). A slot count below the router's top-k cannot run and is refused.
 
     The slots live in the chosen device's memory (reads go file -> host buffer -> slot) unless
-    that device cannot multiply their types. `repack`: when the slots live in host memory, hold
-    every expert, and ggml's CPU backend has a repacked layout for the experts' types on this
-    CPU (CPU_REPACK: Q4_0, Q4_K, IQ4_NL, ... for AVX2/NEON), the slots use it: each expert is
-    repacked as it is written into its slot (through a view of that slot: the repacking buffer
-    takes whole tensors only).
+    that device cannot multiply their types. `repack`: when the slots live in host memory and
+    ggml's CPU backend has a repacked layout for the experts' types on this CPU (CPU_REPACK:
+    Q4_0, Q4_K, IQ4_NL, ... for AVX2/NEON), the slots use it: each expert is repacked as it is
+    written into its slot (through a view of that slot: the repacking buffer takes whole
+    tensors only).
     """
 
     def __init__(self, shards: ShardSet, backend: ggml.Backend,
@@ -184,15 +184,10 @@ class ExpertPool:
             return ops
 
         buft = backend.buffer_type_for("expert slots", probe)
-        # Repacked slots only where every expert has its own (written once, at warm): with
-        # fewer slots, experts loaded on demand into repacked slots decoded wrong text in
-        # testing (ondemand at 50% diverged from full after 8 tokens, then degenerated), while
-        # rewriting a slot from the main thread matched. Until that is understood, a pool
-        # whose slots are rewritten keeps the stored layout.
+        # (expert biases are plain F32 rows, and the substitute tier's choices can name one slot
+        # twice for a token, which the repacked mul_mat_id cannot take: see engine.spare_slots)
         self.repacked = False
-        # (expert biases are plain F32 rows: no repacked layout for those slots)
-        every_expert = all(n == self.n_expert for n in self._n_slots.values())
-        if (repack and buft == backend.host_buffer_type and every_expert and not n_substitutes
+        if (repack and buft == backend.host_buffer_type and not n_substitutes
                 and self.keys == EXPERT_TENSORS):
             repack_buft = backend.extra_buffer_types().get("CPU_REPACK")
             if repack_buft and self._repack_supported(backend, repack_buft):
