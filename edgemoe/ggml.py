@@ -415,7 +415,7 @@ def _on_ggml_abort(message: bytes) -> None:
     if _rpc_servers and "RPC" in text:
         # A connection still open means the peer went quiet (the timeout fired); a closed one
         # means it went away.
-        silent = sorted(_rpc_silent | {endpoint for endpoint, _fd, state in _rpc_connections()
+        silent = sorted(_rpc_silent | {endpoint for endpoint, state in _rpc_connections()
                                        if state == _TCP_ESTABLISHED and _rpc_timeouts.get(endpoint)})
         if silent:
             said = ", ".join(f"{e} did not answer within {_rpc_timeouts[e]:g} s" for e in silent)
@@ -568,13 +568,13 @@ def rpc_link_bytes() -> int:
     return total
 
 
-def _rpc_connections() -> list[tuple[str, int, int]]:
-    """(endpoint, fd, TCP state) of this process's connections to its RPC servers."""
+def _rpc_connections() -> list[tuple[str, int]]:
+    """(endpoint, TCP state: tcpi_state, 1 established) of this process's connections to its
+    RPC servers."""
     out = []
     for endpoint, sock, _key in _rpc_sockets(_rpc_servers):
         try:
-            out.append((endpoint, sock.fileno(), sock.getsockopt(socket.IPPROTO_TCP,
-                                                                 socket.TCP_INFO, 8)[0]))
+            out.append((endpoint, sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]))
         except OSError:
             pass
         finally:
