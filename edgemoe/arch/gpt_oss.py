@@ -8,6 +8,14 @@ and sit in bias slots beside the weights; MXFP4 experts run as stored.
 The published models' YaRN RoPE runs as llama.cpp runs it (ggml rounds the correction range to
 whole dimensions; transformers' gpt-oss config asks for it unrounded, truncate=false), so on
 those weights edgemoe matches llama.cpp and differs slightly from transformers.
+
+The sliding-window layers still cache every position (the mask hides all but the last n_swa),
+so they cost as much KV memory as the full layers. llama.cpp gives them a ring of
+n_swa + n_ubatch cells instead (cell = position mod size; a batch must fit beside the window).
+Here that needs more than this module: the engine's rewinds (`truncate`, used by prompt-prefix
+reuse and sensitivity calibration) can only go back about size - n_swa positions before the
+ring has overwritten what a rewound position attends to, so they would have to fall back to
+re-evaluation; and the memory estimator sizes the KV cache per layer from n_ctx.
 """
 from __future__ import annotations
 
