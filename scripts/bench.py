@@ -143,7 +143,11 @@ def bundled_shards(work: Path) -> tuple[Path, Path]:
     if not (shards / "manifest.json").exists():
         log("converting the bundled model")
         converters.convert(BUNDLED, shards, progress=False, force=True)
-    if not (shards / "calibration.json").exists():
+    # The converter writes calibration.json with the experts' norms; the routing trace and
+    # sensitivities (slot plan, gating, --quality's threshold, swap's schedule) come from here.
+    from edgemoe.runtime import TRACE_FILE
+
+    if not (shards / TRACE_FILE).exists():
         log("calibrating it")
         p = run([sys.executable, "-m", "edgemoe", "calibrate", str(shards), "-t", "1"])
         if p.returncode:
@@ -474,14 +478,12 @@ def _usage_counts(engine) -> str | None:
 
 
 def _uniform_view(shards: Path, work: Path) -> Path:
-    """The shard set without its routing trace and plan: slots fall back to uniform."""
+    """A copy of the shard set without its routing trace and plan: slots fall back to uniform.
+    (A copy: a shard set refuses files that resolve outside its directory.)"""
     view = work / "bundled-uniform"
     if view.exists():
         shutil.rmtree(view)
-    view.mkdir()
-    for p in shards.iterdir():
-        if p.name not in ("routing_trace.npz", "plan.json"):
-            (view / p.name).symlink_to(p.resolve())
+    shutil.copytree(shards, view, ignore=shutil.ignore_patterns("routing_trace.npz", "plan.json"))
     return view
 
 
