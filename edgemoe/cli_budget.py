@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from edgemoe.errors import EdgeMoeError
 from edgemoe.residency import calibration as calib
 from edgemoe.residency.budget import expert_allowance, parse_budget
 from edgemoe.residency.traces import RoutingTrace
-from edgemoe.runtime import PLAN_FILE, POLICIES, TRACE_FILE, PlanKey
+from edgemoe.runtime import PLAN_FILE, POLICIES, TRACE_FILE, PlanKey, substitute_bytes
 
 # Used when no --text is given: plain prose on several topics, so routing sees some variety.
 DEFAULT_TEXT = """\
@@ -138,10 +139,21 @@ def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = 
         raise EdgeMoeError(f"{shards_path}: --adaptive-gating needs sensitivities; run "
                            "`edgemoe calibrate` on a model with top-k > 1")
     profile = profile or measure_profile(shards_path, n_threads, device=device)
+    thresholds = None
+    if cal.sensitivity is not None:
+        # --quality's wait thresholds, from the same calibration routing.
+        from edgemoe.residency.sensitivity import balanced_wait_threshold
+
+        thresholds = {"balanced": balanced_wait_threshold(cal.sensitivity, trace.probs,
+                                                          shards.n_expert_used),
+                      "fast": math.inf}
     preds, lines = make_plans(budget, needs, trace, profile, norms=cal.norms,
                               n_prefetch=n_prefetch, sensitivity=cal.sensitivity,
                               threshold=adaptive_gating, usage=cal.usage,
-                              prompt_tokens=prompt_tokens, decode_tokens=decode_tokens)
+                              prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
+                              substitute_bytes=(substitute_bytes(shards)
+                                                if shards.substitute_type else None),
+                              wait_thresholds=thresholds)
     if policy is not None:
         preds = [p for p in preds if p.policy == policy]
     doc = {**PlanKey.of(budget, n_ctx, kv_type, device).fields(),
@@ -162,12 +174,17 @@ def plan_shards(shards_path: str | Path, budget_text: str, policy: str | None = 
                                    "n_prefetch": p.n_prefetch}
                         for p in preds}}
     ondemand = doc["policies"].get("ondemand")
-    if ondemand is not None and cal.sensitivity is not None:
-        # --quality balanced's wait threshold, from the same calibration routing.
-        from edgemoe.residency.sensitivity import balanced_wait_threshold
-
-        ondemand["wait_thresholds"] = {"balanced": balanced_wait_threshold(
-            cal.sensitivity, trace.probs, shards.n_expert_used)}
+    if ondemand is not None and thresholds is not None:
+        ondemand["wait_thresholds"] = {"balanced": thresholds["balanced"]}
+        tiers = next(p.tiers for p in preds if p.policy == "ondemand")
+        if tiers:
+            # The split of the bytes between substitutes and full slots, per --quality.
+            ondemand["tiers"] = {
+                t.quality: {"substitutes": {str(l): int(t.chosen.count) for l in t.slots},
+                            "slots": {str(l): int(n) for l, n in t.slots.items()},
+                            "tok_per_s": t.chosen.tok_per_s,
+                            "served_share": t.chosen.replay.served_share}
+                for t in tiers}
     sustained = (f" ({profile.sustained_bytes_per_s / 1e6:.0f} MB/s sustained after a "
                  f"{profile.burst_bytes / 1e6:.1f} MB burst)"
                  if profile.sustained_bytes_per_s else "")

@@ -188,12 +188,19 @@ def prefetch_depth(shards: ShardSet, cfg: ResidencyConfig, key: PlanKey) -> int:
 def choose_slots(shards: ShardSet, cfg: ResidencyConfig, needs: MemoryNeeds,
                  key: PlanKey) -> SlotPlan:
     """Slots per layer under the budget: plan file, else the DP on the stored trace, else
-    uniform. Raises BudgetError (with the minimum) below the minimum."""
+    uniform. With a substitute tier, ondemand's split of the bytes between substitutes and
+    full slots is the plan file's for its --quality, else the planner's on the calibration
+    trace (tier_split), else budget.substitute_split's rule, which static and swap always use.
+    Raises BudgetError (with the minimum) below the minimum."""
     budget, name = cfg.budget, cfg.policy_name
     allowance = expert_allowance(budget, needs)   # refuses below the minimum
     split = None
     if cfg.uses_substitutes(shards):
         sub_bytes = substitute_bytes(shards)
+        if name == "ondemand":
+            chosen = tier_split(shards, cfg, needs, key, allowance, sub_bytes)
+            if chosen is not None:
+                return chosen
         split = substitute_split(allowance, needs, sub_bytes)
     if split is not None:
         # The substitutes' bytes first; full slots share the rest (a plan file was made
@@ -236,6 +243,41 @@ def choose_slots(shards: ShardSet, cfg: ResidencyConfig, needs: MemoryNeeds,
         raise BudgetError(f"{shards.root / PLAN_FILE}: its slots need {plan.slot_bytes} bytes, "
                           f"the budget {budget} leaves {allowance}; rerun `edgemoe plan`")
     return plan
+
+
+def tier_split(shards: ShardSet, cfg: ResidencyConfig, needs: MemoryNeeds, key: PlanKey,
+               allowance: int, sub_bytes: Mapping[int, int]) -> SlotPlan | None:
+    """ondemand's substitutes and full slots at cfg.quality: what `edgemoe plan` chose for this
+    key (plan.json's ondemand "tiers"), else planner.choose_tier_split on the calibration
+    trace with a nominal speed model (a read as long as a token's compute: only `plan`
+    measures them); None without a trace and sensitivities (the fixed rule decides)."""
+    planned = (read_plan_file(shards.root, key, "ondemand") or {}).get("tiers", {})
+    tier = planned.get(cfg.quality)
+    if tier:
+        subs = {int(l): int(n) for l, n in tier["substitutes"].items() if int(n) > 0}
+        plan = make_plan({int(l): int(n) for l, n in tier["slots"].items()}, needs,
+                         subs or None, sub_bytes)
+        if plan.slot_bytes > allowance:
+            raise BudgetError(f"{shards.root / PLAN_FILE}: its slots need {plan.slot_bytes} "
+                              f"bytes, the budget {cfg.budget} leaves {allowance}; rerun "
+                              "`edgemoe plan`")
+        return plan
+    if not (shards.root / TRACE_FILE).exists() or not (shards.root / calib.FILE_NAME).exists():
+        return None
+    cal = calib.Calibration.load(shards.root)
+    if cal.sensitivity is None:
+        return None
+    from edgemoe.residency.planner import choose_tier_split, nominal_profile
+    from edgemoe.residency.traces import RoutingTrace
+
+    trace = RoutingTrace.load(shards.root / TRACE_FILE)
+    if not set(needs.expert_bytes) <= set(trace.layers):
+        return None
+    split = choose_tier_split(trace, needs, allowance, sub_bytes,
+                              nominal_profile(needs.expert_bytes), cfg.quality,
+                              cal.sensitivity, wait_threshold(shards, cfg, key, cal),
+                              prefetch_depth(shards, cfg, key), cal.usage)
+    return make_plan(split.slots, needs, split.substitutes, sub_bytes)
 
 
 def wait_threshold(shards: ShardSet, cfg: ResidencyConfig, key: PlanKey,

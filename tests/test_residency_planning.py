@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -475,3 +476,77 @@ def test_plan_report(topics):
     assert [p.policy for p in preds] == ["full", "static", "ondemand"]
     with pytest.raises(BudgetError, match="minimum"):
         plan(parse_budget("100MiB"), needs, topics, _profile(topics.layers), norms)
+
+
+# -- the split between substitutes and full slots ----------------------------------------------
+def _tier_case(first, second, w_first, n_tokens=512, n_expert=8, seed=0):
+    """Two layers whose every token picks `first(t)` with weight w_first and `second(t)` with
+    the rest (probabilities: the two, a trace of the rest near zero)."""
+    rng = np.random.default_rng(seed)
+    probs = {}
+    for l in (0, 1):
+        p = np.full((n_tokens, n_expert), 1e-6)
+        for t in range(n_tokens):
+            p[t, first(t, rng)] = w_first
+            p[t, second(t, rng)] = 1.0 - w_first
+        probs[l] = p / p.sum(axis=1, keepdims=True)
+    return RoutingTrace(probs, {l: np.ones(n_tokens, np.float32) for l in (0, 1)}, {})
+
+
+def _tier_needs(n_expert=8):
+    return MemoryNeeds(base_bytes=MiB, kv_bytes=MiB, compute_bytes=MiB,
+                       expert_bytes={0: 8 * MiB, 1: 8 * MiB}, n_expert=n_expert,
+                       n_expert_used=2)
+
+
+def test_tier_split_substitutes_when_they_save_drops():
+    """fast (never waits while something else can run): the first expert is always 0, the
+    second one of the other 7 at random with 30% of the weight. Substitutes at 1/8 of an
+    expert: with 3 experts' bytes per layer, 8 substitutes fit beside 2 full slots and serve
+    every second choice; with none, 3 full slots leave most second choices to drop. The
+    planner replays each count and takes every substitute; counts with fewer drop more."""
+    from edgemoe.residency.planner import choose_tier_split, nominal_profile
+
+    trace = _tier_case(lambda t, r: 0, lambda t, r: int(r.integers(1, 8)), 0.7)
+    needs = _tier_needs()
+    sub = {0: MiB, 1: MiB}
+    split = choose_tier_split(trace, needs, 2 * 3 * 8 * MiB, sub,
+                              nominal_profile(needs.expert_bytes), "fast",
+                              {0: 1.0, 1: 1.0}, math.inf)
+    assert [c.count for c in split.tried] == list(range(9))
+    assert split.chosen.count == 8 and split.substitutes == {0: 8, 1: 8}
+    assert split.slots == {0: 2, 1: 2}
+    best = split.chosen.replay
+    assert best.dropped_share == pytest.approx(0.0) and best.waits <= 2 * 2
+    # The second full slot holds the last second choice (its fill): 1 in 7 repeats hit it.
+    assert best.substitute_share == pytest.approx(0.3 * 6 / 7, abs=0.01)
+    assert best.served_share == pytest.approx(1.0)
+    none = split.tried[0].replay
+    assert none.dropped_share > 0.15 and none.substitute_share == 0
+    shares = [c.replay.served_share for c in split.tried]
+    assert shares == sorted(shares)          # each substitute more serves more
+    assert "8 substitutes per layer" in split.line() and "0: " in split.line()
+
+
+def test_tier_split_keeps_full_slots_for_a_working_set():
+    """balanced with a wait threshold every miss reaches: tokens use experts 0-3 with equal
+    weights. Substitutes at 80% of an expert (the bundled model's Q4_0 beside Q5_0) and 4
+    experts' bytes per layer: 4 full slots hold the working set and never wait after the first
+    reads; 2 substitutes leave 2 full slots, which the substitutes' own background fills keep
+    turning over, so the uncovered experts wait. Both serve all the weight: the faster wins."""
+    from edgemoe.residency.planner import choose_tier_split, nominal_profile
+
+    trace = _tier_case(lambda t, r: t % 4, lambda t, r: (t + 1 + t // 4) % 4 if (t // 4) % 3
+                       else (t + 2) % 4, 0.5)
+    needs = _tier_needs()
+    sub = {0: int(6.4 * MiB), 1: int(6.4 * MiB)}
+    split = choose_tier_split(trace, needs, 2 * 4 * 8 * MiB, sub,
+                              nominal_profile(needs.expert_bytes), "balanced",
+                              {0: 1.0, 1: 1.0}, 0.0)
+    assert [c.count for c in split.tried] == [0, 1, 2]
+    assert split.chosen.count == 0 and split.substitutes is None
+    assert split.slots == {0: 4, 1: 4}
+    assert split.chosen.replay.waits == 2 * 4        # the cold fills only
+    assert all(c.replay.served_share == pytest.approx(1.0) for c in split.tried)
+    assert split.tried[2].replay.waits > 10 * split.chosen.replay.waits
+    assert split.tried[2].seconds_per_token > split.chosen.seconds_per_token

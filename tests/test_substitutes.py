@@ -167,7 +167,9 @@ def test_quality_knob_sets_the_decisions_and_the_tier(shard_sets, tmp_path):
     import shutil
 
     from edgemoe.cli_budget import calibrate
-    from edgemoe.runtime import TRACE_FILE, residency_summary
+    from edgemoe.residency.planner import choose_tier_split, nominal_profile
+    from edgemoe.runtime import TRACE_FILE, residency_summary, substitute_bytes
+    from edgemoe.shardset import ShardSet
 
     path = tmp_path / "Q4_0"
     shutil.copytree(shard_sets / "Q4_0", path)
@@ -188,7 +190,14 @@ def test_quality_knob_sets_the_decisions_and_the_tier(shard_sets, tmp_path):
             if want is None:   # exact: no decisions, no substitute tier
                 assert pol.wait_threshold is None and not plan.substitutes
             else:
-                assert plan.substitutes and pol.sub_tables
+                # The split is the planner's on the calibration trace (no plan.json).
+                split = choose_tier_split(
+                    trace, engine.memory_needs, int(0.75 * engine.memory_needs.expert_bytes_total),
+                    substitute_bytes(ShardSet.open(path)), nominal_profile(
+                        engine.memory_needs.expert_bytes), quality, cal.sensitivity,
+                    pol.wait_threshold, pol.n_prefetch, cal.usage)
+                assert (dict(plan.slots), plan.substitutes) == (split.slots, split.substitutes)
+                assert bool(pol.sub_tables) == bool(plan.substitutes)
                 assert plan.slot_bytes <= int(0.75 * engine.memory_needs.expert_bytes_total)
                 if want == "finite":
                     assert 0 < pol.wait_threshold < math.inf
@@ -199,3 +208,69 @@ def test_quality_knob_sets_the_decisions_and_the_tier(shard_sets, tmp_path):
             c = pol.telemetry.counters
             assert c.hits + c.misses + c.substituted + c.dropped == c.layer_steps * 2
             assert residency_summary(engine).endswith(f"[ondemand, quality {quality}]")
+
+
+def test_plan_file_split_is_used_and_a_stale_one_ignored(shard_sets, tmp_path, capsys):
+    """plan.json's ondemand "tiers" entry (what `edgemoe plan` writes per --quality) sets the
+    substitutes and full slots of a run at that quality and key; for another context size it is
+    ignored and the planner's choice on the calibration trace decides."""
+    import json
+    import shutil
+
+    from edgemoe.cli_budget import calibrate
+    from edgemoe.residency.budget import parse_budget
+    from edgemoe.runtime import PLAN_FILE, TRACE_FILE, PlanKey
+
+    path = tmp_path / "Q4_0"
+    shutil.copytree(shard_sets / "Q4_0", path)
+    cal, trace = calibrate(path, TOKENS * 2, samples=4, window=4, n_threads=1)
+    cal.save(path)
+    trace.save(path / TRACE_FILE)
+    cfg = ResidencyConfig(memory_budget="75%", quality="fast")
+    engine, from_trace = open_engine(path, cfg, n_ctx=32, n_threads=1)
+    engine.close()
+    # `edgemoe plan` weighs the splits per quality, prints them and stores the choice.
+    from edgemoe import cli
+
+    assert cli.main(["plan", str(path), "--budget", "75%", "-c", "32", "-t", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ondemand --quality balanced: " in out and "ondemand --quality fast: " in out
+    assert "served " in out and "full slots " in out
+    tiers = json.loads((path / PLAN_FILE).read_text())["policies"]["ondemand"]["tiers"]
+    assert set(tiers) == {"balanced", "fast"}
+    for quality, tier in tiers.items():
+        engine, plan = open_engine(path, ResidencyConfig(memory_budget="75%", quality=quality),
+                                   n_ctx=32, n_threads=1)
+        engine.close()
+        subs = {int(l): n for l, n in tier["substitutes"].items() if n}
+        assert dict(plan.slots) == {int(l): n for l, n in tier["slots"].items()}
+        assert (plan.substitutes or {}) == subs
+    # A split the trace's planner does not give: one substitute and two full slots per layer.
+    planned = {"substitutes": {"0": 1, "1": 1}, "slots": {"0": 2, "1": 2}}
+    assert (dict(from_trace.slots), from_trace.substitutes) != ({0: 2, 1: 2}, {0: 1, 1: 1})
+    key = PlanKey.of(parse_budget("75%"), 32, "f16", None)
+    doc = {**key.fields(), "policies": {"ondemand": {
+        "slots": {"0": 3, "1": 3}, "n_prefetch": 1, "tiers": {"fast": planned}}}}
+    (path / PLAN_FILE).write_text(json.dumps(doc))
+    engine, plan = open_engine(path, cfg, n_ctx=32, n_threads=1)
+    with engine:
+        assert dict(plan.slots) == {0: 2, 1: 2} and plan.substitutes == {0: 1, 1: 1}
+        assert {l: t.n_slots for l, t in engine.policy.sub_tables.items()} == {0: 1, 1: 1}
+        for t in DECODE:
+            engine.eval([t])
+        c = engine.policy.telemetry.counters
+        assert c.hits + c.misses + c.substituted + c.dropped == c.layer_steps * 2
+    doc["n_ctx"] = 64
+    (path / PLAN_FILE).write_text(json.dumps(doc))
+    engine, stale = open_engine(path, cfg, n_ctx=32, n_threads=1)
+    engine.close()
+    assert "not used for budget 75%" in capsys.readouterr().err
+    assert (dict(stale.slots), stale.substitutes) == (dict(from_trace.slots),
+                                                      from_trace.substitutes)
+    # A planned split the budget cannot hold is refused.
+    doc["n_ctx"] = 32
+    doc["policies"]["ondemand"]["tiers"]["fast"] = {"substitutes": {"0": 4, "1": 4},
+                                                    "slots": {"0": 3, "1": 3}}
+    (path / PLAN_FILE).write_text(json.dumps(doc))
+    with pytest.raises(EdgeMoeError, match="rerun `edgemoe plan`"):
+        open_engine(path, cfg, n_ctx=32, n_threads=1)

@@ -37,8 +37,9 @@ import numpy as np
 from edgemoe.pool import read_span
 from edgemoe.residency.allocation import allocate_slots, loads_table
 from edgemoe.residency.budget import (Budget, MemoryNeeds, compute_text, expert_allowance,
-                                     format_bytes)
-from edgemoe.residency.replay import SwapReplay, simulate_layer, simulate_static, simulate_swap
+                                     format_bytes, substitute_split)
+from edgemoe.residency.replay import (SwapReplay, TierReplay, simulate_layer, simulate_static,
+                                     simulate_swap, simulate_tiers)
 from edgemoe.residency.traces import RoutingTrace
 
 POLICIES = ("full", "static", "swap", "ondemand")
@@ -230,6 +231,8 @@ class Prediction:
     n_prefetch: int | None = None   # ondemand: predicted experts prefetched per layer
     notes: tuple[str, ...] = field(default=())
     schedule_notes: tuple[str, ...] = field(default=())   # swap: how its schedule was chosen
+    # ondemand with a substitute tier: the split chosen per --quality (choose_tier_split)
+    tiers: tuple = field(default=())
 
     @property
     def tok_per_s(self) -> float:
@@ -439,6 +442,119 @@ def predict(policy: str, trace: RoutingTrace, slots: Mapping[int, int], k: int,
     raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
 
 
+TIER_TOLERANCE = 0.01   # served shares of the top-k router weight this close count as equal
+
+
+@dataclass(frozen=True)
+class TierCandidate:
+    """One split of ondemand's expert bytes: `count` substitutes in every layer, the full
+    slots the DP gives the rest, the replay of the real policy over the trace, and its time per
+    token by the planner's speed model."""
+    count: int
+    slots: Mapping[int, int]
+    replay: TierReplay
+    seconds_per_token: float
+    stall_per_token: float
+
+    @property
+    def tok_per_s(self) -> float:
+        return 1.0 / self.seconds_per_token
+
+    def text(self) -> str:
+        r = self.replay
+        return (f"{self.count}: {self.tok_per_s:.2f} tok/s, waits {r.waits / r.tokens:.2f}/tok, "
+                f"served {r.served_share * 100:.1f}% (full {r.full_share * 100:.1f}%, "
+                f"substitutes {r.substitute_share * 100:.1f}%, dropped "
+                f"{r.dropped_share * 100:.1f}%)")
+
+
+@dataclass(frozen=True)
+class TierSplit:
+    """The substitutes per layer the planner chose for ondemand at one --quality, the full
+    slots beside them, and every candidate it weighed (`edgemoe plan` prints them)."""
+    quality: str
+    substitutes: Mapping[int, int] | None   # None: no substitute tier
+    slots: Mapping[int, int]
+    chosen: TierCandidate
+    tried: tuple[TierCandidate, ...]
+
+    def line(self) -> str:
+        count = self.chosen.count
+        return (f"ondemand --quality {self.quality}: {count} substitute{'s' * (count != 1)} "
+                f"per layer, full slots {' '.join(str(self.slots[l]) for l in sorted(self.slots))}"
+                f" (tried " + "; ".join(c.text() for c in self.tried) + ")")
+
+
+def nominal_profile(expert_bytes: Mapping[int, int]) -> Profile:
+    """A speed model with nothing measured, for choosing a split without a plan: a read of a
+    mean-sized expert takes as long as a token's compute (whose parts are not separated)."""
+    mean = float(np.mean(list(expert_bytes.values())))
+    layers = list(expert_bytes)
+    return Profile(read_bytes_per_s=mean, read_latency_s=0.0,
+                   layer_seconds={l: 0.0 for l in layers},
+                   expert_seconds={l: 0.0 for l in layers}, other_seconds=1.0)
+
+
+def tier_counts(n_expert: int, most: int, rule: int | None) -> list[int]:
+    """The substitutes per layer the planner tries: every count up to `most` (what fits beside
+    top-k full slots) when there are at most 8, else 0, n/4, n/2, 3n/4, n and the fixed rule's
+    count (budget.substitute_split), those that fit."""
+    if most <= 8:
+        return list(range(most + 1))
+    counts = {0, most, *(round(q * n_expert) for q in (0.25, 0.5, 0.75, 1.0))}
+    if rule is not None:
+        counts.add(rule)
+    return sorted(c for c in counts if c <= most)
+
+
+def choose_tier_split(trace: RoutingTrace, needs: MemoryNeeds, allowance: int,
+                      substitute_bytes: Mapping[int, int], profile: Profile, quality: str,
+                      sensitivity: Mapping[int, float] | None,
+                      wait_threshold: float | None, n_prefetch: int = 1,
+                      usage: Mapping[int, np.ndarray] | None = None,
+                      tolerance: float = TIER_TOLERANCE) -> TierSplit:
+    """ondemand's split of the expert allowance between substitutes and full slots at one
+    --quality (its wait_threshold; substitutes run below an infinite substitute threshold, as
+    balanced and fast do): for each count of tier_counts, the full slots are the DP's for the
+    bytes left (allocate_for), and the real policy is replayed over the trace with them
+    (replay.simulate_tiers; substitutes of the most used experts first, as the runtime loads
+    them). Time per token: compute (layers and the experts run, substitutes counted as
+    experts) plus the waits' reads at the profile's read rate, paced by all the bytes read
+    (waits and background reads) at the sustained rate. Chosen: the fastest candidate whose
+    served share of the top-k router weight (full + substitute; a substitute's error is a
+    low-bit type's, small beside a drop's) is within `tolerance` of the best; ties go to the
+    larger full share, then the fewer substitutes."""
+    k = needs.n_expert_used
+    layers = sorted(needs.expert_bytes)
+    floor = k * sum(needs.expert_bytes.values())
+    per_round = sum(substitute_bytes[l] for l in layers)
+    most = int(min(needs.n_expert, max(0, allowance - floor) // per_round))
+    rule = substitute_split(allowance, needs, substitute_bytes)
+    order = ({l: np.argsort(-np.asarray(usage[l]), kind="stable") for l in layers}
+             if usage is not None else None)
+    tried = []
+    for count in tier_counts(needs.n_expert, most, next(iter(rule[0].values())) if rule else None):
+        full_bytes = allowance - count * per_round
+        slots = allocate_for("ondemand", trace, k, needs.expert_bytes, full_bytes, n_prefetch)
+        r = simulate_tiers(trace, slots, {l: count for l in layers}, k, sensitivity,
+                           wait_threshold, n_prefetch=n_prefetch, substitute_order=order)
+        steps = max(1, r.tokens)
+        mean_bytes = float(np.mean([needs.expert_bytes[l] for l in layers]))
+        stall = r.waits / steps * profile.read_seconds(int(mean_bytes))
+        runs = r.experts_run / (steps * len(layers))   # per (token, layer), substitutes too
+        compute = profile.other_seconds + sum(profile.layer_seconds.get(l, 0.0)
+                                              + runs * profile.expert_seconds.get(l, 0.0)
+                                              for l in layers)
+        read = (r.waits + r.background_reads) / steps * mean_bytes
+        seconds = profile.paced(compute + stall, read)
+        tried.append(TierCandidate(count, slots, r, seconds, stall))
+    best = max(c.replay.served_share for c in tried)
+    chosen = min((c for c in tried if c.replay.served_share >= best - tolerance),
+                 key=lambda c: (c.seconds_per_token, -c.replay.full_share, c.count))
+    subs = {l: chosen.count for l in layers} if chosen.count else None
+    return TierSplit(quality, subs, dict(chosen.slots), chosen, tuple(tried))
+
+
 PREFETCH_CHOICES = (0, 1, 2)
 
 
@@ -447,14 +563,20 @@ def plan(budget: Budget, needs: MemoryNeeds, trace: RoutingTrace, profile: Profi
          sensitivity: Mapping[int, float] | None = None,
          threshold: float | None = None,
          usage: Mapping[int, np.ndarray] | None = None, prompt_tokens: int = 32,
-         decode_tokens: int | None = 256) -> tuple[list[Prediction], list[str]]:
+         decode_tokens: int | None = 256,
+         substitute_bytes: Mapping[int, int] | None = None,
+         wait_thresholds: Mapping[str, float] | None = None
+         ) -> tuple[list[Prediction], list[str]]:
     """`edgemoe plan`: will it fit, how, how fast. Returns the predictions of every policy that
     can run under the budget (each with its own DP allocation) and the report's lines.
     n_prefetch None: ondemand's prefetch depth is the fastest of PREFETCH_CHOICES here (on
     storage whose bandwidth is the bottleneck a wasted prefetch costs more than a used one
     saves). ondemand is predicted for a run that decodes decode_tokens after a prompt of
-    prompt_tokens, both taken from the trace (see predict_ondemand). Raises BudgetError
-    (stating the minimum) when nothing can run."""
+    prompt_tokens, both taken from the trace (see predict_ondemand). With substitute_bytes
+    (a shard set with a substitute tier) and wait_thresholds ({quality: ondemand's wait
+    threshold}), ondemand's prediction carries the split of its bytes between substitutes and
+    full slots chosen for each quality (choose_tier_split, at its chosen prefetch depth).
+    Raises BudgetError (stating the minimum) when nothing can run."""
     allowance = expert_allowance(budget, needs)
     k = needs.n_expert_used
     fits_all = allowance >= needs.expert_bytes_total
@@ -493,9 +615,15 @@ def plan(budget: Budget, needs: MemoryNeeds, trace: RoutingTrace, profile: Profi
             best = dataclasses.replace(best, notes=best.notes + (
                 "prefetch depth " + ", ".join(f"{p.n_prefetch}: {p.tok_per_s:.2f}"
                                               for p in tried) + " tok/s",))
+        if substitute_bytes and wait_thresholds and sensitivity is not None:
+            best = dataclasses.replace(best, tiers=tuple(
+                choose_tier_split(trace, needs, allowance, substitute_bytes, profile, quality,
+                                  sensitivity, threshold_q, best.n_prefetch or 0, usage)
+                for quality, threshold_q in wait_thresholds.items()))
         preds.append(best)
     for p in preds:
         lines.append(p.line())
         lines.append(f"          slots per layer: {' '.join(str(p.slots[l]) for l in sorted(p.slots))}")
         lines.extend(f"          {note}" for note in p.schedule_notes)
+        lines.extend(f"          {split.line()}" for split in p.tiers)
     return preds, lines

@@ -31,16 +31,21 @@ class SwapReplay:
 
 
 class SimulatedPool:
-    """The pool's contract without bytes: a load is only logged, as (layer, expert, filled) with
-    filled True when it wrote a slot never written before (the cache filling from cold); its
-    time is the VirtualLoader's."""
+    """The pool's contract without bytes: a load into a full slot is only logged, as (layer,
+    expert, filled) with filled True when it wrote a slot never written before (the cache
+    filling from cold); a substitute's load is counted in `substitute_loads`; its time is the
+    VirtualLoader's."""
 
     def __init__(self, expert_bytes: Mapping[int, int] | None = None):
         self._bytes = dict(expert_bytes or {})
         self._written: set[tuple[int, int]] = set()
         self.log: list[tuple[int, int, bool]] = []
+        self.substitute_loads = 0
 
-    def load(self, layer: int, expert: int, slot: int) -> None:
+    def load(self, layer: int, expert: int, slot: int, substitute: bool = False) -> None:
+        if substitute:
+            self.substitute_loads += 1
+            return
         filled = (layer, slot) not in self._written
         self._written.add((layer, slot))
         self.log.append((layer, expert, filled))
@@ -48,8 +53,8 @@ class SimulatedPool:
     def bytes_held(self) -> int:
         return 0
 
-    def expert_bytes(self, layer: int) -> int:
-        return self._bytes.get(layer, 0)
+    def expert_bytes(self, layer: int, substitute: bool = False) -> int:
+        return 0 if substitute else self._bytes.get(layer, 0)
 
 
 def simulate_swap(trace: RoutingTrace, slots: Mapping[int, int], k: int,
@@ -151,3 +156,80 @@ def simulate_static(trace: RoutingTrace, slots: Mapping[int, int], k: int,
                       loader=VirtualLoader(0.0)) as policy:
         c, _ = replay_masked(policy, trace)
     return c.hits, c.hits + c.redirects
+
+
+@dataclass(frozen=True)
+class TierReplay:
+    """ondemand's decode of a trace with a substitute tier, per (token, layer) step of the
+    replay: the misses it waited for (demand loads), the full reads it made in the background
+    (prefetches and the fills of experts that ran from their substitute), and the quality
+    proxy: the shares of the unmasked top-k's router weight (renormalised over the k) served
+    by full experts, by substitutes, and dropped, averaged over the steps."""
+    tokens: int
+    waits: int
+    background_reads: int
+    substituted: int
+    dropped: int
+    experts_run: int   # full and substitute runs
+    full_share: float
+    substitute_share: float
+    dropped_share: float
+
+    @property
+    def served_share(self) -> float:
+        return self.full_share + self.substitute_share
+
+
+def simulate_tiers(trace: RoutingTrace, slots: Mapping[int, int],
+                   substitutes: Mapping[int, int] | None, k: int,
+                   sensitivity: Mapping[int, float] | None = None,
+                   wait_threshold: float | None = None,
+                   substitute_threshold: float = np.inf, n_prefetch: int = 1,
+                   substitute_order: Mapping[int, Sequence[int]] | None = None) -> TierReplay:
+    """Decode the trace through the real OnDemandPolicy over a SimulatedPool, as the engine
+    steps it: per token, per layer, gate() makes the per-miss decisions (wait / substitute /
+    drop, with these thresholds; None: exact), ensure() loads what runs from full slots, then
+    the next layer's prefetch is issued from its predicted top-k. Background reads (prefetches,
+    substitutes' fills) complete before the next layer step asks (the VirtualLoader's clock
+    moves one step per layer; their time is the planner's speed model's to weigh)."""
+    layers = [l for l in trace.layers if l in slots]
+    top = {}
+    for l in layers:
+        ids, w = topk(trace.probs[l], k)
+        top[l] = (ids, w / np.maximum(w.sum(axis=1, keepdims=True), 1e-30))
+    predicted = {l: trace.predicted_ids(l, k) for l in layers}
+    subs = ({l: int(substitutes[l]) for l in layers}
+            if substitutes and any(substitutes[l] for l in layers) else None)
+    pool = SimulatedPool()
+    loader = VirtualLoader(0.0)
+    shares = np.zeros(3)   # full, substitute, dropped
+    with OnDemandPolicy(pool, {l: slots[l] for l in layers}, trace.n_expert, k,
+                        n_prefetch=n_prefetch, sensitivity=sensitivity,
+                        wait_threshold=wait_threshold, substitute_threshold=substitute_threshold,
+                        loader=loader, substitutes=subs,
+                        substitute_order=substitute_order) as policy:
+        policy.warm()
+        step = 0
+        for t in range(trace.n_tokens):
+            for i, l in enumerate(layers):
+                loader.run_until(step)
+                ids, w = top[l][0][t:t + 1], top[l][1][t:t + 1]
+                kept, _ = policy.gate(l, ids, w, decode=True)
+                on_sub = np.isin(ids, list(policy.substituted(l)))
+                dropped = kept < 0
+                shares += [float(w[~on_sub & ~dropped].sum()), float(w[on_sub].sum()),
+                           float(w[dropped].sum())]
+                for group in policy.groups(l, kept):
+                    policy.ensure(l, group)
+                if i + 1 < len(layers) and n_prefetch and predicted[layers[i + 1]] is not None:
+                    policy.prefetch_ids(layers[i + 1], predicted[layers[i + 1]][t:t + 1])
+                step += 1
+            policy.end_step(1)
+        loader.run_until(step)
+        c = policy.telemetry.counters
+    steps = max(1, trace.n_tokens * len(layers))
+    full, sub, drop = shares / steps
+    return TierReplay(tokens=trace.n_tokens, waits=c.misses,
+                      background_reads=len(pool.log) - c.misses, substituted=c.substituted,
+                      dropped=c.dropped, experts_run=c.experts_run, full_share=full, substitute_share=sub,
+                      dropped_share=drop)
