@@ -532,6 +532,7 @@ def choose_tier_split(trace: RoutingTrace, needs: MemoryNeeds, allowance: int,
     rule = substitute_split(allowance, needs, substitute_bytes)
     order = ({l: np.argsort(-np.asarray(usage[l]), kind="stable") for l in layers}
              if usage is not None else None)
+    mean_bytes = float(np.mean([needs.expert_bytes[l] for l in layers]))
     tried = []
     for count in tier_counts(needs.n_expert, most, next(iter(rule[0].values())) if rule else None):
         full_bytes = allowance - count * per_round
@@ -539,7 +540,6 @@ def choose_tier_split(trace: RoutingTrace, needs: MemoryNeeds, allowance: int,
         r = simulate_tiers(trace, slots, {l: count for l in layers}, k, sensitivity,
                            wait_threshold, n_prefetch=n_prefetch, substitute_order=order)
         steps = max(1, r.tokens)
-        mean_bytes = float(np.mean([needs.expert_bytes[l] for l in layers]))
         stall = r.waits / steps * profile.read_seconds(int(mean_bytes))
         runs = r.experts_run / (steps * len(layers))   # per (token, layer), substitutes too
         compute = profile.other_seconds + sum(profile.layer_seconds.get(l, 0.0)

@@ -231,5 +231,5 @@ def simulate_tiers(trace: RoutingTrace, slots: Mapping[int, int],
     full, sub, drop = shares / steps
     return TierReplay(tokens=trace.n_tokens, waits=c.misses,
                       background_reads=len(pool.log) - c.misses, substituted=c.substituted,
-                      dropped=c.dropped, experts_run=c.experts_run, full_share=full, substitute_share=sub,
-                      dropped_share=drop)
+                      dropped=c.dropped, experts_run=c.experts_run, full_share=full,
+                      substitute_share=sub, dropped_share=drop)
