@@ -3,6 +3,8 @@ make_synthetic.py --preset): sane blocks, a shard set edgemoe runs and a GGUF ll
 the same weights, and routers whose routing on text has the locality the design promises."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import subprocess
 import sys
@@ -191,11 +193,14 @@ def test_replay_forces_a_recorded_routing(tiny):
     with engine:
         engine.policy = ReplayPolicy(engine.policy, own)
         np.testing.assert_allclose(engine.eval(tokens), want, rtol=1e-5, atol=1e-5)
-    # Another routing: every token on experts 0..k-1, which then always hit.
+    # Another routing: every token on experts 0..k-1, which then always hit. Without prefetch:
+    # a prefetch follows the model's own router, and one that starts reading before the layer
+    # runs may evict a forced expert (a misprediction's cost, not the replay's).
     k = spec.n_expert_used
     forced = SelectionTrace({l: np.tile(np.arange(k, dtype=np.int32), (64, 1)) for l in own.ids},
                             {l: np.full((64, k), 1 / k, np.float32) for l in own.ids})
-    engine, _ = open_engine(shards, cfg, n_ctx=128, n_threads=1)
+    engine, _ = open_engine(shards, dataclasses.replace(cfg, n_prefetch=0), n_ctx=128,
+                            n_threads=1)
     with engine:
         engine.policy = ReplayPolicy(engine.policy, forced)
         before = engine.policy.telemetry.counters
