@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tiny_models import make_tiny_shards
+from tiny_models import greedy_tokens, make_tiny_shards
 
 pytest.importorskip("transformers")
 
@@ -51,13 +51,8 @@ def test_ondemand_with_repacked_slots_is_lossless(q4_shards):
     than a layer has slots, so its layers run in groups whose other choices weigh 0: on the
     repacked kernel they must name slots of their own (engine.spare_slots), else the text
     diverged after 8 tokens and degenerated."""
-    def greedy(engine, n=16):
-        row = engine.eval(PROMPT, all_logits=False)[-1]
-        out = []
-        for _ in range(n):
-            out.append(int(row.argmax()))
-            row = engine.eval([out[-1]])[-1]
-        return out
+    def greedy(engine):
+        return greedy_tokens(engine, PROMPT, 16)
 
     full, _ = open_engine(q4_shards, ResidencyConfig(), n_ctx=64, n_threads=1, repack=True)
     with full:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiny_models import ARCHS, make_tiny_shards
+from tiny_models import ARCHS, greedy_tokens, make_tiny_shards
 
 pytest.importorskip("transformers")
 
@@ -119,12 +119,7 @@ def _logits(engine, follow: list[int] | None = None):
 
 
 def _greedy(engine, n=N_GEN) -> list[int]:
-    row = engine.eval(PROMPT, all_logits=False)[-1]
-    out = []
-    for _ in range(n):
-        out.append(int(row.argmax()))
-        row = engine.eval([out[-1]])[-1]
-    return out
+    return greedy_tokens(engine, PROMPT, n)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

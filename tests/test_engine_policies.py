@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tiny_models import make_tiny_shards
+from tiny_models import greedy_tokens, make_tiny_shards
 
 pytest.importorskip("transformers")
 
@@ -24,12 +24,7 @@ def shard_sets(tmp_path_factory):
 
 
 def _greedy(engine: Engine, n: int = N_GEN) -> list[int]:
-    row = engine.eval(PROMPT)[-1]
-    out = []
-    for _ in range(n):
-        out.append(int(row.argmax()))
-        row = engine.eval([out[-1]])[-1]
-    return out
+    return greedy_tokens(engine, PROMPT, n)
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])

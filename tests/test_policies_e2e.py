@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 
-from tiny_models import ARCHS, expert_count_key, make_tiny_checkpoint
+from tiny_models import ARCHS, expert_count_key, greedy_tokens, make_tiny_checkpoint
 
 pytest.importorskip("transformers")
 
@@ -45,14 +45,7 @@ def _open(path, **cfg):
 
 
 def _greedy(engine, prompt=PROMPT, n=N_DECODE, records=None):
-    logits = engine.eval(prompt, all_logits=False)
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(logits[-1])))
-        logits = engine.eval([out[-1]])
-        if records is not None:
-            records.append(engine.last_step)
-    return out
+    return greedy_tokens(engine, prompt, n, records)
 
 
 @pytest.mark.parametrize("arch", sorted(EXPERTS))

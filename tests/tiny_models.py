@@ -178,3 +178,16 @@ def cached_checkpoint(root: str | Path, arch: str, **kwargs) -> Path:
         make_tiny_checkpoint(arch, out, **kwargs)
         done.touch()
     return out
+
+
+def greedy_tokens(engine, prompt, n: int, records: list | None = None) -> list[int]:
+    """n greedy tokens after `prompt` straight from an engine (argmax of its logits, no
+    sampler), appending each decode step's telemetry record (engine.last_step) to `records`."""
+    row = engine.eval(prompt, all_logits=False)[-1]
+    out = []
+    for _ in range(n):
+        out.append(int(row.argmax()))
+        row = engine.eval([out[-1]])[-1]
+        if records is not None:
+            records.append(engine.last_step)
+    return out
