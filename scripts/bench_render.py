@@ -551,25 +551,27 @@ def _plot_routing(models, path) -> bool:
     return _save(plt, fig, path)
 
 
+def _quality_lines(ax, runners) -> None:
+    """Each runner's perplexity ratio to full by the share of expert bytes resident (x from
+    100% down), on `ax` (the quality plot and the headline's left half)."""
+    for runner, by_budget in runners.items():
+        pts = sorted((float(b[:-1]), r["kl"]["ppl_ratio"]) for b, r in by_budget.items()
+                     if "error" not in r)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=runner)
+    ax.set_xlabel("expert bytes resident (%)")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+
+
 def _plot_quality(f, path) -> bool:
     plt = _plt()
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    for runner, by_budget in f["runners"].items():
-        xs, ys = [], []
-        for b in FRACTIONS:
-            r = by_budget.get(b)
-            if r and "error" not in r:
-                xs.append(float(b[:-1]))
-                ys.append(r["kl"]["ppl_ratio"])
-        if xs:
-            ax.plot(xs, ys, marker="o", label=runner)
+    _quality_lines(ax, f["runners"])
     ax.axhline(1 + LOSS_LIMIT, color="grey", ls=":", label="+3%")
-    ax.set_xlabel("expert bytes resident (%)")
     ax.set_ylabel("perplexity / full")
-    ax.invert_xaxis()
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(plt, fig, path)
 
@@ -639,16 +641,8 @@ def _plot_headline(results, path) -> bool:
     if plt is None or not q:
         return False
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for runner, by_budget in q["runners"].items():
-        pts = [(float(k[:-1]), r["kl"]["ppl_ratio"]) for k, r in by_budget.items()
-               if "error" not in r]
-        if pts:
-            pts.sort()
-            a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=runner)
+    _quality_lines(a, q["runners"])
     a.set_title("quality: perplexity / full (bundled model)", fontsize=9)
-    a.set_xlabel("expert bytes resident (%)")
-    a.invert_xaxis()
-    a.grid(alpha=0.3)
     a.legend(fontsize=7)
     large = ((results.get("large") or {}).get("figures") or {}).get("qwen3-30b-a3b") or {}
     rows = ((large.get("speed") or {}).get("profiles") or {}).get("rpi5-nvme")
