@@ -115,6 +115,13 @@ def _patch(path: Path, pos: int, raw: bytes) -> None:
         f.write(raw)
 
 
+def _flip_bit(path: Path, pos: int, bit: int) -> None:
+    with open(path, "rb") as f:
+        f.seek(pos)
+        b = f.read(1)[0]
+    _patch(path, pos, bytes([b ^ (1 << bit)]))
+
+
 def _u64(rng) -> int:
     return rng.choice([0, 1, 2, 3, 7, 255, 4096, 65535, 65536, 2**31 - 1, 2**31, 2**32 - 1, 2**32,
                        2**40, 2**62, 2**63 - 1, 2**63, 2**64 - 1, rng.randrange(2**64)])
@@ -187,11 +194,7 @@ class Mutator:
             flips = rng.randint(1, 8)
             for _ in range(flips):
                 pos = rng.randrange(lay.header_end)
-                with open(path, "r+b") as f:
-                    f.seek(pos)
-                    b = f.read(1)[0]
-                    f.seek(pos)
-                    f.write(bytes([b ^ (1 << rng.randrange(8))]))
+                _flip_bit(path, pos, rng.randrange(8))
             return f"{flips} bit flip(s) in the header"
         if mode < 0.35:
             pos = rng.randrange(lay.header_end)
@@ -267,11 +270,7 @@ class Mutator:
             lo = entry["data_offset"]
         size = path.stat().st_size
         pos = rng.randrange(lo, size)
-        with open(path, "r+b") as f:
-            f.seek(pos)
-            b = f.read(1)[0]
-            f.seek(pos)
-            f.write(bytes([b ^ (1 << rng.randrange(8))]))
+        _flip_bit(path, pos, rng.randrange(8))
         return f"{path.name}: bit flip at {pos} (data section starts at {lo})"
 
     def truncate(self, case: Path, rng) -> str:
